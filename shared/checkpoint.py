@@ -5,10 +5,11 @@ in `model.safetensors.index.json`), and the tokenizer/preprocessor files. A
 service loads only the tensors it needs, chosen by name prefix, straight from
 safetensors (never `torch.load`), in the dtype it asks for.
 
-Tensor names are canonicalised to the published layout (`vision_tower.…`,
+Tensor names are canonicalised to the published layout (`vision_tower.vision_model.…`,
 `multi_modal_projector.…`, `language_model.model.…`, `language_model.lm_head.…`)
 so checkpoints saved by `transformers` ≥ 5's new module layout
-(`model.vision_tower.…`, `model.language_model.…`, `lm_head.…`) load the same.
+(`model.vision_tower.…`, `model.language_model.…`, `lm_head.…`, a CLIP tower
+without `vision_model.`) load the same.
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def canonical_name(name: str) -> str:
     for new, published in _CANONICAL_PREFIXES:
         if name.startswith(new):
-            return published + name[len(new) :]
+            name = published + name[len(new) :]
+            break
+    # transformers 5 saves a CLIP/SigLIP tower without its inner `vision_model.` level.
+    if name.startswith("vision_tower.") and not name.startswith("vision_tower.vision_model."):
+        name = "vision_tower.vision_model." + name[len("vision_tower.") :]
     return name
 
 

@@ -2,7 +2,7 @@
 
 They are the test oracle's models: the same folder is loaded by `transformers`
 and by vlmq's own code, and the two must agree. Nothing is downloaded: the
-tokenizer is trained here with `tokenizers` on a few sentences.
+tokenizer is the demo model's, trained with `tokenizers` on a few sentences.
 """
 
 from __future__ import annotations
@@ -12,46 +12,7 @@ from pathlib import Path
 
 import torch
 
-CORPUS = [
-    "A photo of a cat sitting on a red sofa next to a window.",
-    "Describe this image in one sentence. What do you see?",
-    "The quick brown fox jumps over the lazy dog near the river bank.",
-    "USER: ASSISTANT: a dog, a bird, a car, a tree, a house, the sky is blue.",
-    "Émile a vu un château près de la forêt — très beau! 猫と犬 😀",
-    "Numbers 0 1 2 3 4 5 6 7 8 9 and punctuation: , . ; : ! ? ( ) [ ] { }",
-]
-
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-
-# LLaVA-1.5's template (llava-hf), without transformers' private {% generation %} tag.
-LLAVA_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}{% endfor %}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
-
-
-def build_tokenizer(vocab_size: int = 400):
-    """A byte-level BPE tokenizer with Llama's specials; BOS added by its post-processor."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS * 4, trainer)
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
-    return tok
+from shared.demo_model import LLAVA_CHAT_TEMPLATE, build_tokenizer
 
 
 def build_tiny_llava(

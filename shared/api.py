@@ -1,0 +1,106 @@
+"""Pieces both FastAPI apps share: error responses, API-key tenants, health and metrics routes."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from typing import Annotated, Callable
+
+import redis
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from shared.errors import StoreUnavailable, Unauthorized, VlmqError
+from shared.heartbeat import live_workers
+
+log = logging.getLogger(__name__)
+
+PUBLIC_TENANT = "public"
+
+
+def error_response(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"code": code, "message": message}})
+
+
+def _describe_validation_error(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as `{"error": {"code", "message"}}`; the caller's mistakes are 4xx."""
+
+    @app.exception_handler(VlmqError)
+    async def _vlmq_error(_: Request, exc: VlmqError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(400, "invalid_request", _describe_validation_error(exc))
+
+    @app.exception_handler(redis.exceptions.ConnectionError)
+    @app.exception_handler(redis.exceptions.TimeoutError)
+    async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
+        err = StoreUnavailable(f"the store is unreachable, try again shortly ({type(exc).__name__})")
+        return error_response(err.status, err.code, err.message)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", f"internal error ({type(exc).__name__})")
+
+
+def tenant_for_key(key: str) -> str:
+    # Tenants are named by a hash so keys never appear in Redis or logs.
+    return "t_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def get_tenant(request: Request) -> str:
+    """The caller's tenant: from `Authorization: Bearer KEY` or `X-API-Key`, when keys are configured."""
+    keys: list[str] = request.app.state.settings.api_keys
+    if not keys:
+        return PUBLIC_TENANT
+    auth = request.headers.get("authorization", "")
+    offered = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+    for key in keys:
+        if offered and hmac.compare_digest(offered.encode(), key.encode()):
+            return tenant_for_key(key)
+    raise Unauthorized("missing or unknown API key (send `Authorization: Bearer KEY` or `X-API-Key: KEY`)")
+
+
+Tenant = Annotated[str, Depends(get_tenant)]
+
+
+def health_router(worker_kind: str, extra_ready_check: Callable[[Request], None] | None = None) -> APIRouter:
+    """`/healthz` (process up), `/readyz` (store reachable and a worker of `worker_kind` alive), `/metrics`."""
+    router = APIRouter(tags=["health"])
+
+    @router.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @router.get("/readyz")
+    def readyz(request: Request) -> JSONResponse:
+        state = request.app.state
+        try:
+            state.redis.ping()
+            workers = live_workers(state.redis, state.settings.key_prefix, worker_kind)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            return error_response(503, "store_unavailable", f"the store is unreachable ({type(exc).__name__})")
+        if not workers:
+            return error_response(503, "no_workers", f"no {worker_kind} worker has reported in")
+        if extra_ready_check is not None:
+            extra_ready_check(request)
+        return JSONResponse({"status": "ready", "workers": workers})
+
+    @router.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return router
