@@ -100,7 +100,54 @@ def health_router(worker_kind: str, extra_ready_check: Callable[[Request], None]
         return JSONResponse({"status": "ready", "workers": workers})
 
     @router.get("/metrics")
-    def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    def metrics(request: Request) -> Response:
+        return Response(generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
     return router
+
+
+class BodySizeLimit:
+    """ASGI middleware refusing bodies over `max_bytes` with 413, before they are read whole.
+
+    A declared Content-Length over the limit is refused without reading a byte;
+    a chunked body is counted as it arrives and cut off at the limit.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        too_large = error_response(
+            413, "too_large", f"request body over the limit of {self.max_bytes} bytes (VLMQ_MAX_UPLOAD_BYTES)"
+        )
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await too_large(scope, receive, send)
+        received = 0
+        started = False
+
+        class _Exceeded(Exception):
+            pass
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _Exceeded
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _Exceeded:
+            if not started:
+                await too_large(scope, receive, send)

@@ -1,0 +1,68 @@
+"""Plain-torch reference implementations of the ops in `cuda_ext.ops`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from shared.errors import InvalidInput
+from shared.token_ids import EMBEDDING_INDEX_BASE
+
+
+def multimodal_embedding_reference(ids: Tensor, table: Tensor, ranges: Tensor, rows: Tensor) -> Tensor:
+    """Embed a prompt whose IDs are text tokens or rows of embedding containers.
+
+    ids:    Long[T]      token IDs; < EMBEDDING_INDEX_BASE reads `table`, ≥ it reads `rows`
+    table:  [V, D]       the text embedding table
+    ranges: Long[C, 2]   (first_token_id, num_tokens) of each bound container, sorted by
+                         first ID, non-overlapping, every first ≥ EMBEDDING_INDEX_BASE
+    rows:   [R, D]       the containers' rows concatenated in `ranges` order, R = Σ num_tokens
+    →       [T, D]       in `table`'s dtype
+
+    ID `first + i` of container c reads row `Σ_{c' < c} num_tokens(c') + i`. A text ID
+    outside the vocabulary, or an ID ≥ the base in no range (forged or unbound), raises
+    InvalidInput naming it: never garbage embeddings.
+    """
+    _check_ranges(ranges, rows, table)
+    ids = ids.long()
+    is_image = ids >= EMBEDDING_INDEX_BASE  # [T]
+    text_ids = torch.where(is_image, 0, ids)
+    outside = (text_ids < 0) | (text_ids >= table.shape[0])
+    if bool(outside.any()):
+        bad = int(ids[outside][0])
+        raise InvalidInput(f"token id {bad} is outside the vocabulary [0, {table.shape[0]}) and is no embedding id")
+    out = F.embedding(text_ids, table)  # [T, D]
+    if not bool(is_image.any()):
+        return out
+
+    image_ids = ids[is_image]  # [I]
+    if ranges.shape[0] == 0:
+        raise InvalidInput(f"token id {int(image_ids[0])} belongs to no bound embedding container")
+    firsts, counts = ranges[:, 0], ranges[:, 1]  # [C]
+    container = torch.searchsorted(firsts, image_ids, right=True) - 1  # [I], -1: below every range
+    clamped = container.clamp(min=0)
+    offset = image_ids - firsts[clamped]  # [I] row within its container
+    valid = (container >= 0) & (offset < counts[clamped])
+    if not bool(valid.all()):
+        raise InvalidInput(f"token id {int(image_ids[~valid][0])} belongs to no bound embedding container")
+    starts = torch.cumsum(counts, 0) - counts  # [C] each container's first row in `rows`
+    out[is_image] = rows[starts[clamped] + offset].to(out.dtype)
+    return out
+
+
+def _check_ranges(ranges: Tensor, rows: Tensor, table: Tensor) -> None:
+    """Malformed ranges are a caller bug, not bad user input: ValueError."""
+    if ranges.dim() != 2 or ranges.shape[1] != 2 or ranges.dtype != torch.long:
+        raise ValueError(f"ranges must be Long[C, 2], got {ranges.dtype} {tuple(ranges.shape)}")
+    if rows.dim() != 2 or rows.shape[1] != table.shape[1]:
+        raise ValueError(f"rows must be [R, {table.shape[1]}], got {tuple(rows.shape)}")
+    if ranges.shape[0] == 0:
+        return
+    firsts, counts = ranges[:, 0], ranges[:, 1]
+    if int(counts.sum()) != rows.shape[0]:
+        raise ValueError(f"ranges count {int(counts.sum())} rows but rows has {rows.shape[0]}")
+    if bool((counts < 0).any()) or bool((firsts < EMBEDDING_INDEX_BASE).any()):
+        raise ValueError("ranges must start at or above EMBEDDING_INDEX_BASE with non-negative counts")
+    if bool((firsts[1:] < firsts[:-1] + counts[:-1]).any()):
+        raise ValueError("ranges must be sorted by first ID and must not overlap")

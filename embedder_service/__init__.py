@@ -1,0 +1,1 @@
+"""The embedder: image jobs in, embedding containers out (vision tower + projector, no language model)."""

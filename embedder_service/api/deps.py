@@ -1,0 +1,34 @@
+"""Dependencies of the embedder API's routes, as `Annotated` aliases."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from celery import Celery
+from fastapi import Depends, Request
+
+from shared.jobs import JobStore
+from shared.settings import Settings
+from shared.store import ContainerStore
+
+
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def _store(request: Request) -> ContainerStore:
+    return request.app.state.store
+
+
+def _jobs(request: Request) -> JobStore:
+    return request.app.state.jobs
+
+
+def _celery(request: Request) -> Celery:
+    return request.app.state.celery
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+StoreDep = Annotated[ContainerStore, Depends(_store)]
+JobsDep = Annotated[JobStore, Depends(_jobs)]
+CeleryDep = Annotated[Celery, Depends(_celery)]

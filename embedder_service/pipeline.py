@@ -1,0 +1,84 @@
+"""Image bytes → embedding container in the store.
+
+decode (safe) → content address → existing container? return it : preprocess →
+batched vision forward → allocate token IDs → put. Content-addressed, so the
+same image for the same tenant and model returns the same container (and IDs)
+without touching the model.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import redis
+import torch
+
+from embedder_service.batcher import Batcher
+from shared.container import EmbeddingContainer
+from shared.errors import NotFound, VlmqError
+from shared.images import decode_image, image_info
+from shared.settings import Settings
+from shared.store import ContainerStore, container_id
+from shared.token_ids import allocate_token_ids
+
+
+class EmbedPipeline:
+    def __init__(self, model: torch.nn.Module, store: ContainerStore, client: redis.Redis, settings: Settings):
+        self.model = model
+        self.preprocessor = model.preprocessor
+        self.store = store
+        self.client = client
+        self.settings = settings
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        # Decoding and resizing run in these threads while the batcher thread runs the model.
+        self.decoders = ThreadPoolExecutor(max_workers=settings.embed_max_batch, thread_name_prefix="vlmq-decode")
+        self.batcher: Batcher[torch.Tensor, torch.Tensor] = Batcher(
+            self._forward, settings.embed_max_batch, settings.embed_max_wait_ms / 1000, name="vlmq-embed-batcher"
+        )
+
+    @torch.inference_mode()
+    def _forward(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
+        # pixels: B × [3, H, W] float32 → B × [N, D] on the CPU, in the model's dtype
+        batch = torch.stack(pixels).to(self.device, self.dtype)
+        return list(self.model(batch).to("cpu").unbind(0))
+
+    def embed(self, data: bytes, tenant: str) -> EmbeddingContainer:
+        """One image's container; raises InvalidInput/TooLarge for a bad image (nothing else is affected)."""
+        image = decode_image(data, max_pixels=self.settings.max_image_pixels)
+        cid = container_id(tenant, self.model.fingerprint, self.preprocessor.settings(), data)
+        try:
+            return self.store.get(cid, tenant=tenant)
+        except NotFound:
+            pass
+        pixels = self.preprocessor(image)
+        embeddings = self.batcher.submit(pixels).result()
+        num_tokens = embeddings.shape[0]
+        now = time.time()
+        container = EmbeddingContainer(
+            id=cid,
+            model=self.model.fingerprint,
+            tenant=tenant,
+            first_token_id=allocate_token_ids(self.client, self.settings.key_prefix, num_tokens),
+            num_tokens=num_tokens,
+            embeddings=embeddings.contiguous(),
+            layout=self.model.layout,
+            grid=self.model.grid_for(pixels),
+            image=image_info(image, data) | {"processed_height": pixels.shape[-2], "processed_width": pixels.shape[-1]},
+            alias="",
+            created_at=now,
+            expires_at=now + self.settings.container_ttl_s,
+        )
+        return self.store.put(container)
+
+    def embed_many(self, images: list[bytes], tenant: str) -> list[EmbeddingContainer | VlmqError]:
+        """Each image's container or the error that names what is wrong with it, in order."""
+        futures = [self.decoders.submit(self.embed, data, tenant) for data in images]
+        outcomes: list[EmbeddingContainer | VlmqError] = []
+        for future in futures:
+            try:
+                outcomes.append(future.result())
+            except VlmqError as exc:
+                outcomes.append(exc)
+        return outcomes

@@ -1,0 +1,44 @@
+"""An embedder worker process: load the vision model once, then serve the `embed` queue."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from embedder_service.pipeline import EmbedPipeline
+from embedder_service.tasks import register_embed_task
+from shared.celery_app import EMBED_QUEUE, create_celery_app
+from shared.checkpoint import Checkpoint, resolve_dtype
+from shared.metrics import WorkerStats
+from shared.redis_conn import connect
+from shared.registry import family_for
+from shared.settings import Settings
+from shared.store import ContainerStore
+from shared.worker import run_celery_worker
+
+
+def load_vision_model(model_path: str, device: str, dtype_name: str) -> torch.nn.Module:
+    checkpoint = Checkpoint(model_path)
+    model_class = family_for(checkpoint.config).load_vision_class()
+    return model_class.from_checkpoint(checkpoint, device=device, dtype=resolve_dtype(dtype_name, device)).eval()
+
+
+def build_pipeline(settings: Settings, model_path: str, device: str) -> EmbedPipeline:
+    client = connect(settings.effective_store_url)
+    model = load_vision_model(model_path, device, settings.dtype)
+    store = ContainerStore(client, settings.key_prefix, settings.container_ttl_s, settings.max_container_bytes)
+    pipeline = EmbedPipeline(model, store, client, settings)
+    stats = WorkerStats(client, settings.key_prefix, "embed")
+    pipeline.batcher.on_batch = lambda size, seconds: stats.observe("batch_size", size)
+    return pipeline
+
+
+def run(settings: Settings, model_path: str, device: str, concurrency: int | None = None) -> None:
+    pipeline = build_pipeline(settings, model_path, device)
+    app = create_celery_app(settings)
+    register_embed_task(app, lambda: pipeline)
+    # Enough concurrent jobs to fill a batch: each thread holds one job while the batcher runs.
+    concurrency = concurrency or settings.embed_max_batch
+    name = f"embed-{device.replace(':', '')}-{os.getpid()}@%h"
+    run_celery_worker(app, EMBED_QUEUE, concurrency=concurrency, name=name, info={"device": device, "model": model_path})

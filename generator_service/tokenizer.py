@@ -1,0 +1,295 @@
+"""Text ↔ token IDs for the generator, on `tokenizers` alone (no `transformers`).
+
+Reads a checkpoint's `tokenizer.json`, `tokenizer_config.json` (special tokens,
+`add_bos_token`/`add_eos_token`, the chat template — or `chat_template.jinja`)
+and `generation_config.json` (EOS IDs), and encodes as `transformers`'
+`AutoTokenizer` does.
+
+Images enter prompts as aliases: `encode_prompt` replaces each alias bound to an
+embedding container by the container's token IDs (per its layout). Every alias
+is tokenized exactly where the model's own image token would be: the text is
+encoded once with a private special token in each alias's place, so the text
+around an alias splits as it does around `<image>`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from tokenizers import AddedToken, Tokenizer as HFTokenizer, processors
+
+from generator_service.chat_template import ChatTemplate
+from shared.checkpoint import Checkpoint
+from shared.errors import InvalidInput
+from shared.token_ids import EMBEDDING_INDEX_BASE
+
+# A container's default alias, `<image:{id}>`.
+DEFAULT_ALIAS = re.compile(r"<image:([^<>\s]+)>")
+
+# Stands for one alias while the text is encoded; never accepted in a prompt.
+_PLACEHOLDER = "<|vlmq:alias|>"
+
+# transformers' named special tokens: the variables a chat template sees.
+_NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token as tokenizer_config.json spells it: "<s>" or {"content": "<s>", ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def default_alias_ids(prompt: str) -> list[str]:
+    """Container IDs named by default aliases (`<image:{id}>`) in `prompt`, first occurrence order, unique."""
+    return list(dict.fromkeys(m.group(1) for m in DEFAULT_ALIAS.finditer(prompt)))
+
+
+def check_token_ids(ids: Sequence[int], containers: Iterable[Any], vocab_size: int | None = None) -> None:
+    """Refuse a prompt given as IDs that holds a forged or unbound container ID, or a text ID out of the vocabulary.
+
+    Every ID ≥ EMBEDDING_INDEX_BASE must fall in the range of one of `containers`
+    (first_token_id, num_tokens); the error names the first ID that does not.
+    """
+    ranges = sorted((c.first_token_id, c.first_token_id + c.num_tokens) for c in containers)
+    firsts = [r[0] for r in ranges]
+    for token in ids:
+        if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+            raise InvalidInput(f"token id {token!r} is not a non-negative integer")
+        if token >= EMBEDDING_INDEX_BASE:
+            i = bisect.bisect_right(firsts, token) - 1
+            if i < 0 or token >= ranges[i][1]:
+                raise InvalidInput(f"token id {token} belongs to no bound embedding container")
+        elif vocab_size is not None and token >= vocab_size:
+            raise InvalidInput(f"token id {token} is outside the vocabulary of {vocab_size} tokens")
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    ids: list[int]
+    containers: list[Any]  # the containers used, in order of first appearance, each once
+    image_tokens: int  # IDs ≥ EMBEDDING_INDEX_BASE
+
+
+class Tokenizer:
+    def __init__(
+        self,
+        tokenizer: HFTokenizer,
+        config: Mapping[str, Any] | None = None,
+        generation_config: Mapping[str, Any] | None = None,
+        chat_template: str | None = None,
+    ):
+        config = dict(config or {})
+        self._tok = tokenizer
+        self.special_tokens: dict[str, str] = {}
+        for name in _NAMED_SPECIALS:
+            text = _token_text(config.get(name))
+            if text is not None:
+                self.special_tokens[name] = text
+        extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
+        extra = list(extra.values()) if isinstance(extra, dict) else list(extra)
+        # As transformers does: special tokens named in the config but missing from tokenizer.json are added.
+        missing = [t for t in [*self.special_tokens.values(), *map(_token_text, extra)] if t and tokenizer.token_to_id(t) is None]
+        if missing:
+            tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+        if "add_bos_token" in config or "add_eos_token" in config or tokenizer.post_processor is None:
+            self._set_post_processor(bool(config.get("add_bos_token")), bool(config.get("add_eos_token")))
+
+        self.bos_token_id = self.token_to_id(self.special_tokens.get("bos_token"))
+        self.pad_token_id = self.token_to_id(self.special_tokens.get("pad_token"))
+        eos = (generation_config or {}).get("eos_token_id")
+        if eos is None:
+            eos = self.token_to_id(self.special_tokens.get("eos_token"))
+        self.eos_token_ids: tuple[int, ...] = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.chat_template = ChatTemplate(chat_template, self.special_tokens) if chat_template else None
+
+        # The copy that encodes prompts with aliases: the placeholder is one more special token.
+        self._alias_tok = HFTokenizer.from_str(tokenizer.to_str())
+        self._alias_tok.add_special_tokens([AddedToken(_PLACEHOLDER, special=True, normalized=False)])
+        self._placeholder_id = self._alias_tok.token_to_id(_PLACEHOLDER)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint | str | Path) -> Tokenizer:
+        path = checkpoint.path if isinstance(checkpoint, Checkpoint) else Path(checkpoint)
+        ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(path)
+        if not (path / "tokenizer.json").is_file():
+            raise InvalidInput(f"{path}: tokenizer.json is missing")
+        config = ckpt.optional_json("tokenizer_config.json")
+        template = None
+        if (path / "chat_template.jinja").is_file():
+            template = (path / "chat_template.jinja").read_text()
+        elif isinstance(config.get("chat_template"), str):
+            template = config["chat_template"]
+        elif isinstance(config.get("chat_template"), list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in config["chat_template"]}
+            template = named.get("default")
+        return cls(
+            HFTokenizer.from_file(str(path / "tokenizer.json")),
+            config,
+            ckpt.optional_json("generation_config.json"),
+            template,
+        )
+
+    def _set_post_processor(self, add_bos: bool, add_eos: bool) -> None:
+        """transformers rebuilds the post-processor from add_bos_token/add_eos_token when the config sets them."""
+        bos, eos = self.special_tokens.get("bos_token"), self.special_tokens.get("eos_token")
+        add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
+        single = f"{(bos + ':0 ') if add_bos else ''}$A:0{(' ' + eos + ':0') if add_eos else ''}"
+        pair = f"{single}{(' ' + bos + ':1') if add_bos else ''} $B:1{(' ' + eos + ':1') if add_eos else ''}"
+        specials = [(t, self._tok.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
+        self._tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
+
+    # -- basics ---------------------------------------------------------------------
+
+    def token_to_id(self, token: str | None) -> int | None:
+        return None if token is None else self._tok.token_to_id(token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids`; IDs ≥ EMBEDDING_INDEX_BASE (image rows) are skipped."""
+        text_ids = [i for i in ids if i < EMBEDDING_INDEX_BASE]
+        return self._tok.decode(text_ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, **kwargs: Any) -> str:
+        if self.chat_template is None:
+            raise InvalidInput("this model has no chat template")
+        return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+
+    def stream_decoder(self, skip_special_tokens: bool = True) -> StreamDecoder:
+        return StreamDecoder(self, skip_special_tokens)
+
+    # -- prompts with images -------------------------------------------------------------
+
+    def encode_prompt(
+        self,
+        prompt: str,
+        bindings: Mapping[str, Any] | None = None,
+        *,
+        add_special_tokens: bool = True,
+        max_length: int | None = None,
+    ) -> EncodedPrompt:
+        """Token IDs of `prompt` with each bound alias replaced by its container's IDs.
+
+        bindings: alias → EmbeddingContainer (anything with `token_ids()`). A default
+        alias `<image:{id}>` left in the text unbound is an error naming it (the worker
+        binds the containers `default_alias_ids` names under their default aliases).
+        """
+        bindings = dict(bindings or {})
+        for alias, container in bindings.items():
+            if not isinstance(alias, str) or not alias:
+                raise InvalidInput(f"alias {alias!r} must be a non-empty string")
+            match = DEFAULT_ALIAS.fullmatch(alias)
+            if match and getattr(container, "id", match.group(1)) != match.group(1):
+                raise InvalidInput(f"alias {alias} is bound to another container ({container.id})")
+        if bindings:
+            pattern = re.compile("|".join(re.escape(a) for a in sorted(bindings, key=len, reverse=True)))
+            pieces = pattern.split(prompt)
+            aliases = pattern.findall(prompt)
+        else:
+            pieces, aliases = [prompt], []
+        for piece in pieces:
+            unbound = DEFAULT_ALIAS.search(piece)
+            if unbound:
+                raise InvalidInput(f"unknown image alias {unbound.group(0)}: no container {unbound.group(1)} is bound")
+            if _PLACEHOLDER in piece:
+                raise InvalidInput(f"the prompt contains the reserved text {_PLACEHOLDER}")
+
+        encoded = self._alias_tok.encode(_PLACEHOLDER.join(pieces), add_special_tokens=add_special_tokens).ids
+        ids: list[int] = []
+        slots = iter(aliases)
+        used: dict[int, Any] = {}
+        for token in encoded:
+            if token != self._placeholder_id:
+                ids.append(token)
+                continue
+            container = bindings[next(slots)]
+            used.setdefault(id(container), container)
+            ids.extend(container.token_ids())
+        if next(slots, None) is not None:  # a normalizer ate a placeholder: refuse rather than misplace images
+            raise InvalidInput("the prompt's aliases could not be placed in its tokens")
+        if max_length is not None and len(ids) > max_length:
+            raise InvalidInput(f"prompt of {len(ids)} tokens exceeds the context of {max_length} tokens")
+        image_tokens = sum(1 for i in ids if i >= EMBEDDING_INDEX_BASE)
+        return EncodedPrompt(ids, list(used.values()), image_tokens)
+
+
+class StreamDecoder:
+    """Incremental detokenization that never emits broken characters.
+
+    `push(token_id)` returns the text the token completes (possibly ""), holding back
+    bytes of an unfinished UTF-8 character (a trailing U+FFFD) until later tokens
+    complete it; `flush()` returns whatever is left at the end. The pieces join to
+    `decode(all ids)`. Each step decodes only a short window of recent tokens, so the
+    cost does not grow with the output.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._ids: list[int] = []
+        self._prefix = 0  # window start: context so that decoders that strip a leading space see it
+        self._read = 0  # tokens before this are emitted
+
+    def _text(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
+
+    def push(self, token_id: int) -> str:
+        if token_id >= EMBEDDING_INDEX_BASE:
+            return ""
+        self._ids.append(token_id)
+        emitted = self._text(self._ids[self._prefix : self._read])
+        text = self._text(self._ids[self._prefix :])
+        if len(text) > len(emitted) and not text.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self._ids)
+            return text[len(emitted) :]
+        return ""
+
+    def flush(self) -> str:
+        emitted = self._text(self._ids[self._prefix : self._read])
+        text = self._text(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        return text[len(emitted) :]
+
+
+class StopStrings:
+    """Finds stop strings in streamed text (the engine's stop hook, on the text side).
+
+    `feed(delta)` returns (text safe to emit, stopped): text that might be the start
+    of a stop string is held back until the next delta decides; on a match, the
+    text before the stop string is emitted and `stopped` is True (the stop string
+    itself is not emitted). `flush()` returns what is held back at the end.
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self._held = ""
+        self.stopped = False
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        if self.stopped:
+            return "", True
+        text = self._held + delta
+        found = [(text.find(s), s) for s in self.stops if s in text]
+        if found:
+            self.stopped = True
+            self._held = ""
+            return text[: min(found)[0]], True
+        keep = 0  # the longest tail of `text` that starts some stop string
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(text)), keep, -1):
+                if stop.startswith(text[-n:]):
+                    keep = n
+                    break
+        self._held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep], False
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return "" if self.stopped else held

@@ -1,0 +1,360 @@
+"""The embedding container: projected image embeddings, their token-ID range, and metadata.
+
+Wire format (DESIGN §2) — one msgpack map::
+
+    {"v": 1,
+     "meta": {id, model, tenant, first_token_id, num_tokens, alias,
+              layout: {before, after, row_length, row_break_id},
+              grid: [t, h, w] | None, image: {...}, created_at, expires_at},
+     "dtype": "float32" | "bfloat16" | "float16",
+     "shape": [num_tokens, hidden],
+     "data": bin}          # the raw tensor bytes, row-major, little-endian
+
+No pickle: every field is a plain msgpack type. ``decode_container`` validates all
+of it and raises ``ContainerFormatError`` — and only that — for any malformed blob.
+"""
+
+from __future__ import annotations
+
+import math
+import reprlib
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import torch
+
+from shared.errors import ContainerFormatError
+from shared.token_ids import EMBEDDING_INDEX_BASE
+
+__all__ = [
+    "EMBEDDING_INDEX_BASE",
+    "FORMAT_VERSION",
+    "EmbeddingContainer",
+    "Layout",
+    "decode_container",
+    "encode_container",
+]
+
+FORMAT_VERSION = 1
+
+# The wire dtypes. numpy has no bfloat16, so tensors travel as raw bytes, never as numpy arrays.
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+# Far above any real hidden size or token count; keeps torch's int64 sizes safe from forged shapes.
+_MAX_DIM = 2**31 - 1
+# Token IDs feed int64 tensors; leave headroom so first + count never overflows.
+_MAX_TOKEN_ID = 2**62
+
+
+def _is_int(value: object) -> bool:
+    # msgpack booleans are Python bools, which are ints too: a flag is not an ID.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_text_token_id(value: object) -> bool:
+    return _is_int(value) and 0 <= value < EMBEDDING_INDEX_BASE
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a container's alias expands into token IDs, as the model's own processor expands it.
+
+    ``before``/``after`` are literal text-token IDs around the image IDs (e.g.
+    Qwen2-VL's ``<|vision_start|>``/``<|vision_end|>``). For Pixtral-style row
+    layouts, ``row_break_id`` follows every ``row_length`` image IDs except the last
+    row (the end token goes in ``after``). ``Layout()`` is image IDs only (LLaVA).
+    """
+
+    before: tuple[int, ...] = ()
+    after: tuple[int, ...] = ()
+    row_length: int | None = None
+    row_break_id: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("before", "after"):
+            ids = getattr(self, name)
+            if not all(_is_text_token_id(i) for i in ids):
+                raise ValueError(f"layout.{name} must hold text-token IDs in [0, {EMBEDDING_INDEX_BASE}), got {ids!r}")
+        if (self.row_length is None) != (self.row_break_id is None):
+            raise ValueError("layout.row_length and layout.row_break_id must be given together")
+        if self.row_length is not None and not (_is_int(self.row_length) and self.row_length >= 1):
+            raise ValueError(f"layout.row_length must be a positive integer, got {self.row_length!r}")
+        if self.row_break_id is not None and not _is_text_token_id(self.row_break_id):
+            raise ValueError(f"layout.row_break_id must be a text-token ID, got {self.row_break_id!r}")
+
+    def expand(self, first_token_id: int, num_tokens: int) -> list[int]:
+        """The token IDs of an image whose rows are IDs ``[first_token_id, first_token_id + num_tokens)``."""
+        image_ids = range(first_token_id, first_token_id + num_tokens)
+        if self.row_length is None:
+            body = list(image_ids)
+        else:
+            body = []
+            for start in range(0, num_tokens, self.row_length):
+                if start:
+                    body.append(self.row_break_id)
+                body.extend(image_ids[start : start + self.row_length])
+        return [*self.before, *body, *self.after]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "before": list(self.before),
+            "after": list(self.after),
+            "row_length": self.row_length,
+            "row_break_id": self.row_break_id,
+        }
+
+
+@dataclass(eq=False)
+class EmbeddingContainer:
+    """One image's projected embeddings and the token IDs that stand for them.
+
+    ``embeddings`` is ``(num_tokens, hidden)``; row ``i`` is the embedding of token
+    ID ``first_token_id + i``. A decoded container's tensor shares memory with the
+    received bytes: treat it as read-only. ``expires_at`` is None for a container
+    that never expires (pinned) or has not been stored yet.
+    """
+
+    id: str
+    model: str
+    tenant: str
+    first_token_id: int
+    num_tokens: int
+    embeddings: torch.Tensor  # [num_tokens, hidden]
+    layout: Layout = field(default_factory=Layout)
+    grid: tuple[int, int, int] | None = None
+    image: dict[str, Any] = field(default_factory=dict)
+    alias: str = ""
+    created_at: float = field(default_factory=time.time)
+    expires_at: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.alias:
+            self.alias = f"<image:{self.id}>"
+        if not EMBEDDING_INDEX_BASE <= self.first_token_id <= _MAX_TOKEN_ID:
+            raise ValueError(
+                f"first_token_id must be in [{EMBEDDING_INDEX_BASE}, {_MAX_TOKEN_ID}], got {self.first_token_id}"
+            )
+        if self.embeddings.dim() != 2 or self.embeddings.shape[0] != self.num_tokens:
+            raise ValueError(
+                f"embeddings must be (num_tokens={self.num_tokens}, hidden), got {tuple(self.embeddings.shape)}"
+            )
+        if self.layout.row_length is not None and self.num_tokens % self.layout.row_length:
+            raise ValueError(
+                f"num_tokens={self.num_tokens} is not a whole number of rows of {self.layout.row_length}"
+            )
+
+    @property
+    def hidden_size(self) -> int:
+        return self.embeddings.shape[1]
+
+    @property
+    def dtype(self) -> str:
+        """The tensor's dtype name: ``float32``, ``bfloat16`` or ``float16``."""
+        return str(self.embeddings.dtype).removeprefix("torch.")
+
+    @property
+    def last_token_id(self) -> int:
+        """The last ID of the range (``first_token_id - 1`` for an empty container)."""
+        return self.first_token_id + self.num_tokens - 1
+
+    def token_ids(self) -> list[int]:
+        """The token IDs the alias expands into, per the layout."""
+        return self.layout.expand(self.first_token_id, self.num_tokens)
+
+    def metadata(self) -> dict[str, Any]:
+        """Everything but the tensor, as a JSON-able dict (what the APIs return)."""
+        return {
+            **_meta(self),
+            "hidden_size": self.hidden_size,
+            "dtype": self.dtype,
+            "shape": list(self.embeddings.shape),
+        }
+
+
+def _meta(container: EmbeddingContainer) -> dict[str, Any]:
+    return {
+        "id": container.id,
+        "model": container.model,
+        "tenant": container.tenant,
+        "first_token_id": container.first_token_id,
+        "num_tokens": container.num_tokens,
+        "alias": container.alias,
+        "layout": container.layout.to_dict(),
+        "grid": list(container.grid) if container.grid is not None else None,
+        "image": container.image,
+        "created_at": container.created_at,
+        "expires_at": container.expires_at,
+    }
+
+
+def encode_container(container: EmbeddingContainer) -> bytes:
+    """The container as one msgpack blob (see the module docstring)."""
+    tensor = container.embeddings.detach()
+    if tensor.dtype not in _DTYPE_NAMES:
+        raise ValueError(f"cannot encode dtype {tensor.dtype}; allowed: {', '.join(_DTYPES)}")
+    # A uint8 view gives numpy a type it knows (no bf16 in numpy); msgpack writes
+    # the memoryview as bin without an intermediate bytes copy.
+    data = memoryview(tensor.cpu().contiguous().view(torch.uint8).numpy())
+    return msgpack.packb(
+        {
+            "v": FORMAT_VERSION,
+            "meta": _meta(container),
+            "dtype": _DTYPE_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data": data,
+        }
+    )
+
+
+def decode_container(blob: bytes, *, max_bytes: int | None = None) -> EmbeddingContainer:
+    """Decode and validate a blob written by ``encode_container``.
+
+    Checks the version, the dtype against the allow-list, the shape (two
+    non-negative ints), ``prod(shape) * itemsize == len(data)``, ``num_tokens ==
+    shape[0]``, every meta field's presence and type, and the blob size against
+    ``max_bytes``. Any failure raises ``ContainerFormatError`` naming the problem;
+    no other exception escapes for malformed input.
+
+    The tensor is built with ``torch.frombuffer`` on the bin bytes msgpack unpacks,
+    with no further copy — it is read-only in spirit (it aliases an immutable
+    ``bytes``); clone it before writing to it.
+    """
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise ContainerFormatError(f"container blob must be bytes, got {type(blob).__name__}")
+    if max_bytes is not None and len(blob) > max_bytes:
+        raise ContainerFormatError(f"container blob is {len(blob)} bytes, over the limit of {max_bytes}")
+    try:
+        top = msgpack.unpackb(blob, raw=False)
+    except Exception as exc:  # msgpack raises many types (ExtraData, FormatError, ValueError, ...)
+        raise ContainerFormatError(f"container blob is not valid msgpack: {str(exc) or type(exc).__name__}") from exc
+    if not isinstance(top, dict):
+        raise ContainerFormatError(f"container blob must be a msgpack map, got {type(top).__name__}")
+
+    version = _require(top, "v", _is_int, "an integer", "container")
+    if version != FORMAT_VERSION:
+        raise ContainerFormatError(f"unsupported container version {version} (this vlmq reads {FORMAT_VERSION})")
+    dtype_name = _require(top, "dtype", lambda v: isinstance(v, str), "a string", "container")
+    if dtype_name not in _DTYPES:
+        raise ContainerFormatError(f"container dtype {dtype_name!r} is not one of {', '.join(_DTYPES)}")
+    dtype = _DTYPES[dtype_name]
+    shape = _require(
+        top,
+        "shape",
+        lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(d) and 0 <= d <= _MAX_DIM for d in v),
+        f"a list of 2 integers in [0, {_MAX_DIM}]",
+        "container",
+    )
+    data = _require(top, "data", lambda v: isinstance(v, bytes), "bin", "container")
+    expected = shape[0] * shape[1] * dtype.itemsize
+    if len(data) != expected:
+        raise ContainerFormatError(
+            f"container data is {len(data)} bytes but shape {shape} of {dtype_name} needs {expected}"
+        )
+    meta = _require(top, "meta", lambda v: isinstance(v, dict), "a map", "container")
+    return _container_from_meta(meta, _tensor_from_bytes(data, dtype, shape))
+
+
+def _tensor_from_bytes(data: bytes, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    if not data:  # frombuffer refuses empty buffers
+        return torch.empty(shape, dtype=dtype)
+    with warnings.catch_warnings():
+        # frombuffer warns that bytes are not writable; the tensor is used read-only.
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return torch.frombuffer(data, dtype=dtype).view(shape)
+
+
+def _require(mapping: dict, key: str, check: Callable[[Any], bool], what: str, where: str) -> Any:
+    if key not in mapping:
+        raise ContainerFormatError(f"{where} field {key!r} is missing")
+    value = mapping[key]
+    if not check(value):
+        raise ContainerFormatError(f"{where} field {key!r} must be {what}, got {_describe(value)}")
+    return value
+
+
+def _describe(value: object) -> str:
+    return f"{type(value).__name__} {reprlib.repr(value)}"
+
+
+def _is_finite_number(value: object) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _is_json_like(value: object, depth: int = 0) -> bool:
+    # metadata() goes out as JSON: only plain JSON values, finite floats, bounded nesting.
+    if depth > 32:
+        return False
+    if value is None or isinstance(value, (bool, str)) or _is_finite_number(value):
+        return True
+    if isinstance(value, list):
+        return all(_is_json_like(item, depth + 1) for item in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_json_like(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _is_str(value: object) -> bool:
+    return isinstance(value, str)
+
+
+def _is_id_list(value: object) -> bool:
+    return isinstance(value, list) and all(_is_int(i) for i in value)
+
+
+def _layout_from_meta(raw: dict) -> Layout:
+    before = _require(raw, "before", _is_id_list, "a list of integers", "layout")
+    after = _require(raw, "after", _is_id_list, "a list of integers", "layout")
+    row_length = _require(raw, "row_length", lambda v: v is None or _is_int(v), "an integer or null", "layout")
+    row_break_id = _require(raw, "row_break_id", lambda v: v is None or _is_int(v), "an integer or null", "layout")
+    try:
+        return Layout(tuple(before), tuple(after), row_length, row_break_id)
+    except ValueError as exc:
+        raise ContainerFormatError(str(exc)) from exc
+
+
+def _container_from_meta(meta: dict, embeddings: torch.Tensor) -> EmbeddingContainer:
+    container_id = _require(meta, "id", lambda v: _is_str(v) and v != "", "a non-empty string", "meta")
+    model = _require(meta, "model", _is_str, "a string", "meta")
+    tenant = _require(meta, "tenant", _is_str, "a string", "meta")
+    first = _require(meta, "first_token_id", _is_int, "an integer", "meta")
+    num_tokens = _require(meta, "num_tokens", _is_int, "an integer", "meta")
+    if num_tokens != embeddings.shape[0]:
+        raise ContainerFormatError(f"meta num_tokens={num_tokens} but the tensor has {embeddings.shape[0]} rows")
+    alias = _require(meta, "alias", _is_str, "a string", "meta")
+    layout = _layout_from_meta(_require(meta, "layout", lambda v: isinstance(v, dict), "a map", "meta"))
+    grid = _require(
+        meta,
+        "grid",
+        lambda v: v is None or (isinstance(v, list) and len(v) == 3 and all(_is_int(d) and d >= 0 for d in v)),
+        "null or a list of 3 non-negative integers",
+        "meta",
+    )
+    image = _require(meta, "image", lambda v: isinstance(v, dict) and _is_json_like(v), "a JSON-like map", "meta")
+    created_at = _require(meta, "created_at", _is_finite_number, "a number", "meta")
+    expires_at = _require(meta, "expires_at", lambda v: v is None or _is_finite_number(v), "a number or null", "meta")
+    try:
+        return EmbeddingContainer(
+            id=container_id,
+            model=model,
+            tenant=tenant,
+            first_token_id=first,
+            num_tokens=num_tokens,
+            embeddings=embeddings,
+            layout=layout,
+            grid=tuple(grid) if grid is not None else None,
+            image=image,
+            alias=alias,
+            created_at=float(created_at),
+            expires_at=float(expires_at) if expires_at is not None else None,
+        )
+    except ValueError as exc:  # the container's own invariants: ID range, whole rows of a row layout
+        raise ContainerFormatError(str(exc)) from exc

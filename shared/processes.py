@@ -1,0 +1,41 @@
+"""Supervising child processes: stop them all on SIGINT/SIGTERM or when one dies."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+
+def stop_all(children: list[subprocess.Popen], timeout_s: float = 20.0) -> None:
+    """SIGTERM every live child, wait up to `timeout_s` in all, then SIGKILL what is left."""
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+    deadline = time.monotonic() + timeout_s
+    for child in children:
+        try:
+            child.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def wait_all_or_stop(children: list[subprocess.Popen]) -> int:
+    """Block until a signal arrives or a child exits; then stop every child. Returns an exit status."""
+    stopping = False
+
+    def _on_signal(signum, _frame):
+        nonlocal stopping
+        stopping = True
+
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stopping and all(child.poll() is None for child in children):
+            time.sleep(0.2)
+        failed = [c for c in children if c.poll() not in (None, 0)]
+        return 0 if stopping or not failed else 1
+    finally:
+        stop_all(children)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
