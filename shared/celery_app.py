@@ -30,9 +30,9 @@ def create_celery_app(settings: Settings, name: str = "vlmq") -> Celery:
     """A Celery app on ``settings.broker_url`` whose results (small: keys and status) go to the store Redis."""
     app = Celery(name, broker=settings.broker_url, backend=settings.effective_store_url)
     app.conf.update(
-        # Each queue on its own direct exchange and routing key: a bare Queue(name)
-        # would be bound to Celery's default exchange with the default routing key,
-        # and a message for one queue would then be copied into both.
+        # Each queue on its own direct exchange and routing key. A bare Queue(name)
+        # is bound to Celery's default exchange under the default routing key, so
+        # a message published to that exchange would be copied into both queues.
         task_queues=tuple(Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES),
         task_routes={
             "vlmq.embed*": {"queue": EMBED_QUEUE},

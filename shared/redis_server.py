@@ -97,7 +97,7 @@ class EmbeddedRedis:
         return self._process.pid if self._process is not None else None
 
     def start(self) -> EmbeddedRedis:
-        """Start the server and wait until it answers PING.
+        """Start the server and wait until it answers.
 
         An automatically chosen port can be taken by another process between the
         choice and the bind; the first start then retries on a fresh port.
@@ -197,14 +197,15 @@ class EmbeddedRedis:
                         f"{self._log_tail()}"
                     )
                 try:
-                    if client.ping():
+                    # Another server may hold the port (ours then exits): only our own process counts.
+                    if client.info("server")["process_id"] == self._process.pid:
                         return
                 except redis.ConnectionError:
                     pass
                 if time.monotonic() > deadline:
                     self.stop()
                     raise RuntimeError(
-                        f"redis-server on port {self.port} did not answer PING within {START_TIMEOUT_S:.0f} s:\n"
+                        f"redis-server on port {self.port} did not answer within {START_TIMEOUT_S:.0f} s:\n"
                         f"{self._log_tail()}"
                     )
                 time.sleep(0.02)

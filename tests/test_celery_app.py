@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -49,7 +50,7 @@ def app(module_settings) -> Celery:
 def worker(app, module_settings) -> Iterator[None]:
     client = connect(module_settings.broker_url)
     client.delete("embed", "generate")  # messages left by an earlier run must not reach this worker
-    with start_worker(app, pool="solo", perform_ping_check=False, loglevel="INFO", shutdown_timeout=30):
+    with start_worker(app, pool="solo", perform_ping_check=False, loglevel="ERROR", shutdown_timeout=30):
         yield
     client.close()
 
@@ -78,6 +79,25 @@ def test_factory_configures_queues_routes_acks_and_serializers(settings):
     assert conf.result_backend == settings.effective_store_url
 
 
+def test_tasks_land_in_their_own_queue_only(redis_server, key_prefix):
+    broker_url = redis_server.url.rsplit("/", 1)[0] + "/1"  # a database no worker consumes from
+    app = create_celery_app(Settings(broker_url=broker_url, store_url=redis_server.url, key_prefix=key_prefix))
+    broker = connect(broker_url)
+    try:
+        with app.connection() as connection:  # declare both queues, as a worker does
+            for queue in app.conf.task_queues:
+                queue.bind(connection.default_channel).declare()
+        app.send_task("vlmq.embed", args=["job-e"], ignore_result=True)
+        app.send_task("vlmq.generate.stream", args=["job-g"], ignore_result=True)
+        with Connection(broker_url) as connection:  # a raw publish to the exchange, as in the pickle test
+            connection.Producer().publish({}, exchange="embed", routing_key="embed", headers={"task": "raw"})
+        tasks = {q: [json.loads(m)["headers"]["task"] for m in broker.lrange(q, 0, -1)] for q in ("embed", "generate")}
+        assert tasks == {"embed": ["raw", "vlmq.embed"], "generate": ["vlmq.generate.stream"]}
+    finally:
+        broker.flushdb()  # database 1 is this test's alone
+        broker.close()
+
+
 def _wait_until(condition, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -103,7 +123,7 @@ def test_worker_refuses_pickled_messages_and_runs_json_ones(app, worker, jobs, m
     assert app.tasks["vlmq.embed.probe"].delay(json_job).get(timeout=20) == "ran"
     # FIFO and one message at a time: the pickled one was handled before the json one.
     assert not marker.exists()
-    print("LOG", [r.getMessage()[:300] for r in caplog.records])
+    assert any("Refusing to deserialize untrusted content of type pickle" in r.getMessage() for r in caplog.records)
     runs = connect(module_settings.broker_url)
     assert runs.get(f"{module_settings.key_prefix}probe-runs:{pickled_job}") is None
     assert runs.get(f"{module_settings.key_prefix}probe-runs:{json_job}") == b"1"

@@ -1,0 +1,87 @@
+"""The `vlmq.generate` Celery task: thin — run the pipeline, stream text, record the job.
+
+In a chain after `vlmq.embed` (bulk captioning), the embed task's result arrives
+as the first argument: chat image parts without a `container_id` take its
+containers in order, and a failed embed fails this job with the same reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Callable
+
+from celery import Celery, Signature
+
+from generator_service.pipeline import GeneratePipeline
+from shared.celery_app import AttemptLimitedTask
+from shared.errors import InvalidInput, VlmqError
+from shared.jobs import TERMINAL_STATUSES, JobStore
+from shared.metrics import WorkerStats
+from shared.streams import TokenStreams
+
+log = logging.getLogger(__name__)
+
+GENERATE_TASK = "vlmq.generate"
+
+
+def generate_signature(celery: Celery, jobs: JobStore, tenant: str, payload: dict) -> tuple[str, Signature]:
+    """Create the job and the task signature (to send alone or chain after an embed)."""
+    job_id = jobs.create("generate", tenant)
+    return job_id, celery.signature(GENERATE_TASK, kwargs={"job_id": job_id, "tenant": tenant, "payload": payload}, task_id=job_id)
+
+
+def enqueue_generate(celery: Celery, jobs: JobStore, tenant: str, payload: dict) -> str:
+    job_id, signature = generate_signature(celery, jobs, tenant, payload)
+    signature.apply_async()
+    return job_id
+
+
+def _fill_chained_images(payload: dict, embed_result: dict) -> dict:
+    if embed_result["status"] != "succeeded":
+        error = embed_result.get("error") or {}
+        raise VlmqError(error.get("message", "the image could not be embedded"), code=error.get("code", "embed_failed"), status=400)
+    ids = iter(embed_result["container_ids"])
+    payload = copy.deepcopy(payload)
+    for message in payload.get("messages") or []:
+        for part in message["content"] if isinstance(message.get("content"), list) else []:
+            if part.get("type") == "image" and not part.get("container_id"):
+                part["container_id"] = next(ids, None)
+                if part["container_id"] is None:
+                    raise InvalidInput("the chat has more image parts than the embed job produced containers")
+    return payload
+
+
+def run_generate_job(pipeline: GeneratePipeline, jobs: JobStore, streams: TokenStreams, stats: WorkerStats,
+                     job_id: str, tenant: str, payload: dict, embed_result: dict | None = None) -> dict:
+    job = jobs.get(job_id)
+    if job["status"] in TERMINAL_STATUSES:  # a redelivery of a job that already finished
+        return {"job_id": job_id, "status": job["status"]}
+    jobs.mark_running(job_id)
+    streams.reset(job_id)
+    on_text = (lambda text: streams.add_text(job_id, text)) if payload.get("stream") else None
+    started = time.perf_counter()
+    try:
+        if embed_result is not None:
+            payload = _fill_chained_images(payload, embed_result)
+        result = pipeline.generate(tenant, payload, on_text)
+    except VlmqError as exc:
+        jobs.mark_failed(job_id, exc.code, exc.message)
+        streams.end(job_id, None, exc.to_dict())
+        stats.add(jobs_failed=1)
+        return {"job_id": job_id, "status": "failed"}
+    jobs.mark_succeeded(job_id, result)
+    streams.end(job_id, result["finish_reason"])
+    stats.add(jobs_succeeded=1, completion_tokens=result["usage"]["completion_tokens"], prompt_tokens=result["usage"]["prompt_tokens"])
+    stats.observe("latency_seconds", time.perf_counter() - started)
+    return {"job_id": job_id, "status": "succeeded"}
+
+
+def register_generate_task(app: Celery, get_pipeline: Callable[[], GeneratePipeline]) -> None:
+    @app.task(name=GENERATE_TASK, base=AttemptLimitedTask, bind=True)
+    def generate(self: AttemptLimitedTask, embed_result: dict | None = None, *, job_id: str, tenant: str, payload: dict) -> dict:
+        settings = self.vlmq_settings
+        streams = TokenStreams(self.store_redis, settings.key_prefix, settings.job_ttl_s)
+        stats = WorkerStats(self.store_redis, settings.key_prefix, "generate")
+        return run_generate_job(get_pipeline(), self.jobs, streams, stats, job_id, tenant, payload, embed_result)

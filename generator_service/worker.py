@@ -1,0 +1,51 @@
+"""A generator worker process: load the LM and tokenizer once, run the engine loop, serve `generate`."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from generator_service.engine import Engine
+from generator_service.pipeline import GeneratePipeline
+from generator_service.tasks import register_generate_task
+from generator_service.tokenizer import Tokenizer
+from shared.celery_app import GENERATE_QUEUE, create_celery_app
+from shared.checkpoint import Checkpoint, resolve_dtype
+from shared.redis_conn import connect
+from shared.registry import family_for
+from shared.settings import Settings
+from shared.store import ContainerStore
+from shared.worker import run_celery_worker
+
+MAX_SEQ_LEN = 4096
+
+
+def image_token_text(checkpoint: Checkpoint, tokenizer: Tokenizer) -> str | None:
+    """The text the chat template writes for an image part (`<image>` for LLaVA)."""
+    config = checkpoint.optional_json("tokenizer_config.json")
+    if isinstance(config.get("image_token"), str):
+        return config["image_token"]
+    index = checkpoint.config.get("image_token_index", checkpoint.config.get("image_token_id"))
+    return tokenizer.id_to_token(index) if index is not None else None
+
+
+def build_pipeline(settings: Settings, model_path: str, device: str) -> GeneratePipeline:
+    checkpoint = Checkpoint(model_path)
+    model_class = family_for(checkpoint.config).load_language_class()
+    model = model_class.from_checkpoint(checkpoint, device=device, dtype=resolve_dtype(settings.dtype, device))
+    tokenizer = Tokenizer.from_checkpoint(checkpoint)
+    engine = Engine(model, max_batch=settings.generate_max_batch, max_seq_len=MAX_SEQ_LEN, eos_token_ids=tokenizer.eos_token_ids)
+    threading.Thread(target=engine.run_forever, args=(threading.Event(),), name="vlmq-engine", daemon=True).start()
+    client = connect(settings.effective_store_url)
+    store = ContainerStore(client, settings.key_prefix, settings.container_ttl_s, settings.max_container_bytes)
+    return GeneratePipeline(model, tokenizer, engine, store, settings, checkpoint.fingerprint, image_token_text(checkpoint, tokenizer))
+
+
+def run(settings: Settings, model_path: str, device: str, concurrency: int | None = None) -> None:
+    pipeline = build_pipeline(settings, model_path, device)
+    app = create_celery_app(settings)
+    register_generate_task(app, lambda: pipeline)
+    # One thread per request decoded together: the engine batches whatever the threads submit.
+    concurrency = concurrency or settings.generate_max_batch
+    name = f"generate-{device.replace(':', '')}-{os.getpid()}@%h"
+    run_celery_worker(app, GENERATE_QUEUE, concurrency=concurrency, name=name, info={"device": device, "model": model_path})
