@@ -1,4 +1,4 @@
-"""Pieces both FastAPI apps share: error responses, API-key tenants, health and metrics routes."""
+"""Pieces both FastAPI apps share: app state, error responses, API-key tenants, body limit, health and metrics."""
 
 from __future__ import annotations
 
@@ -11,10 +11,17 @@ import redis
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from shared.celery_app import create_celery_app
 from shared.errors import StoreUnavailable, Unauthorized, VlmqError
 from shared.heartbeat import live_workers
+from shared.jobs import JobStore
+from shared.metrics import WorkerStats, WorkerStatsCollector
+from shared.redis_conn import connect
+from shared.settings import Settings
+from shared.store import ContainerStore
+from shared.streams import TokenStreams
 
 log = logging.getLogger(__name__)
 
@@ -151,3 +158,23 @@ class BodySizeLimit:
         except _Exceeded:
             if not started:
                 await too_large(scope, receive, send)
+
+
+def create_service_app(title: str, description: str, worker_kind: str, settings: Settings, routers: list[APIRouter]) -> FastAPI:
+    """A FastAPI app with the state both APIs share: store clients, Celery, metrics, errors, health."""
+    app = FastAPI(title=title, version="0.1.0", description=description)
+    client = connect(settings.effective_store_url)
+    app.state.settings = settings
+    app.state.redis = client
+    app.state.store = ContainerStore(client, settings.key_prefix, settings.container_ttl_s, settings.max_container_bytes)
+    app.state.jobs = JobStore(client, settings.key_prefix, settings.job_ttl_s)
+    app.state.streams = TokenStreams(client, settings.key_prefix, settings.job_ttl_s)
+    app.state.celery = create_celery_app(settings)
+    app.state.metrics_registry = CollectorRegistry()
+    app.state.metrics_registry.register(WorkerStatsCollector(WorkerStats(client, settings.key_prefix, worker_kind)))
+    install_error_handlers(app)
+    for router in [*routers, health_router(worker_kind)]:
+        app.include_router(router)
+    # base64 makes a JSON body ~4/3 of the image; leave room for it and the JSON around it.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes * 4 // 3 + 64 * 1024)
+    return app

@@ -68,3 +68,14 @@ class CheckpointError(VlmqError):
 class StoreUnavailable(VlmqError):
     code = "store_unavailable"
     status = 503
+
+
+def status_for_code(code: str) -> int:
+    """The HTTP status of an error code recorded on a failed job (500 for codes of no caller mistake)."""
+    pending = [VlmqError]
+    while pending:
+        cls = pending.pop()
+        if cls.code == code:
+            return cls.status
+        pending.extend(cls.__subclasses__())
+    return 500

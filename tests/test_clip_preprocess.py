@@ -93,7 +93,7 @@ def test_settings_describe_the_pixels(processors):
     assert ClipPreprocessor.from_config(CONFIGS["tiny-56"]).settings() == settings["tiny-56"]  # and is stable
 
 
-def test_from_checkpoint_reads_preprocessor_config(tmp_path):
+def test_from_checkpoint_reads_preprocessor_or_processor_config(tmp_path):
     from safetensors.torch import save_file
 
     (tmp_path / "config.json").write_text("{}")
@@ -102,6 +102,10 @@ def test_from_checkpoint_reads_preprocessor_config(tmp_path):
     ckpt = Checkpoint(tmp_path)
     assert ClipPreprocessor.from_checkpoint(ckpt).crop_size == (336, 336)
     (tmp_path / "preprocessor_config.json").unlink()
+    # transformers 5 saves a whole processor as processor_config.json, the image processor nested in it.
+    (tmp_path / "processor_config.json").write_text(json.dumps({"image_processor": CONFIGS["tiny-56"], "image_token": "<image>"}))
+    assert ClipPreprocessor.from_checkpoint(ckpt).crop_size == (56, 56)
+    (tmp_path / "processor_config.json").unlink()
     with pytest.raises(CheckpointError, match="no preprocessor_config.json"):
         ClipPreprocessor.from_checkpoint(ckpt)
 

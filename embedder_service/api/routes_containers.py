@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from safetensors.torch import save
 
-from embedder_service.api.deps import StoreDep
+from shared.api_deps import StoreDep
 from embedder_service.api.schemas import ContainerInfo
 from shared.api import Tenant
 from shared.errors import NotFound

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from embedder_service.api.deps import CeleryDep, JobsDep, SettingsDep
+from shared.api_deps import CeleryDep, JobsDep, SettingsDep
 from embedder_service.api.schemas import EmbeddingsRequest, JobAccepted
 from embedder_service.api.views import job_view
 from embedder_service.tasks import enqueue_embed

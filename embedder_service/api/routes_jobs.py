@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from embedder_service.api.deps import JobsDep
+from shared.api_deps import JobsDep
 from embedder_service.api.schemas import EmbedJob
 from embedder_service.api.views import job_view
 from shared.api import Tenant

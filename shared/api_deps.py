@@ -1,4 +1,4 @@
-"""Dependencies of the embedder API's routes, as `Annotated` aliases."""
+"""Dependencies of both APIs' routes, as `Annotated` aliases (state set up by each `create_app`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from shared.jobs import JobStore
 from shared.settings import Settings
 from shared.store import ContainerStore
+from shared.streams import TokenStreams
 
 
 def _settings(request: Request) -> Settings:
@@ -32,3 +33,10 @@ SettingsDep = Annotated[Settings, Depends(_settings)]
 StoreDep = Annotated[ContainerStore, Depends(_store)]
 JobsDep = Annotated[JobStore, Depends(_jobs)]
 CeleryDep = Annotated[Celery, Depends(_celery)]
+
+
+def _streams(request: Request) -> TokenStreams:
+    return request.app.state.streams
+
+
+StreamsDep = Annotated[TokenStreams, Depends(_streams)]

@@ -1,0 +1,100 @@
+"""Request and response bodies of the generator API (vlmq's own and the OpenAI-compatible ones)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_STOPS = 16
+
+
+class SamplingFields(BaseModel):
+    max_tokens: int = Field(256, ge=1, description="Most new tokens to generate")
+    temperature: float = Field(1.0, ge=0, le=100, description="0 is greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0 disables top-k")
+    repetition_penalty: float = Field(1.0, gt=0, le=100)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Same seed, same text")
+    stop: str | list[str] | None = Field(None, description="Stop strings (not included in the text)")
+    stream: bool = Field(False, description="Server-Sent Events of text pieces")
+
+    def sampling(self) -> dict:
+        return {k: getattr(self, k) for k in ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")}
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class GenerateRequest(SamplingFields):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(..., description="Text with image aliases: `<image:{container_id}>` or your own bound in `images`")
+    images: dict[str, str] = Field(default_factory=dict, description="alias → container id")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    image_tokens: int
+    total_tokens: int
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+
+
+class GenerateJob(BaseModel):
+    id: str
+    status: str = Field(..., description="queued, running, succeeded or failed")
+    error: ErrorInfo | None = None
+    text: str | None = None
+    token_ids: list[int] | None = None
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    created_at: float
+    updated_at: float
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    status: str
+    status_url: str
+    stream_url: str
+
+
+# --- OpenAI-compatible chat ---------------------------------------------------------------
+
+
+class ImageURL(BaseModel):
+    url: str = Field(..., description="`data:image/...;base64,...` or `vlmq://container/{id}`")
+
+
+class ContentPart(BaseModel):
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageURL | None = None
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(SamplingFields):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, ge=1)  # type: ignore[assignment]
+    max_completion_tokens: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=1, description="Only one choice is supported")
+    stream_options: StreamOptions | None = None
+
+    def sampling(self) -> dict:
+        fields = super().sampling()
+        fields["max_tokens"] = self.max_completion_tokens or self.max_tokens or 256
+        return fields
