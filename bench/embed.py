@@ -72,19 +72,20 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def matmul_gflops(size: int = 2048) -> dict[str, float]:
-    """float32 GFLOP/s of one size³ matmul through aten (MKL sgemm) and through oneDNN.
+def matmul_gflops(size: int = 2048, tries: int = 3) -> dict[str, float]:
+    """float32 GFLOP/s of a size³ matmul through aten (MKL sgemm) and through oneDNN, best of `tries`.
 
-    Both are this machine's float32 GEMM; the roofline is the faster of the two,
-    so using oneDNN in our model cannot inflate its own roofline fraction.
+    Both are this machine's float32 GEMM. The roofline is the fastest seen, so
+    using oneDNN in our model cannot inflate its own roofline fraction, and
+    contention from other processes can only lower our fraction, not raise it.
     """
     from embedder_service.models.clip import onednn_linear_available
 
     a, b = torch.randn(size, size), torch.randn(size, size)
-    out = {"aten_mm": 2 * size**3 / timed(lambda: torch.mm(a, b)) / 1e9}
+    kinds = {"aten_mm": lambda: torch.mm(a, b)}
     if onednn_linear_available():
-        out["onednn"] = 2 * size**3 / timed(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")) / 1e9
-    return out
+        kinds["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    return {kind: 2 * size**3 / min(timed(fn) for _ in range(tries)) / 1e9 for kind, fn in kinds.items()}
 
 
 def line(**fields) -> None:
@@ -145,7 +146,7 @@ def main() -> None:
             if batch == 8:
                 fields |= dict(target=">= 1.2", met=ratio >= 1.2)
             line(**fields, baseline_impl=f"transformers get_image_features (attn={attn})", outputs_match=ok)
-            roofline = max(statistics.median(v) for v in matmul.values())
+            roofline = max(max(v) for v in matmul.values())
             model_gflops = ours_ips * flops / 1e9
             fraction = model_gflops / roofline
             line(bench=BENCH, metric=f"roofline_fraction_batch{batch}", value=round(fraction, 3), unit="fraction of matmul GFLOP/s",
@@ -154,8 +155,8 @@ def main() -> None:
     line(bench=BENCH, metric="gflop_per_image", value=round(flops / 1e9, 3), unit="GFLOP", layers_run=ours.config.num_layers,
          layers_in_checkpoint=ours.config.vision.num_hidden_layers)
     for kind, values in matmul.items():
-        line(bench=BENCH, metric=f"matmul_2048_gflop_per_s_{kind}", value=round(statistics.median(values), 2), unit="GFLOP/s",
-             threads=torch.get_num_threads())
+        line(bench=BENCH, metric=f"matmul_2048_gflop_per_s_{kind}", value=round(max(values), 2), unit="GFLOP/s",
+             median=round(statistics.median(values), 2), threads=torch.get_num_threads())
 
 if __name__ == "__main__":
     main()

@@ -39,7 +39,7 @@ def multimodal_embedding_reference(ids: Tensor, table: Tensor, ranges: Tensor, r
     image_ids = ids[is_image]  # [I]
     if ranges.shape[0] == 0:
         raise InvalidInput(f"token id {int(image_ids[0])} belongs to no bound embedding container")
-    firsts, counts = ranges[:, 0], ranges[:, 1]  # [C]
+    firsts, counts = ranges[:, 0].contiguous(), ranges[:, 1]  # [C]
     container = torch.searchsorted(firsts, image_ids, right=True) - 1  # [I], -1: below every range
     clamped = container.clamp(min=0)
     offset = image_ids - firsts[clamped]  # [I] row within its container

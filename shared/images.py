@@ -33,7 +33,9 @@ def decode_image(data: bytes, *, max_pixels: int, allowed_formats: tuple[str, ..
     formats = tuple(f.upper() for f in allowed_formats)
 
     # Pillow warns (DecompressionBombWarning) above Image.MAX_IMAGE_PIXELS and raises above twice that;
-    # a warning is not a refusal, so it becomes an error here, while the header is read.
+    # a warning is not a refusal, so it becomes an error here, while the header is read. (catch_warnings
+    # swaps a process-global filter list; under threads the worst case is the "error" filter for this one
+    # category outliving the block, which is the behaviour we want anyway.)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
