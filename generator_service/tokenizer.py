@@ -96,7 +96,9 @@ class Tokenizer:
         missing = [t for t in [*self.special_tokens.values(), *map(_token_text, extra)] if t and tokenizer.token_to_id(t) is None]
         if missing:
             tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
-        if "add_bos_token" in config or "add_eos_token" in config or tokenizer.post_processor is None:
+        if tokenizer.post_processor is None:
+            # tokenizer.json's post-processor decides BOS/EOS when it has one (as in transformers 5,
+            # which ignores add_bos_token then); without one, the config's flags do.
             self._set_post_processor(bool(config.get("add_bos_token")), bool(config.get("add_eos_token")))
 
         self.bos_token_id = self.token_to_id(self.special_tokens.get("bos_token"))
@@ -136,7 +138,7 @@ class Tokenizer:
         )
 
     def _set_post_processor(self, add_bos: bool, add_eos: bool) -> None:
-        """transformers rebuilds the post-processor from add_bos_token/add_eos_token when the config sets them."""
+        """BOS/EOS around every text per add_bos_token/add_eos_token (transformers ≤ 4's rule)."""
         bos, eos = self.special_tokens.get("bos_token"), self.special_tokens.get("eos_token")
         add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
         single = f"{(bos + ':0 ') if add_bos else ''}$A:0{(' ' + eos + ':0') if add_eos else ''}"
