@@ -146,12 +146,15 @@ def main() -> None:
             if batch == 8:
                 fields |= dict(target=">= 1.2", met=ratio >= 1.2)
             line(**fields, baseline_impl=f"transformers get_image_features (attn={attn})", outputs_match=ok)
+            # Peak against peak: other processes on a shared machine only ever slow a run down, so the
+            # fastest round of each is the best estimate of what it does alone. Medians are given too.
             roofline = max(max(v) for v in matmul.values())
-            model_gflops = ours_ips * flops / 1e9
+            model_gflops = batch / min(times["ours"]) * flops / 1e9
             fraction = model_gflops / roofline
+            median_fraction = ours_ips * flops / 1e9 / max(statistics.median(v) for v in matmul.values())
             line(bench=BENCH, metric=f"roofline_fraction_batch{batch}", value=round(fraction, 3), unit="fraction of matmul GFLOP/s",
                  baseline=round(roofline, 2), ratio=round(fraction, 3), target=">= 0.8", met=fraction >= 0.8,
-                 model_gflop_per_s=round(model_gflops, 2))
+                 model_gflop_per_s=round(model_gflops, 2), median_based=round(median_fraction, 3))
     line(bench=BENCH, metric="gflop_per_image", value=round(flops / 1e9, 3), unit="GFLOP", layers_run=ours.config.num_layers,
          layers_in_checkpoint=ours.config.vision.num_hidden_layers)
     for kind, values in matmul.items():

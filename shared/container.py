@@ -196,27 +196,41 @@ def _meta(container: EmbeddingContainer) -> dict[str, Any]:
     }
 
 
+# Our blobs start with this fixed-size header so the tensor bytes begin 16 bytes in:
+# map32 of 5 entries, the key "data" as str8, then a bin32 header. Non-minimal
+# msgpack encodings are still plain msgpack; they make every container's data
+# aligned wherever the blob's own buffer is (CPython's bytes are 16-aligned).
+_DATA_OFFSET = 16
+
+
+def _encode_header(data_length: int) -> bytes:
+    header = b"\xdf" + (5).to_bytes(4, "big") + b"\xd9\x04data" + b"\xc6" + data_length.to_bytes(4, "big")
+    assert len(header) == _DATA_OFFSET
+    return header
+
+
 def encode_container(container: EmbeddingContainer) -> bytes:
     """The container as one msgpack blob (see the module docstring)."""
     tensor = container.embeddings.detach()
     if tensor.dtype not in _DTYPE_NAMES:
         raise ValueError(f"cannot encode dtype {tensor.dtype}; allowed: {', '.join(_DTYPES)}")
-    # A uint8 view gives numpy a type it knows (no bf16 in numpy); msgpack writes
-    # the memoryview as bin without an intermediate bytes copy.
+    # A uint8 view gives numpy a type it knows (numpy has no bf16): the raw bytes, uncopied.
     data = memoryview(tensor.cpu().contiguous().view(torch.uint8).numpy())
-    return msgpack.packb(
-        {
-            "v": FORMAT_VERSION,
-            "meta": _meta(container),
-            "dtype": _DTYPE_NAMES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data": data,
-        }
-    )
+    if data.nbytes >= 2**32:
+        raise ValueError(f"embeddings of {data.nbytes} bytes do not fit a msgpack bin32")
+    rest = {
+        "v": FORMAT_VERSION,
+        "meta": _meta(container),
+        "dtype": _DTYPE_NAMES[tensor.dtype],
+        "shape": list(tensor.shape),
+    }
+    # The map's other 4 entries follow the data: msgpack keys and values, back to back.
+    entries = b"".join(msgpack.packb(key) + msgpack.packb(value) for key, value in rest.items())
+    return b"".join([_encode_header(data.nbytes), data, entries])
 
 
-def decode_container(blob: bytes, *, max_bytes: int | None = None) -> EmbeddingContainer:
-    """Decode and validate a blob written by ``encode_container``.
+def decode_container(blob: bytes | bytearray | memoryview, *, max_bytes: int | None = None) -> EmbeddingContainer:
+    """Decode and validate a container blob.
 
     Checks the version, the dtype against the allow-list, the shape (two
     non-negative ints), ``prod(shape) * itemsize == len(data)``, ``num_tokens ==
@@ -224,25 +238,23 @@ def decode_container(blob: bytes, *, max_bytes: int | None = None) -> EmbeddingC
     ``max_bytes``. Any failure raises ``ContainerFormatError`` naming the problem;
     no other exception escapes for malformed input.
 
-    The tensor is built with ``torch.frombuffer`` on the bin bytes msgpack unpacks,
-    with no further copy — it is read-only in spirit (it aliases an immutable
-    ``bytes``); clone it before writing to it.
+    Zero-copy: the embeddings are ``torch.frombuffer`` on the data's place inside
+    ``blob`` (copied only when that place is misaligned for the dtype, which never
+    happens for blobs written by ``encode_container`` into a ``bytes``). The tensor
+    aliases the blob and keeps it alive; treat it as read-only.
     """
-    if not isinstance(blob, (bytes, bytearray, memoryview)):
-        raise ContainerFormatError(f"container blob must be bytes, got {type(blob).__name__}")
-    if max_bytes is not None and len(blob) > max_bytes:
-        raise ContainerFormatError(f"container blob is {len(blob)} bytes, over the limit of {max_bytes}")
     try:
-        top = msgpack.unpackb(blob, raw=False)
-    except Exception as exc:  # msgpack raises many types (ExtraData, FormatError, ValueError, ...)
-        raise ContainerFormatError(f"container blob is not valid msgpack: {str(exc) or type(exc).__name__}") from exc
-    if not isinstance(top, dict):
-        raise ContainerFormatError(f"container blob must be a msgpack map, got {type(top).__name__}")
+        view = memoryview(blob).cast("B")
+    except TypeError as exc:
+        raise ContainerFormatError(f"container blob must be contiguous bytes, got {type(blob).__name__}") from exc
+    if max_bytes is not None and len(view) > max_bytes:
+        raise ContainerFormatError(f"container blob is {len(view)} bytes, over the limit of {max_bytes}")
+    top = _read_top_level_map(view)
 
     version = _require(top, "v", _is_int, "an integer", "container")
     if version != FORMAT_VERSION:
         raise ContainerFormatError(f"unsupported container version {version} (this vlmq reads {FORMAT_VERSION})")
-    dtype_name = _require(top, "dtype", lambda v: isinstance(v, str), "a string", "container")
+    dtype_name = _require(top, "dtype", _is_str, "a string", "container")
     if dtype_name not in _DTYPES:
         raise ContainerFormatError(f"container dtype {dtype_name!r} is not one of {', '.join(_DTYPES)}")
     dtype = _DTYPES[dtype_name]
@@ -253,23 +265,112 @@ def decode_container(blob: bytes, *, max_bytes: int | None = None) -> EmbeddingC
         f"a list of 2 integers in [0, {_MAX_DIM}]",
         "container",
     )
-    data = _require(top, "data", lambda v: isinstance(v, bytes), "bin", "container")
+    data = _require(top, "data", lambda v: isinstance(v, memoryview), "bin", "container")
     expected = shape[0] * shape[1] * dtype.itemsize
     if len(data) != expected:
         raise ContainerFormatError(
             f"container data is {len(data)} bytes but shape {shape} of {dtype_name} needs {expected}"
         )
     meta = _require(top, "meta", lambda v: isinstance(v, dict), "a map", "container")
-    return _container_from_meta(meta, _tensor_from_bytes(data, dtype, shape))
+    return _container_from_meta(meta, _tensor_from_buffer(data, dtype, shape))
 
 
-def _tensor_from_bytes(data: bytes, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
-    if not data:  # frombuffer refuses empty buffers
+def _tensor_from_buffer(data: memoryview, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    if not len(data):  # frombuffer refuses empty buffers
         return torch.empty(shape, dtype=dtype)
     with warnings.catch_warnings():
         # frombuffer warns that bytes are not writable; the tensor is used read-only.
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        return torch.frombuffer(data, dtype=dtype).view(shape)
+        raw = torch.frombuffer(data, dtype=torch.uint8)
+    if raw.data_ptr() % dtype.itemsize:
+        # Misaligned elements would break vectorized kernels: one aligned copy.
+        raw = raw.clone()
+    return raw.view(dtype).view(shape)
+
+
+# -- the top-level map, read by hand so "data" stays a view into the blob ------------------------------
+# msgpack.unpackb would copy the bin into a new bytes object. Only the map header,
+# the keys and the bin header are parsed here; every other value goes to msgpack.
+
+_STR_MARKERS = {0xD9: 1, 0xDA: 2, 0xDB: 4}  # str8/16/32 → size of the length field
+_BIN_MARKERS = {0xC4: 1, 0xC5: 2, 0xC6: 4}  # bin8/16/32
+_MAP_MARKERS = {0xDE: 2, 0xDF: 4}  # map16/32
+
+
+def _read_top_level_map(view: memoryview) -> dict[str, Any]:
+    """The blob's map with ``data`` as a memoryview slice of ``view``; every key must be a string."""
+    count, pos = _read_length(view, 0, _MAP_MARKERS, 0x80, 0x0F, "a msgpack map")
+    top: dict[str, Any] = {}
+    for _ in range(count):
+        start, pos = _read_span(view, pos, _STR_MARKERS, 0xA0, 0x1F, "a string key")
+        try:
+            key = str(view[start:pos], "utf-8")
+        except UnicodeDecodeError as exc:
+            raise ContainerFormatError(f"container key is not valid UTF-8: {exc}") from exc
+        if key in top:
+            raise ContainerFormatError(f"container key {key!r} appears twice")
+        if key == "data" and _peek(view, pos) in _BIN_MARKERS:
+            start, pos = _read_span(view, pos, _BIN_MARKERS, None, 0, "bin")
+            top[key] = view[start:pos]
+        else:
+            top[key], pos = _read_object(view, pos)
+    if pos != len(view):
+        raise ContainerFormatError(f"container blob has {len(view) - pos} bytes after its map")
+    return top
+
+
+def _peek(view: memoryview, pos: int) -> int:
+    if pos >= len(view):
+        raise ContainerFormatError("container blob is truncated")
+    return view[pos]
+
+
+def _read_length(
+    view: memoryview, pos: int, markers: dict[int, int], fix_base: int | None, fix_mask: int, what: str
+) -> tuple[int, int]:
+    """A msgpack length (fix-type in the marker's low bits, or a big-endian field after it) and the next position."""
+    marker = _peek(view, pos)
+    if fix_base is not None and fix_base <= marker <= fix_base + fix_mask:
+        return marker & fix_mask, pos + 1
+    if marker not in markers:
+        raise ContainerFormatError(f"container blob has 0x{marker:02x} at byte {pos} where it needs {what}")
+    size = markers[marker]
+    if pos + 1 + size > len(view):
+        raise ContainerFormatError("container blob is truncated")
+    return int.from_bytes(view[pos + 1 : pos + 1 + size], "big"), pos + 1 + size
+
+
+def _read_span(
+    view: memoryview, pos: int, markers: dict[int, int], fix_base: int | None, fix_mask: int, what: str
+) -> tuple[int, int]:
+    """Start and end of a str or bin payload."""
+    length, start = _read_length(view, pos, markers, fix_base, fix_mask, what)
+    if start + length > len(view):
+        raise ContainerFormatError("container blob is truncated")
+    return start, start + length
+
+
+class _ViewReader:
+    """File-like reads from ``view`` at ``pos``, so msgpack copies only the value it parses."""
+
+    def __init__(self, view: memoryview, pos: int):
+        self._view, self._pos = view, pos
+
+    def read(self, size: int) -> bytes:
+        chunk = bytes(self._view[self._pos : self._pos + size])
+        self._pos += len(chunk)
+        return chunk
+
+
+def _read_object(view: memoryview, pos: int) -> tuple[Any, int]:
+    """One msgpack value at ``pos`` and the position after it."""
+    # Small reads: metadata values are small, and the default read size allocates 1 MiB per call.
+    unpacker = msgpack.Unpacker(_ViewReader(view, pos), raw=False, read_size=4096)
+    try:
+        value = unpacker.unpack()
+    except Exception as exc:  # msgpack raises many types (OutOfData, FormatError, StackError, ValueError, ...)
+        raise ContainerFormatError(f"container blob is not valid msgpack: {str(exc) or type(exc).__name__}") from exc
+    return value, pos + unpacker.tell()
 
 
 def _require(mapping: dict, key: str, check: Callable[[Any], bool], what: str, where: str) -> Any:
