@@ -122,7 +122,10 @@ class Checkpoint:
                 f"{self.path}: tensors under {prefix!r} do not match {type(module).__name__}: "
                 f"missing {[prefix + n for n in missing]}, unexpected {[prefix + n for n in unexpected]}"
             )
-        module.load_state_dict(tensors, strict=True, assign=True)
+        try:
+            module.load_state_dict(tensors, strict=True, assign=True)
+        except RuntimeError as exc:  # shapes that disagree with config.json
+            raise CheckpointError(f"{self.path}: tensors under {prefix!r} do not fit config.json: {exc}") from None
         return module
 
     @cached_property

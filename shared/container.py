@@ -288,12 +288,12 @@ def _tensor_from_buffer(data: memoryview, dtype: torch.dtype, shape: list[int]) 
     return raw.view(dtype).view(shape)
 
 
-# -- the top-level map, read by hand so "data" stays a view into the blob ------------------------------
-# msgpack.unpackb would copy the bin into a new bytes object. Only the map header,
-# the keys and the bin header are parsed here; every other value goes to msgpack.
+# -- the top-level map, read so that "data" stays a view into the blob -------------------------------
+# msgpack.unpackb would copy the bin into a new bytes object. Here msgpack parses
+# the keys and the small values; only the map header and the data's bin header
+# are read by hand, and the data itself is skipped over, never copied.
 
-_STR_MARKERS = {0xD9: 1, 0xDA: 2, 0xDB: 4}  # str8/16/32 → size of the length field
-_BIN_MARKERS = {0xC4: 1, 0xC5: 2, 0xC6: 4}  # bin8/16/32
+_BIN_MARKERS = {0xC4: 1, 0xC5: 2, 0xC6: 4}  # bin8/16/32 → size of the big-endian length field
 _MAP_MARKERS = {0xDE: 2, 0xDF: 4}  # map16/32
 
 
@@ -301,35 +301,33 @@ def _read_top_level_map(view: memoryview) -> dict[str, Any]:
     """The blob's map with ``data`` as a memoryview slice of ``view``; every key must be a string."""
     count, pos = _read_length(view, 0, _MAP_MARKERS, 0x80, 0x0F, "a msgpack map")
     top: dict[str, Any] = {}
+    cursor = _Cursor(view, pos)
     for _ in range(count):
-        start, pos = _read_span(view, pos, _STR_MARKERS, 0xA0, 0x1F, "a string key")
-        try:
-            key = str(view[start:pos], "utf-8")
-        except UnicodeDecodeError as exc:
-            raise ContainerFormatError(f"container key is not valid UTF-8: {exc}") from exc
+        key = cursor.unpack()
+        if not isinstance(key, str):
+            raise ContainerFormatError(f"container keys must be strings, got {_describe(key)}")
         if key in top:
             raise ContainerFormatError(f"container key {key!r} appears twice")
-        if key == "data" and _peek(view, pos) in _BIN_MARKERS:
-            start, pos = _read_span(view, pos, _BIN_MARKERS, None, 0, "bin")
-            top[key] = view[start:pos]
+        if key == "data" and cursor.position < len(view) and view[cursor.position] in _BIN_MARKERS:
+            length, start = _read_length(view, cursor.position, _BIN_MARKERS, None, 0, "bin")
+            if start + length > len(view):
+                raise ContainerFormatError("container blob is truncated")
+            top[key] = view[start : start + length]
+            cursor = _Cursor(view, start + length)  # msgpack resumes after the data
         else:
-            top[key], pos = _read_object(view, pos)
-    if pos != len(view):
-        raise ContainerFormatError(f"container blob has {len(view) - pos} bytes after its map")
+            top[key] = cursor.unpack()
+    if cursor.position != len(view):
+        raise ContainerFormatError(f"container blob has {len(view) - cursor.position} bytes after its map")
     return top
-
-
-def _peek(view: memoryview, pos: int) -> int:
-    if pos >= len(view):
-        raise ContainerFormatError("container blob is truncated")
-    return view[pos]
 
 
 def _read_length(
     view: memoryview, pos: int, markers: dict[int, int], fix_base: int | None, fix_mask: int, what: str
 ) -> tuple[int, int]:
-    """A msgpack length (fix-type in the marker's low bits, or a big-endian field after it) and the next position."""
-    marker = _peek(view, pos)
+    """A msgpack length — in a fix-type marker's low bits or a big-endian field after the marker — and where it ends."""
+    if pos >= len(view):
+        raise ContainerFormatError("container blob is truncated")
+    marker = view[pos]
     if fix_base is not None and fix_base <= marker <= fix_base + fix_mask:
         return marker & fix_mask, pos + 1
     if marker not in markers:
@@ -340,18 +338,8 @@ def _read_length(
     return int.from_bytes(view[pos + 1 : pos + 1 + size], "big"), pos + 1 + size
 
 
-def _read_span(
-    view: memoryview, pos: int, markers: dict[int, int], fix_base: int | None, fix_mask: int, what: str
-) -> tuple[int, int]:
-    """Start and end of a str or bin payload."""
-    length, start = _read_length(view, pos, markers, fix_base, fix_mask, what)
-    if start + length > len(view):
-        raise ContainerFormatError("container blob is truncated")
-    return start, start + length
-
-
 class _ViewReader:
-    """File-like reads from ``view`` at ``pos``, so msgpack copies only the value it parses."""
+    """File-like reads from ``view`` at ``pos``."""
 
     def __init__(self, view: memoryview, pos: int):
         self._view, self._pos = view, pos
@@ -362,15 +350,28 @@ class _ViewReader:
         return chunk
 
 
-def _read_object(view: memoryview, pos: int) -> tuple[Any, int]:
-    """One msgpack value at ``pos`` and the position after it."""
-    # Small reads: metadata values are small, and the default read size allocates 1 MiB per call.
-    unpacker = msgpack.Unpacker(_ViewReader(view, pos), raw=False, read_size=4096)
-    try:
-        value = unpacker.unpack()
-    except Exception as exc:  # msgpack raises many types (OutOfData, FormatError, StackError, ValueError, ...)
-        raise ContainerFormatError(f"container blob is not valid msgpack: {str(exc) or type(exc).__name__}") from exc
-    return value, pos + unpacker.tell()
+class _Cursor:
+    """msgpack values read one after another from ``view`` starting at ``pos``.
+
+    msgpack pulls 4 KiB at a time through the reader, so only the values it
+    parses (and at most one read-ahead chunk) are ever copied out of the blob.
+    """
+
+    def __init__(self, view: memoryview, pos: int):
+        self._start = pos
+        self._unpacker = msgpack.Unpacker(_ViewReader(view, pos), raw=False, read_size=4096)
+
+    @property
+    def position(self) -> int:
+        """Where the next value starts."""
+        return self._start + self._unpacker.tell()
+
+    def unpack(self) -> Any:
+        try:
+            return self._unpacker.unpack()
+        except Exception as exc:  # msgpack raises many types (OutOfData, FormatError, StackError, ValueError, ...)
+            message = str(exc) or type(exc).__name__
+            raise ContainerFormatError(f"container blob is not valid msgpack: {message}") from exc
 
 
 def _require(mapping: dict, key: str, check: Callable[[Any], bool], what: str, where: str) -> Any:

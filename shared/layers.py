@@ -156,6 +156,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one op: it runs twice per layer
         # Normalised in float32, scaled in the input dtype: transformers' rounding in half precision.
         return F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype) * self.weight
 
@@ -289,13 +291,17 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, config.kv_size, bias=bias, device=device, dtype=dtype)
         self.v_proj = nn.Linear(d, config.kv_size, bias=bias, device=device, dtype=dtype)
         self.o_proj = nn.Linear(config.q_size, d, bias=False, device=device, dtype=dtype)
-        self.scale = config.head_dim**-0.5
 
     def prepare(self) -> None:
-        """Fuse Q, K, V into one projection with RoPE-interleaved rows; drop the originals."""
+        """Fuse Q, K, V into one projection with RoPE-interleaved rows; drop the originals.
+
+        The softmax scale 1/√head_dim is folded into Q's rows (exact for the usual
+        power-of-two head sizes), so attention needs no separate scaling op.
+        """
         c = self.config
+        scale = c.head_dim**-0.5
         weights = [
-            interleave_rope_rows(self.q_proj.weight, c.num_heads, c.head_dim),
+            interleave_rope_rows(self.q_proj.weight, c.num_heads, c.head_dim) * scale,
             interleave_rope_rows(self.k_proj.weight, c.num_kv_heads, c.head_dim),
             self.v_proj.weight,
         ]
@@ -303,7 +309,7 @@ class Attention(nn.Module):
         self.bqkv = None
         if c.attention_bias:
             self.bqkv = torch.cat([
-                interleave_rope_rows(self.q_proj.bias, c.num_heads, c.head_dim),
+                interleave_rope_rows(self.q_proj.bias, c.num_heads, c.head_dim) * scale,
                 interleave_rope_rows(self.k_proj.bias, c.num_kv_heads, c.head_dim),
                 self.v_proj.bias,
             ]).detach()
@@ -313,24 +319,25 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, residual: Tensor, k_cache: Tensor, v_cache: Tensor, batch: ForwardBatch) -> Tensor:
         """x: [N, D] normed input, residual: [N, D]; k/v_cache: [B, Hkv, S, hd] → residual + attention: [N, D]."""
         c = self.config
-        n, hkv, hd = x.shape[0], c.num_kv_heads, c.head_dim
-        group = c.num_heads // hkv
+        n, h, hkv, hd = x.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
         qkv = linear(x, self.wqkv, self.bqkv)  # [N, (H + 2 Hkv) hd]
-        q = apply_rope(qkv[:, : c.q_size].view(n, c.num_heads, hd), batch.rotations)  # [N, H, hd]
-        k = apply_rope(qkv[:, c.q_size : c.q_size + c.kv_size].view(n, hkv, hd), batch.rotations)  # [N, Hkv, hd]
+        qk = apply_rope(qkv[:, : c.q_size + c.kv_size].view(n, h + hkv, hd), batch.rotations)  # [N, H + Hkv, hd]
+        q, k = qk[:, :h], qk[:, h:]  # [N, H, hd], [N, Hkv, hd]
         v = qkv[:, c.q_size + c.kv_size :].view(n, hkv, hd)  # [N, Hkv, hd]
 
         if batch.decode:
             # One query per cache row. The heads sharing a KV head are stacked as that
-            # head's queries ([N, Hkv, group, hd]), so grouped-query attention reads
-            # the cache in place, with no repeated keys.
+            # head's queries ([N, Hkv, group, hd]), so grouped-query attention reads the
+            # cache in place, with no repeated keys. Plain matmul/softmax: for one query
+            # per row the CPU SDPA kernel costs several times more, masked or not.
             k_cache.view(-1, hd).index_copy_(0, batch.write_index, k.reshape(-1, hd))
             v_cache.view(-1, hd).index_copy_(0, batch.write_index, v.reshape(-1, hd))
             keys = k_cache[:n, :, : batch.kv_len]  # [N, Hkv, T, hd]
             values = v_cache[:n, :, : batch.kv_len]
-            out = F.scaled_dot_product_attention(
-                q.view(n, hkv, group, hd), keys, values, attn_mask=batch.mask, scale=self.scale
-            )  # [N, Hkv, group, hd]
+            scores = torch.matmul(q.reshape(n, hkv, h // hkv, hd), keys.transpose(2, 3))  # [N, Hkv, group, T]
+            if batch.mask is not None:
+                scores.add_(batch.mask)
+            out = torch.matmul(scores.softmax(-1), values)  # [N, Hkv, group, hd]
         else:
             end = batch.start + n
             k_cache[batch.row, :, batch.start : end] = k.transpose(0, 1)
@@ -338,13 +345,13 @@ class Attention(nn.Module):
             q = q.transpose(0, 1).unsqueeze(0)  # [1, H, N, hd]
             if batch.start == 0:
                 keys, values = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)  # [1, Hkv, N, hd]
-                out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scale, enable_gqa=True)
+                out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=1.0, enable_gqa=True)
             else:
                 # Continuing a cached prefix: query i sees positions ≤ start + i.
                 keys = k_cache[batch.row : batch.row + 1, :, :end]
                 values = v_cache[batch.row : batch.row + 1, :, :end]
                 mask = torch.ones(n, end, dtype=torch.bool, device=x.device).tril(batch.start)
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True)
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0, enable_gqa=True)
             out = out[0].transpose(0, 1)  # [N, H, hd]
         return linear_add(out.reshape(n, c.q_size), self.wo, residual)
 

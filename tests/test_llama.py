@@ -130,6 +130,16 @@ def test_decode_rows_at_their_own_positions_match_prefill(untied):
         assert (got[row] - expected).abs().max() <= TOL
 
 
+def test_prefill_continuing_a_cached_prefix_matches_one_prefill(untied):
+    _, _, ours = untied
+    ids = torch.randint(5, 400, (20,), generator=torch.Generator().manual_seed(6))
+    cache = ours.new_cache(1, 32)
+    whole = ours.prefill(ids, cache, 0, all_logits=True)
+    ours.prefill(ids[:12], cache, 0)
+    rest = ours.prefill(ids[12:], cache, 0, start=12, all_logits=True)
+    assert (rest - whole[12:]).abs().max() <= TOL
+
+
 def test_a_vocabulary_reaching_the_embedding_base_is_refused():
     config = llama_config({"text_config": {"vocab_size": BASE, "hidden_size": 8, "intermediate_size": 16,
                                            "num_hidden_layers": 1, "num_attention_heads": 2}})

@@ -272,6 +272,29 @@ def test_bad_config_values_are_refused(checkpoint, tmp_path, edit, message):
         LlavaVisionModel.from_checkpoint(tmp_path / "ckpt")
 
 
+def test_config_disagreeing_with_tensor_shapes_is_a_checkpoint_error(checkpoint, tmp_path):
+    shutil.copytree(checkpoint(-2, "default"), tmp_path / "ckpt")
+    config_file = tmp_path / "ckpt" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["text_config"]["hidden_size"] = 48  # the projector's tensors say 64
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="(?s)multi_modal_projector.*do not fit config.json.*size mismatch"):
+        LlavaVisionModel.from_checkpoint(tmp_path / "ckpt")
+
+
+def test_position_ids_buffer_of_older_checkpoints_is_accepted(checkpoint, tmp_path):
+    def add(tensors):
+        tensors["vision_tower.vision_model.embeddings.position_ids"] = torch.arange(17).view(1, 17)
+        return tensors
+
+    rewrite_weights(checkpoint(-2, "default"), tmp_path / "ckpt", add)
+    model = LlavaVisionModel.from_checkpoint(tmp_path / "ckpt")
+    whole = LlavaVisionModel.from_checkpoint(checkpoint(-2, "default"))
+    with torch.inference_mode():
+        assert torch.equal(model(pixels(1)), whole(pixels(1)))
+    assert "embeddings.position_ids" not in set(model.vision_tower.state_dict())
+
+
 def test_preprocessor_size_must_fit_the_tower(checkpoint, tmp_path):
     shutil.copytree(checkpoint(-2, "default"), tmp_path / "ckpt")
     pre = tmp_path / "ckpt" / "preprocessor_config.json"

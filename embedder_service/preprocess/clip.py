@@ -39,7 +39,7 @@ class ClipPreprocessor:
     do_convert_rgb: bool = True
     do_resize: bool = True
     size: tuple[tuple[str, int], ...] = (("shortest_edge", 224),)  # a size dict, frozen as sorted items
-    resample: int = Image.Resampling.BICUBIC
+    resample: int = int(Image.Resampling.BICUBIC)
     do_center_crop: bool = True
     crop_size: tuple[int, int] = (224, 224)  # (height, width)
     do_rescale: bool = True
@@ -61,28 +61,30 @@ class ClipPreprocessor:
         if kind is not None and kind not in _PROCESSOR_TYPES:
             raise CheckpointError(f"image processor {kind!r} is not a CLIP image processor; supported: {', '.join(_PROCESSOR_TYPES)}")
         d = cls()
-        size = _size_dict(config.get("size", dict(d.size)), default_to_square=False)
-        if config.get("crop_size") is None:
-            crop = {"height": d.crop_size[0], "width": d.crop_size[1]}
-        else:
-            crop = _size_dict(config["crop_size"], default_to_square=True)
+
+        def get(key: str, default):
+            value = config.get(key)
+            return default if value is None else value  # null in the JSON means "the default", as in transformers
+
+        size = _size_dict(get("size", dict(d.size)), default_to_square=False)
+        crop = _size_dict(get("crop_size", {"height": d.crop_size[0], "width": d.crop_size[1]}), default_to_square=True)
         if set(crop) != {"height", "width"}:
             raise CheckpointError(f"crop_size must have height and width, got {config['crop_size']!r}")
-        resample = config.get("resample", d.resample)
+        resample = get("resample", d.resample)
         if resample not in {int(r) for r in Image.Resampling}:
             raise CheckpointError(f"unknown resample filter {resample!r}")
         return cls(
-            do_convert_rgb=bool(config.get("do_convert_rgb", d.do_convert_rgb)),
-            do_resize=bool(config.get("do_resize", d.do_resize)),
+            do_convert_rgb=bool(get("do_convert_rgb", d.do_convert_rgb)),
+            do_resize=bool(get("do_resize", d.do_resize)),
             size=tuple(sorted(size.items())),
             resample=int(resample),
-            do_center_crop=bool(config.get("do_center_crop", d.do_center_crop)),
+            do_center_crop=bool(get("do_center_crop", d.do_center_crop)),
             crop_size=(int(crop["height"]), int(crop["width"])),
-            do_rescale=bool(config.get("do_rescale", d.do_rescale)),
-            rescale_factor=float(config.get("rescale_factor", d.rescale_factor)),
-            do_normalize=bool(config.get("do_normalize", d.do_normalize)),
-            image_mean=_per_channel(config.get("image_mean", d.image_mean), "image_mean"),
-            image_std=_per_channel(config.get("image_std", d.image_std), "image_std"),
+            do_rescale=bool(get("do_rescale", d.do_rescale)),
+            rescale_factor=float(get("rescale_factor", d.rescale_factor)),
+            do_normalize=bool(get("do_normalize", d.do_normalize)),
+            image_mean=_per_channel(get("image_mean", d.image_mean), "image_mean"),
+            image_std=_per_channel(get("image_std", d.image_std), "image_std"),
         )
 
     @classmethod
