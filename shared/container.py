@@ -10,8 +10,10 @@ Wire format (DESIGN §2) — one msgpack map::
      "shape": [num_tokens, hidden],
      "data": bin}          # the raw tensor bytes, row-major, little-endian
 
-No pickle: every field is a plain msgpack type. ``decode_container`` validates all
-of it and raises ``ContainerFormatError`` — and only that — for any malformed blob.
+No pickle: every field is a plain msgpack type. ``decode_container`` accepts any
+key order and validates everything, raising ``ContainerFormatError`` — and only
+that — for any malformed blob. ``encode_container`` writes ``data`` first at a
+16-byte offset, so decoding wraps the tensor around the blob's own bytes.
 """
 
 from __future__ import annotations
@@ -196,17 +198,11 @@ def _meta(container: EmbeddingContainer) -> dict[str, Any]:
     }
 
 
-# Our blobs start with this fixed-size header so the tensor bytes begin 16 bytes in:
-# map32 of 5 entries, the key "data" as str8, then a bin32 header. Non-minimal
-# msgpack encodings are still plain msgpack; they make every container's data
-# aligned wherever the blob's own buffer is (CPython's bytes are 16-aligned).
-_DATA_OFFSET = 16
-
-
-def _encode_header(data_length: int) -> bytes:
-    header = b"\xdf" + (5).to_bytes(4, "big") + b"\xd9\x04data" + b"\xc6" + data_length.to_bytes(4, "big")
-    assert len(header) == _DATA_OFFSET
-    return header
+# Blobs written here put "data" first, behind a 16-byte header — map32 of 5 entries,
+# the key "data" as str8, a bin32 length — so the tensor bytes start 16 bytes into
+# the blob and stay aligned wherever the blob's buffer is (CPython's bytes are
+# 16-aligned). Non-minimal encodings are still plain msgpack.
+_HEADER_BEFORE_DATA_LENGTH = b"\xdf\x00\x00\x00\x05" + b"\xd9\x04data" + b"\xc6"
 
 
 def encode_container(container: EmbeddingContainer) -> bytes:
@@ -226,7 +222,7 @@ def encode_container(container: EmbeddingContainer) -> bytes:
     }
     # The map's other 4 entries follow the data: msgpack keys and values, back to back.
     entries = b"".join(msgpack.packb(key) + msgpack.packb(value) for key, value in rest.items())
-    return b"".join([_encode_header(data.nbytes), data, entries])
+    return b"".join([_HEADER_BEFORE_DATA_LENGTH, data.nbytes.to_bytes(4, "big"), data, entries])
 
 
 def decode_container(blob: bytes | bytearray | memoryview, *, max_bytes: int | None = None) -> EmbeddingContainer:

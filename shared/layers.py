@@ -1,8 +1,9 @@
 """Layers shared by the decoder-only language models (Llama now; Qwen2, Mistral, Gemma3 next).
 
-A family's file builds its blocks from these; what differs between families
-(norm offset, activation, biases, RoPE scaling, embedding scale) is a field of
-`DecoderConfig`, not a subclass.
+A family's file builds its blocks from these; what differs between families is a
+field of `DecoderConfig` (QKV biases, RoPE scaling, tied head so far; Gemma's norm
+offset and embedding scale, sliding windows … are to be added the same way), not
+a subclass.
 
 Modules are built on the meta device with the checkpoint's own parameter names,
 filled by `Checkpoint.load_into`, then `prepare()`d for inference: projections
@@ -91,6 +92,8 @@ class DecoderConfig:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
         if self.hidden_act != "silu":
             raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; supported: silu")
+        if self.mlp_bias:
+            raise ValueError("mlp_bias is not supported yet")
 
     @property
     def q_size(self) -> int:
@@ -130,19 +133,6 @@ def linear_add(x: Tensor, weight: Tensor, residual: Tensor) -> Tensor:
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, None, "add")
     return torch.addmm(residual, x, weight.t())
-
-
-def gated_silu(x: Tensor, gate_weight: Tensor, up_weight: Tensor, gate_up_weight: Tensor | None) -> Tensor:
-    """silu(x @ gateᵀ) * (x @ upᵀ).
-
-    oneDNN applies silu and the product inside the two matmuls (no intermediate
-    tensors); elsewhere one fused gate/up matmul is cheaper.
-    """
-    if gate_weight.is_mkldnn:
-        gate = torch.ops.mkldnn._linear_pointwise(x, gate_weight, None, "swish", [], "")
-        return torch.ops.mkldnn._linear_pointwise.binary(x, gate, up_weight, None, "mul")
-    gate, up = F.linear(x, gate_up_weight).chunk(2, dim=-1)
-    return F.silu(gate) * up
 
 
 # ---------------------------------------------------------------------------
@@ -361,23 +351,21 @@ class GatedMLP(nn.Module):
 
     def __init__(self, config: DecoderConfig, device=None, dtype=None):
         super().__init__()
-        d, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        if bias:
-            raise ValueError("mlp_bias is not supported yet")
+        d, i = config.hidden_size, config.intermediate_size
         self.gate_proj = nn.Linear(d, i, bias=False, device=device, dtype=dtype)
         self.up_proj = nn.Linear(d, i, bias=False, device=device, dtype=dtype)
         self.down_proj = nn.Linear(i, d, bias=False, device=device, dtype=dtype)
 
     def prepare(self) -> None:
-        gate, up = self.gate_proj.weight, self.up_proj.weight
-        self.w_gate, self.w_up = prepare_weight(gate), prepare_weight(up)
-        self.w_gate_up = None if self.w_gate.is_mkldnn else torch.cat([gate, up]).detach()
+        """Fuse gate and up into one projection (one weight read, one call)."""
+        self.w_gate_up = prepare_weight(torch.cat([self.gate_proj.weight, self.up_proj.weight]))
         self.w_down = prepare_weight(self.down_proj.weight)
         del self.gate_proj, self.up_proj, self.down_proj
 
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
         """x: [N, D] normed input → residual + MLP(x): [N, D]."""
-        return linear_add(gated_silu(x, self.w_gate, self.w_up, self.w_gate_up), self.w_down, residual)
+        gate, up = linear(x, self.w_gate_up).chunk(2, dim=-1)  # [N, I] each
+        return linear_add(F.silu(gate).mul_(up), self.w_down, residual)
 
 
 class DecoderLayer(nn.Module):

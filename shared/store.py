@@ -41,7 +41,8 @@ class ContainerStore:
     the stored one (its token IDs included) and returns it, so the same image
     always maps to the same IDs. ``tenant`` arguments scope reads: another
     tenant's container is reported as not found, never as forbidden, so tenants
-    cannot probe each other's ids.
+    cannot probe each other's ids. Containers read back carry their live expiry:
+    ``expires_at`` follows ``touch`` and is None while pinned.
     """
 
     def __init__(

@@ -147,6 +147,16 @@ def test_a_vocabulary_reaching_the_embedding_base_is_refused():
         LlamaForCausalLM(config)
 
 
+@pytest.mark.parametrize("text_config, named", [
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0}}, "yarn"),
+    ({"hidden_act": "gelu"}, "gelu"),
+    ({"num_attention_heads": 6, "num_key_value_heads": 4}, "num_kv_heads"),
+])
+def test_unsupported_configs_are_checkpoint_errors_naming_the_field(text_config, named):
+    with pytest.raises(CheckpointError, match=named):
+        llama_config({"text_config": text_config})
+
+
 def test_llava_text_config_defaults_are_llamas():
     config = llama_config({"text_config": {"model_type": "llama"}})
     assert isinstance(config, DecoderConfig)

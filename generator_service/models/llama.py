@@ -52,23 +52,25 @@ def llama_config(config: dict) -> DecoderConfig:
     """A `DecoderConfig` from a checkpoint's config.json (multimodal: its `text_config`)."""
     text = {**_LLAMA_DEFAULTS, **config.get("text_config", config)}
     heads = text["num_attention_heads"]
-    tie = text.get("tie_word_embeddings", config.get("tie_word_embeddings", False))
-    return DecoderConfig(
-        vocab_size=text["vocab_size"],
-        hidden_size=text["hidden_size"],
-        intermediate_size=text["intermediate_size"],
-        num_layers=text["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=text.get("num_key_value_heads") or heads,
-        head_dim=text.get("head_dim") or text["hidden_size"] // heads,
-        max_position_embeddings=text["max_position_embeddings"],
-        rms_norm_eps=text["rms_norm_eps"],
-        rope=RopeConfig.from_config(text),
-        tie_word_embeddings=bool(tie),
-        attention_bias=text["attention_bias"],
-        mlp_bias=text["mlp_bias"],
-        hidden_act=text["hidden_act"],
-    )
+    try:
+        return DecoderConfig(
+            vocab_size=text["vocab_size"],
+            hidden_size=text["hidden_size"],
+            intermediate_size=text["intermediate_size"],
+            num_layers=text["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=text.get("num_key_value_heads") or heads,
+            head_dim=text.get("head_dim") or text["hidden_size"] // heads,
+            max_position_embeddings=text["max_position_embeddings"],
+            rms_norm_eps=text["rms_norm_eps"],
+            rope=RopeConfig.from_config(text),
+            tie_word_embeddings=bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", False))),
+            attention_bias=text["attention_bias"],
+            mlp_bias=text["mlp_bias"],
+            hidden_act=text["hidden_act"],
+        )
+    except ValueError as exc:  # unsupported RoPE type or activation, heads not a multiple of KV heads
+        raise CheckpointError(f"unsupported Llama config: {exc}") from None
 
 
 class LlamaModel(nn.Module):
