@@ -222,13 +222,22 @@ class Engine:
             self.step()
 
     def run_forever(self, stop: threading.Event, idle_wait_s: float = 0.1) -> None:
-        """Step while there is work; sleep until a submission (or `stop`) when there is none."""
+        """Step while there is work; sleep until a submission when there is none.
+
+        When `stop` is set, every request not finished yet ends "cancelled", so no
+        caller waits forever on a handle.
+        """
         while not stop.is_set():
             if self.has_work():
                 self.step()
             else:
                 self._wakeup.wait(idle_wait_s)
                 self._wakeup.clear()
+        while not self._incoming.empty():
+            self._waiting.append(self._incoming.get_nowait())
+        for seq in [*self._waiting, *(s for s in self._rows if s is not None)]:
+            self._finish(seq, FINISH_CANCELLED)
+        self._waiting.clear()
 
     def _prefill_waiting(self) -> int:
         made = 0

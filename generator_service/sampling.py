@@ -22,8 +22,8 @@ class SamplingParams:
 
     temperature 0 is greedy (argmax); top_k 0 and top_p 1 disable those filters;
     repetition_penalty 1 disables the penalty. stop_token_ids end generation
-    (the token is kept in the output); the model's EOS IDs are added by the
-    caller (`Tokenizer.eos_token_ids`) unless `ignore_eos`.
+    (the token is kept in the output), and so do the engine's EOS IDs
+    (`Engine(eos_token_ids=Tokenizer.eos_token_ids)`) unless `ignore_eos`.
     """
 
     temperature: float = 1.0

@@ -16,7 +16,7 @@ from celery import Celery, Signature
 
 from generator_service.pipeline import GeneratePipeline
 from shared.celery_app import AttemptLimitedTask
-from shared.errors import InvalidInput, VlmqError
+from shared.errors import InvalidInput, StoreUnavailable, VlmqError
 from shared.jobs import TERMINAL_STATUSES, JobStore
 from shared.metrics import WorkerStats
 from shared.streams import TokenStreams
@@ -29,7 +29,9 @@ GENERATE_TASK = "vlmq.generate"
 def generate_signature(celery: Celery, jobs: JobStore, tenant: str, payload: dict) -> tuple[str, Signature]:
     """Create the job and the task signature (to send alone or chain after an embed)."""
     job_id = jobs.create("generate", tenant)
-    return job_id, celery.signature(GENERATE_TASK, kwargs={"job_id": job_id, "tenant": tenant, "payload": payload}, task_id=job_id)
+    # ignore_result: the outcome lives in the job store (see embed_signature).
+    return job_id, celery.signature(GENERATE_TASK, kwargs={"job_id": job_id, "tenant": tenant, "payload": payload},
+                                    task_id=job_id, ignore_result=True)
 
 
 def enqueue_generate(celery: Celery, jobs: JobStore, tenant: str, payload: dict) -> str:
@@ -66,6 +68,8 @@ def run_generate_job(pipeline: GeneratePipeline, jobs: JobStore, streams: TokenS
         if embed_result is not None:
             payload = _fill_chained_images(payload, embed_result)
         result = pipeline.generate(tenant, payload, on_text)
+    except StoreUnavailable:
+        raise  # not the request's fault: the task requeues the job (AttemptLimitedTask)
     except VlmqError as exc:
         jobs.mark_failed(job_id, exc.code, exc.message)
         streams.end(job_id, None, exc.to_dict())

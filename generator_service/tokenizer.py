@@ -15,6 +15,7 @@ around an alias splits as it does around `<image>`.
 from __future__ import annotations
 
 import bisect
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from tokenizers import AddedToken, Tokenizer as HFTokenizer, processors
 
 from generator_service.chat_template import ChatTemplate
 from shared.checkpoint import Checkpoint
-from shared.errors import InvalidInput
+from shared.errors import CheckpointError, InvalidInput
 from shared.token_ids import EMBEDDING_INDEX_BASE
 
 # A container's default alias, `<image:{id}>`.
@@ -42,6 +43,15 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value if isinstance(value, str) else None
+
+
+def _optional_json(file: Path) -> dict:
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{file} is not valid JSON: {exc}") from None
 
 
 def default_alias_ids(prompt: str) -> list[str]:
@@ -117,24 +127,21 @@ class Tokenizer:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint | str | Path) -> Tokenizer:
+        """From a checkpoint folder: tokenizer.json, tokenizer_config.json, generation_config.json, chat template."""
         path = checkpoint.path if isinstance(checkpoint, Checkpoint) else Path(checkpoint)
-        ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(path)
         if not (path / "tokenizer.json").is_file():
-            raise InvalidInput(f"{path}: tokenizer.json is missing")
-        config = ckpt.optional_json("tokenizer_config.json")
-        template = None
-        if (path / "chat_template.jinja").is_file():
+            raise CheckpointError(f"{path}: tokenizer.json is missing")
+        config = _optional_json(path / "tokenizer_config.json")
+        template = config.get("chat_template")
+        if (path / "chat_template.jinja").is_file():  # where newer transformers save it
             template = (path / "chat_template.jinja").read_text()
-        elif isinstance(config.get("chat_template"), str):
-            template = config["chat_template"]
-        elif isinstance(config.get("chat_template"), list):  # [{"name": "default", "template": ...}, ...]
-            named = {t.get("name"): t.get("template") for t in config["chat_template"]}
-            template = named.get("default")
+        elif isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+            template = {t.get("name"): t.get("template") for t in template}.get("default")
         return cls(
             HFTokenizer.from_file(str(path / "tokenizer.json")),
             config,
-            ckpt.optional_json("generation_config.json"),
-            template,
+            _optional_json(path / "generation_config.json"),
+            template if isinstance(template, str) else None,
         )
 
     def _set_post_processor(self, add_bos: bool, add_eos: bool) -> None:
@@ -150,6 +157,9 @@ class Tokenizer:
 
     def token_to_id(self, token: str | None) -> int | None:
         return None if token is None else self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
@@ -258,40 +268,3 @@ class StreamDecoder:
         text = self._text(self._ids[self._prefix :])
         self._prefix = self._read = len(self._ids)
         return text[len(emitted) :]
-
-
-class StopStrings:
-    """Finds stop strings in streamed text (the engine's stop hook, on the text side).
-
-    `feed(delta)` returns (text safe to emit, stopped): text that might be the start
-    of a stop string is held back until the next delta decides; on a match, the
-    text before the stop string is emitted and `stopped` is True (the stop string
-    itself is not emitted). `flush()` returns what is held back at the end.
-    """
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops = [s for s in stops if s]
-        self._held = ""
-        self.stopped = False
-
-    def feed(self, delta: str) -> tuple[str, bool]:
-        if self.stopped:
-            return "", True
-        text = self._held + delta
-        found = [(text.find(s), s) for s in self.stops if s in text]
-        if found:
-            self.stopped = True
-            self._held = ""
-            return text[: min(found)[0]], True
-        keep = 0  # the longest tail of `text` that starts some stop string
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(text)), keep, -1):
-                if stop.startswith(text[-n:]):
-                    keep = n
-                    break
-        self._held = text[len(text) - keep :] if keep else ""
-        return text[: len(text) - keep], False
-
-    def flush(self) -> str:
-        held, self._held = self._held, ""
-        return "" if self.stopped else held

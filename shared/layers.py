@@ -241,7 +241,7 @@ class ForwardBatch:
     start: int = 0  # prefill
     write_index: Tensor | None = None  # decode: [N * kv_heads] flat cache rows to write, see `for_decode`
     kv_len: int = 0  # keys each query attends over (a prefix of the cache rows)
-    mask: Tensor | None = None  # decode: [N, 1, 1, kv_len] additive (0 / -inf), None when all rows are full
+    mask: Tensor | None = None  # decode: [N, 1, 1, kv_len] additive (0 / -inf); None when every row sees all kv_len
 
     @classmethod
     def for_prefill(cls, rope: Tensor, row: int, start: int, length: int) -> ForwardBatch:

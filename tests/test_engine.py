@@ -10,7 +10,8 @@ import torch
 from generator_service.engine import Engine, GenerationRequest
 from generator_service.models.llama import LlamaForCausalLM
 from generator_service.sampling import SamplingParams, apply_repetition_penalty, apply_top_k, apply_top_p
-from generator_service.tokenizer import StopStrings, Tokenizer
+from generator_service.stops import StopMatcher
+from generator_service.tokenizer import Tokenizer
 from shared.container import EmbeddingContainer
 from shared.errors import InvalidInput, ModelMismatch
 from shared.token_ids import EMBEDDING_INDEX_BASE as BASE
@@ -183,10 +184,10 @@ def test_stop_strings_through_the_token_callback(setup):
     stop_text = full[len(full) // 2 : len(full) // 2 + 2]
     assert stop_text and stop_text in full
 
-    decoder, stops, streamed = tok.stream_decoder(), StopStrings([stop_text]), []
+    decoder, stops, streamed = tok.stream_decoder(), StopMatcher([stop_text]), []
 
     def on_token(token: int) -> bool:
-        text, stopped = stops.feed(decoder.push(token))
+        text, stopped = stops.push(decoder.push(token))
         streamed.append(text)
         return stopped
 
@@ -195,6 +196,20 @@ def test_stop_strings_through_the_token_callback(setup):
     engine.run_until_idle()
     assert handle.result().finish_reason == "stop"
     assert "".join(streamed) == full[: full.index(stop_text)]
+
+
+def test_stop_matcher_holds_back_what_may_start_a_stop_string():
+    stops = StopMatcher(["END", "\n\n"])
+    assert stops.push("hello E") == ("hello ", False)
+    assert stops.push("N") == ("", False)
+    assert stops.push("Dless") == ("", True)
+    stops = StopMatcher(["END"])
+    assert stops.push("hello EN") == ("hello ", False)
+    assert stops.push("ough") == ("ENough", False)
+    stops = StopMatcher(["stop"])
+    assert stops.push("no st") == ("no ", False)
+    assert stops.flush() == "st"
+    assert StopMatcher(["ab", "b"]).push("xab") == ("x", True)  # the earliest stop wins
 
 
 def test_prompt_longer_than_the_context_names_both_lengths(setup):
@@ -248,6 +263,17 @@ def test_submission_from_other_threads_while_the_engine_runs(setup):
         loop.join(timeout=10)
     assert [len(r.token_ids) for r in results] == [6, 7, 8, 9]
     assert len({tuple(r.token_ids[:6]) for r in results}) == 1
+
+
+def test_stopping_the_loop_cancels_what_is_left(setup):
+    _, model, tok, _, _ = setup
+    engine = engine_for(model, tok, max_batch=1)
+    params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+    handles = [engine.submit(GenerationRequest(tok.encode("a dog"), params)) for _ in range(2)]
+    stop = threading.Event()
+    stop.set()
+    engine.run_forever(stop)
+    assert [h.result(timeout=1).finish_reason for h in handles] == ["cancelled", "cancelled"]
 
 
 def test_cancel(setup):

@@ -1,4 +1,4 @@
-"""Tokenizer: parity with transformers' AutoTokenizer, alias substitution, forged IDs, streaming decode, stops."""
+"""Tokenizer: parity with transformers' AutoTokenizer, alias substitution, forged IDs, streaming decode."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from generator_service.tokenizer import StopStrings, Tokenizer, check_token_ids, default_alias_ids
+from generator_service.tokenizer import Tokenizer, check_token_ids, default_alias_ids
 from shared.container import EmbeddingContainer, Layout
 from shared.errors import InvalidInput
 from shared.token_ids import EMBEDDING_INDEX_BASE as BASE
@@ -73,6 +73,8 @@ def test_decode_matches_transformers(tok, hf, text):
 
 def test_special_tokens_and_eos(tok, hf):
     assert tok.bos_token_id == hf.bos_token_id == 1
+    assert tok.id_to_token(4) == hf.convert_ids_to_tokens(4) == "<image>"
+    assert tok.token_to_id("<image>") == 4
     assert tok.eos_token_ids == (hf.eos_token_id,)
     assert tok.special_tokens["pad_token"] == hf.pad_token
 
@@ -205,19 +207,3 @@ def test_stream_decoder_flushes_an_unfinished_character(tok):
     pieces = [decoder.push(i) for i in ids]
     assert "\ufffd" not in "".join(pieces)
     assert "".join(pieces) + decoder.flush() == tok.decode(ids)
-
-
-def test_stop_strings_across_deltas():
-    stops = StopStrings(["END", "\n\n"])
-    assert stops.feed("hello E") == ("hello ", False)
-    assert stops.feed("N") == ("", False)
-    assert stops.feed("Dless") == ("", True)
-    stops = StopStrings(["END"])
-    assert stops.feed("hello EN") == ("hello ", False)
-    assert stops.feed("ough") == ("ENough", False)
-    assert stops.flush() == ""
-    stops = StopStrings(["stop"])
-    assert stops.feed("no st") == ("no ", False)
-    assert stops.flush() == "st"
-    stops = StopStrings(["ab", "b"])
-    assert stops.feed("xab") == ("x", True)  # the earliest stop wins
