@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from embedder_service.pipeline import EmbedPipeline
@@ -40,5 +38,4 @@ def run(settings: Settings, model_path: str, device: str, concurrency: int | Non
     register_embed_task(app, lambda: pipeline)
     # Enough concurrent jobs to fill a batch: each thread holds one job while the batcher runs.
     concurrency = concurrency or settings.embed_max_batch
-    name = f"embed-{device.replace(':', '')}-{os.getpid()}@%h"
-    run_celery_worker(app, EMBED_QUEUE, concurrency=concurrency, name=name, info={"device": device, "model": model_path})
+    run_celery_worker(app, EMBED_QUEUE, concurrency=concurrency, device=device, model_path=model_path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 
 from generator_service.engine import Engine
@@ -47,5 +46,4 @@ def run(settings: Settings, model_path: str, device: str, concurrency: int | Non
     register_generate_task(app, lambda: pipeline)
     # One thread per request decoded together: the engine batches whatever the threads submit.
     concurrency = concurrency or settings.generate_max_batch
-    name = f"generate-{device.replace(':', '')}-{os.getpid()}@%h"
-    run_celery_worker(app, GENERATE_QUEUE, concurrency=concurrency, name=name, info={"device": device, "model": model_path})
+    run_celery_worker(app, GENERATE_QUEUE, concurrency=concurrency, device=device, model_path=model_path)
