@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field, model_validator
 
+from shared.api_schemas import JobFields
+
 
 class ImageInput(BaseModel):
     """One image: exactly one of `base64` (the file's bytes) or `path` (under an allowed root)."""
@@ -43,15 +45,5 @@ class ContainerInfo(BaseModel):
     expires_at: float | None = None
 
 
-class ErrorInfo(BaseModel):
-    code: str
-    message: str
-
-
-class EmbedJob(BaseModel):
-    id: str
-    status: str = Field(..., description="queued, running, succeeded or failed")
-    error: ErrorInfo | None = None
+class EmbedJob(JobFields):
     images: list[ContainerInfo] = []
-    created_at: float
-    updated_at: float

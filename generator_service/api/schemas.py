@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-MAX_STOPS = 16
+from shared.api_schemas import JobFields
 
 
 class SamplingFields(BaseModel):
@@ -40,21 +40,11 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-class ErrorInfo(BaseModel):
-    code: str
-    message: str
-
-
-class GenerateJob(BaseModel):
-    id: str
-    status: str = Field(..., description="queued, running, succeeded or failed")
-    error: ErrorInfo | None = None
+class GenerateJob(JobFields):
     text: str | None = None
     token_ids: list[int] | None = None
     finish_reason: str | None = None
     usage: Usage | None = None
-    created_at: float
-    updated_at: float
 
 
 class JobAccepted(BaseModel):

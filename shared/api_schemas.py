@@ -1,0 +1,20 @@
+"""Response bodies both APIs share."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+
+
+class JobFields(BaseModel):
+    """What every job response carries; each API adds its results."""
+
+    id: str
+    status: str = Field(..., description="queued, running, succeeded or failed")
+    error: ErrorInfo | None = None
+    created_at: float
+    updated_at: float
