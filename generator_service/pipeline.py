@@ -17,6 +17,7 @@ model with this hidden size.
 
 from __future__ import annotations
 
+import queue
 from typing import Any, Callable
 
 import torch
@@ -104,22 +105,30 @@ class GeneratePipeline:
         decoder = self.tokenizer.stream_decoder()
         stops = StopMatcher(payload.get("stop") or [])
         pieces: list[str] = []
+        # Text is handed from the engine thread to this one, so a slow `on_text` (a Redis
+        # write per piece) never holds up the other requests decoding in the same batch.
+        handoff: queue.SimpleQueue[str | None] = queue.SimpleQueue()
 
         def emit(text: str) -> None:
             if text:
                 pieces.append(text)
-                if on_text is not None:
-                    on_text(text)
+                handoff.put(text)
 
         def on_token(token_id: int) -> bool:
             text, stopped = stops.push(decoder.push(token_id))
             emit(text)
             return stopped
 
-        handle = self.engine.submit(GenerationRequest(encoded.ids, params, encoded.containers, on_token=on_token))
+        def on_finish(_) -> None:
+            if not stops.stopped:
+                emit(stops.flush(decoder.flush()))  # text held back for a stop string that never came
+            handoff.put(None)
+
+        handle = self.engine.submit(GenerationRequest(encoded.ids, params, encoded.containers, on_token=on_token, on_finish=on_finish))
+        while (piece := handoff.get()) is not None:
+            if on_text is not None:
+                on_text(piece)
         result = handle.result()
-        if not stops.stopped:
-            emit(stops.flush(decoder.flush()))
         finish_reason = "stop" if stops.stopped else result.finish_reason
         return {
             "text": "".join(pieces),
