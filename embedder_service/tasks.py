@@ -10,11 +10,11 @@ import logging
 import time
 from typing import Callable
 
-from celery import Celery
+from celery import Celery, Signature
 
 from embedder_service.pipeline import EmbedPipeline
 from shared.celery_app import AttemptLimitedTask
-from shared.errors import VlmqError
+from shared.errors import NotFound, VlmqError
 from shared.jobs import TERMINAL_STATUSES, JobStore
 from shared.metrics import WorkerStats
 
@@ -23,11 +23,21 @@ log = logging.getLogger(__name__)
 EMBED_TASK = "vlmq.embed"
 
 
-def enqueue_embed(celery: Celery, jobs: JobStore, tenant: str, images: list[bytes], **options) -> str:
-    """Store the images, create the job, send the task; returns the job id (= the task id)."""
+def embed_signature(celery: Celery, jobs: JobStore, tenant: str, images: list[bytes]) -> tuple[str, Signature]:
+    """Store the images and create the job; returns its id (= the task id) and the task signature
+    (to send alone, or chain before a `vlmq.generate` as `vlmq caption` does)."""
     job_id = jobs.create("embed", tenant)
     blob_keys = [jobs.put_blob(data) for data in images]
-    celery.send_task(EMBED_TASK, kwargs={"job_id": job_id, "tenant": tenant, "blob_keys": blob_keys}, task_id=job_id, **options)
+    # ignore_result: the job store holds the outcome; a Celery result would make the sender
+    # subscribe to a result channel per task, a subscription nobody ever ends.
+    return job_id, celery.signature(EMBED_TASK, kwargs={"job_id": job_id, "tenant": tenant, "blob_keys": blob_keys},
+                                    task_id=job_id, ignore_result=True)
+
+
+def enqueue_embed(celery: Celery, jobs: JobStore, tenant: str, images: list[bytes], **options) -> str:
+    """Store the images, create the job, send the task; returns the job id (= the task id)."""
+    job_id, signature = embed_signature(celery, jobs, tenant, images)
+    signature.apply_async(**options)
     return job_id
 
 
@@ -40,7 +50,7 @@ def run_embed_job(pipeline: EmbedPipeline, jobs: JobStore, stats: WorkerStats, j
     started = time.perf_counter()
     try:
         images = [jobs.get_blob(key) for key in blob_keys]
-    except VlmqError as exc:
+    except NotFound as exc:  # expired before a worker got to it (a store outage propagates: the job is requeued)
         return _task_result(jobs.mark_failed(job_id, exc.code, f"the uploaded image is gone: {exc.message}"))
     outcomes = pipeline.embed_many(images, tenant)
     failures = [(i, o) for i, o in enumerate(outcomes) if isinstance(o, VlmqError)]
@@ -64,8 +74,14 @@ def _task_result(job: dict) -> dict:
     return {"job_id": job["id"], "status": job["status"], "error": job["error"], "container_ids": [c["id"] for c in containers]}
 
 
+class EmbedTask(AttemptLimitedTask):
+    def result_of_job(self, job: dict) -> dict:
+        # Given up after too many attempts, the chained generate still gets the usual shape (and fails alike).
+        return _task_result(job)
+
+
 def register_embed_task(app: Celery, get_pipeline: Callable[[], EmbedPipeline]) -> None:
-    @app.task(name=EMBED_TASK, base=AttemptLimitedTask, bind=True)
-    def embed(self: AttemptLimitedTask, job_id: str, tenant: str, blob_keys: list[str]) -> dict:
+    @app.task(name=EMBED_TASK, base=EmbedTask, bind=True)
+    def embed(self: EmbedTask, job_id: str, tenant: str, blob_keys: list[str]) -> dict:
         stats = WorkerStats(self.store_redis, self.vlmq_settings.key_prefix, "embed")
         return run_embed_job(get_pipeline(), self.jobs, stats, job_id, tenant, blob_keys)

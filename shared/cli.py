@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
+import signal
 import subprocess
 import sys
 
@@ -56,6 +56,74 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _sigterm_like_ctrl_c() -> None:
+    # SIGTERM would otherwise end the process at once, leaving Redis and the children behind.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Redis (unless VLMQ_BROKER_URL is set), both APIs and one worker of each, until Ctrl-C or SIGTERM."""
+    import os
+
+    from shared.stack import ApiPorts, LocalStack, StackError
+
+    _sigterm_like_ctrl_c()
+    apis = ApiPorts(args.host, args.embed_port, args.generate_port)
+    stack = LocalStack(args.model, device=args.device, apis=apis, broker_url=os.environ.get("VLMQ_BROKER_URL"))
+    try:
+        stack.start()
+    except KeyboardInterrupt:
+        return 130  # start() has stopped what it started
+    except StackError as exc:
+        print(f"vlmq up: {exc}", file=sys.stderr)
+        return 1
+    redis_line = f"  Redis          {stack.redis.url}" if stack.redis is not None else f"  Redis          {stack.settings.broker_url} (VLMQ_BROKER_URL)"
+    print("vlmq is up:", f"  embedder API   {apis.url('embed')}  (docs: {apis.url('embed')}/docs)",
+          f"  generator API  {apis.url('generate')}  (docs: {apis.url('generate')}/docs)", redis_line,
+          "Ctrl-C stops everything.", sep="\n", flush=True)
+    status = stack.wait()
+    print("vlmq stopped.", flush=True)
+    return status
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    import kombu.exceptions
+
+    from shared.caption import CaptionError, CaptionOptions, StackChoice, caption
+    from shared.errors import StoreUnavailable
+    from shared.stack import StackError
+
+    _sigterm_like_ctrl_c()
+    options = CaptionOptions(
+        prompt=args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed, stop=tuple(args.stop), max_in_flight=args.max_in_flight, tenant=args.tenant, timeout_s=args.timeout,
+    )
+    stack = StackChoice(args.model, args.embed_workers, args.generate_workers, args.worker_timeout)
+    try:
+        summary = caption(args.input, args.out, options, stack, progress=not args.no_progress)
+    except KeyboardInterrupt:  # while the stack was starting; an interrupted run returns its summary
+        print("vlmq caption: interrupted", file=sys.stderr)
+        return 130
+    except (CaptionError, StackError, StoreUnavailable, kombu.exceptions.OperationalError) as exc:
+        print(f"vlmq caption: error: {exc}", file=sys.stderr)
+        return 2
+    print(summary.line(), flush=True)
+    if summary.interrupted:
+        return 130
+    return 1 if summary.failed else 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +141,39 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--port", type=int, default=None, help="default 8001 (embed) or 8002 (generate)")
     api.add_argument("--log-level", default="info")
     api.set_defaults(func=cmd_api)
+
+    up = sub.add_parser("up", help="the whole stack on this machine: Redis, both APIs, one worker of each")
+    up.add_argument("--model", required=True, help="Hugging Face checkpoint folder")
+    up.add_argument("--host", default="127.0.0.1", help="interface the APIs listen on")
+    up.add_argument("--embed-port", type=int, default=8001)
+    up.add_argument("--generate-port", type=int, default=8002)
+    up.add_argument("--device", default="cpu", help="device of both workers")
+    up.set_defaults(func=cmd_up)
+
+    cap = sub.add_parser(
+        "caption", help="caption every image of a folder, glob or path list into a JSON-lines file (resumable)",
+        description="Uses the running stack when VLMQ_BROKER_URL is set, else starts a private one. "
+                    "Paths already in --out are skipped, so re-running continues an interrupted run. "
+                    "Exit status: 0 all done, 1 some images failed, 2 could not run, 130 interrupted.",
+    )
+    cap.add_argument("input", help="a folder (recursive), a glob pattern (quote it), an image, or a text file of paths")
+    cap.add_argument("--model", help="checkpoint folder (needed for the private stack)")
+    cap.add_argument("--prompt", required=True, help="the instruction shown with each image")
+    cap.add_argument("--out", required=True, help="JSON-lines output, appended to")
+    cap.add_argument("--max-in-flight", type=_positive_int, default=32, help="images enqueued and not yet finished, at most")
+    cap.add_argument("--max-tokens", type=_positive_int, default=32)
+    cap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    cap.add_argument("--top-p", type=float, default=None)
+    cap.add_argument("--top-k", type=int, default=None)
+    cap.add_argument("--seed", type=int, default=None)
+    cap.add_argument("--stop", nargs="*", default=[], help="stop strings")
+    cap.add_argument("--tenant", default="public", help="tenant the containers and jobs belong to")
+    cap.add_argument("--timeout", type=float, default=600.0, help="seconds one image may take before it is failed")
+    cap.add_argument("--embed-workers", type=_positive_int, default=1, help="private stack only")
+    cap.add_argument("--generate-workers", type=_positive_int, default=1, help="private stack only")
+    cap.add_argument("--worker-timeout", type=float, default=30.0, help="running stack: seconds to wait for workers to report in")
+    cap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cap.set_defaults(func=cmd_caption)
 
     demo = sub.add_parser("demo-model", help="write a tiny random-weight checkpoint (no download)")
     demo.add_argument("path")

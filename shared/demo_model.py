@@ -100,7 +100,7 @@ def _llama_tensor_shapes(tc: dict) -> dict[str, tuple[int, ...]]:
     return {"language_model." + k: v for k, v in shapes.items()}
 
 
-def _random_weights(shapes: dict[str, tuple[int, ...]], generator: torch.Generator) -> dict[str, torch.Tensor]:
+def _random_weights(shapes: dict[str, tuple[int, ...]], generator: torch.Generator, std: float = 0.2) -> dict[str, torch.Tensor]:
     weights = {}
     for name, shape in shapes.items():
         if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "layrnorm.weight")):
@@ -108,13 +108,28 @@ def _random_weights(shapes: dict[str, tuple[int, ...]], generator: torch.Generat
         elif name.endswith(".bias"):
             weights[name] = torch.zeros(shape)
         else:
-            std = 1.0 if "embed" in name else 0.2
-            weights[name] = torch.randn(shape, generator=generator) * std
+            weights[name] = torch.randn(shape, generator=generator) * (1.0 if "embed" in name else std)
     return weights
 
 
-def write_llava_demo(path: str | Path, *, image_size: int = 56, patch_size: int = 14, seed: int = 0) -> Path:
-    """A tiny LLaVA-1.5 (CLIP ViT + MLP projector + Llama) that `transformers` loads too."""
+def write_llava_demo(
+    path: str | Path,
+    *,
+    image_size: int = 56,
+    patch_size: int = 14,
+    seed: int = 0,
+    vision: dict | None = None,
+    text: dict | None = None,
+    weight_std: float = 0.2,
+) -> Path:
+    """A random-weight LLaVA-1.5 (CLIP ViT + MLP projector + Llama) that `transformers` loads too.
+
+    Tiny by default. ``vision`` and ``text`` override fields of the CLIP and Llama
+    configs to write bigger ones (the benchmarks' *bench-small*). A ``vocab_size``
+    above the demo tokenizer's pads the embedding table: the tokenizer never
+    produces those IDs and decoding skips them, but the LM pays for a full-size
+    vocabulary. ``head_dim`` follows ``hidden_size / num_attention_heads`` unless given.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer()
@@ -123,20 +138,26 @@ def write_llava_demo(path: str | Path, *, image_size: int = 56, patch_size: int 
         "model_type": "clip_vision_model", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
         "num_attention_heads": 4, "num_channels": 3, "image_size": image_size, "patch_size": patch_size,
         "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "projection_dim": 64,
-    }
+    } | (vision or {})
+    text_overrides = text or {}
     text = {
         "model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": tok.get_vocab_size(),
         "max_position_embeddings": 1024, "rms_norm_eps": 1e-6, "hidden_act": "silu", "attention_bias": False,
         "mlp_bias": False, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
         "tie_word_embeddings": False, "bos_token_id": ids["<s>"], "eos_token_id": ids["</s>"], "pad_token_id": ids["<pad>"],
-    }
+    } | text_overrides
+    if "head_dim" not in text_overrides:
+        text["head_dim"] = text["hidden_size"] // text["num_attention_heads"]
+    if text["vocab_size"] < tok.get_vocab_size():
+        raise ValueError(f"vocab_size {text['vocab_size']} is below the demo tokenizer's {tok.get_vocab_size()}")
+    image_size, patch_size = vision["image_size"], vision["patch_size"]
     config = {
         "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
         "vision_config": vision, "text_config": text, "image_token_index": ids["<image>"],
         "image_seq_length": (image_size // patch_size) ** 2, "projector_hidden_act": "gelu",
         "multimodal_projector_bias": True, "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": text["tie_word_embeddings"],
     }
     shapes = _clip_tensor_shapes(vision) | _llama_tensor_shapes(text) | {
         "multi_modal_projector.linear_1.weight": (text["hidden_size"], vision["hidden_size"]),
@@ -144,7 +165,7 @@ def write_llava_demo(path: str | Path, *, image_size: int = 56, patch_size: int 
         "multi_modal_projector.linear_2.weight": (text["hidden_size"], text["hidden_size"]),
         "multi_modal_projector.linear_2.bias": (text["hidden_size"],),
     }
-    save_file(_random_weights(shapes, torch.Generator().manual_seed(seed)), path / "model.safetensors", metadata={"format": "pt"})
+    save_file(_random_weights(shapes, torch.Generator().manual_seed(seed), weight_std), path / "model.safetensors", metadata={"format": "pt"})
     tok.save(str(path / "tokenizer.json"))
     files = {
         "config.json": config,
