@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from celery import Celery, Signature
 
-from embedder_service.pipeline import EmbedPipeline
 from shared.celery_app import AttemptLimitedTask
 from shared.errors import NotFound, VlmqError
 from shared.jobs import TERMINAL_STATUSES, JobStore
 from shared.metrics import WorkerStats
+
+if TYPE_CHECKING:  # the APIs and `vlmq caption` import this module; only workers need torch
+    from embedder_service.pipeline import EmbedPipeline
 
 log = logging.getLogger(__name__)
 

@@ -10,16 +10,18 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from celery import Celery, Signature
 
-from generator_service.pipeline import GeneratePipeline
 from shared.celery_app import AttemptLimitedTask
 from shared.errors import InvalidInput, StoreUnavailable, VlmqError
 from shared.jobs import TERMINAL_STATUSES, JobStore
 from shared.metrics import WorkerStats
 from shared.streams import TokenStreams
+
+if TYPE_CHECKING:  # the APIs and `vlmq caption` import this module; only workers need torch
+    from generator_service.pipeline import GeneratePipeline
 
 log = logging.getLogger(__name__)
 
