@@ -4,7 +4,34 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import time
+from typing import Callable
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _libc_prctl():
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+# Looked up here, not in the child: between fork and exec only async-signal-safe work is wise.
+_prctl = _libc_prctl()
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: SIGTERM from the kernel when the thread that
+    # started it (the parent's) exits, however it exits — even by SIGKILL.
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` that ties a child's life to its parent's (Linux); None where unsupported."""
+    return _die_with_parent if _prctl is not None else None
 
 
 def stop_all(children: list[subprocess.Popen], timeout_s: float = 20.0) -> None:

@@ -17,6 +17,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from shared.processes import die_with_parent
+
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
 
@@ -127,6 +129,7 @@ class EmbeddedRedis:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                preexec_fn=die_with_parent(),  # no orphaned Redis when its owner is killed
             )
         self._wait_until_ready()
         # Once it has served, the port is this server's: restarts must keep it.

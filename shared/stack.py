@@ -29,35 +29,16 @@ from types import TracebackType
 import httpx
 
 from shared.heartbeat import live_workers
-from shared.processes import stop_all, wait_all_or_stop
+from shared.processes import die_with_parent, stop_all, wait_all_or_stop
 from shared.redis_conn import connect
 from shared.redis_server import EmbeddedRedis
 from shared.settings import Settings
 
 READY_TIMEOUT_S = 180.0  # model loading on a busy CPU takes a while
-_PR_SET_PDEATHSIG = 1
 
 
 class StackError(RuntimeError):
     """A child of the stack could not start, or died."""
-
-
-def _libc_prctl():
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    return ctypes.CDLL(None, use_errno=True).prctl
-
-
-# Looked up here, not in the child: between fork and exec only async-signal-safe work is wise.
-_prctl = _libc_prctl()
-
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: SIGTERM from the kernel when the thread that
-    # started it (the parent's) exits, however it exits.
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass
@@ -201,7 +182,7 @@ class LocalStack:
             process = subprocess.Popen(
                 [sys.executable, "-m", "shared.cli", *cli_args],
                 env=self._child_env(), stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT if output else None,
-                start_new_session=True, preexec_fn=_die_with_parent if _prctl is not None else None,
+                start_new_session=True, preexec_fn=die_with_parent(),
             )
         finally:
             if output is not None:
