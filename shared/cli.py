@@ -4,13 +4,39 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from shared.settings import get_settings
 
 WORKER_KINDS = ("embed", "generate")
+MODEL_HELP = "Hugging Face checkpoint folder, or demo[:FAMILY] for the tiny demo checkpoint (written once to the cache)"
+DEMO_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vlmq"
+
+
+def resolve_model_path(text: str) -> str:
+    """A checkpoint folder, or `demo` / `demo:FAMILY`: the demo checkpoint, written once to the cache."""
+    name, _, family = text.partition(":")
+    if name != "demo" or Path(text).exists():
+        return text
+    from shared.demo_model import DEMO_FAMILIES, write_demo_model
+
+    family = family or "llava"
+    if family not in DEMO_FAMILIES:
+        raise argparse.ArgumentTypeError(f"no demo model for family {family!r}; choose one of {', '.join(DEMO_FAMILIES)}")
+    path = DEMO_CACHE / f"demo-{family}"
+    if not path.is_dir():
+        # Written aside and renamed, so concurrent first uses never see half a checkpoint.
+        staging = write_demo_model(DEMO_CACHE / f".demo-{family}-{os.getpid()}", family)
+        try:
+            staging.rename(path)
+        except OSError:  # another process won the race; its copy is identical
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(path)
 
 
 def _split_devices(text: str) -> list[str]:
@@ -130,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="serve the embed or generate queue (one process per device)")
     worker.add_argument("kind", choices=WORKER_KINDS)
-    worker.add_argument("--model", required=True, help="Hugging Face checkpoint folder")
-    worker.add_argument("--device", type=_split_devices, default=["cpu"], help="cpu, cuda:N or a comma-separated list")
+    worker.add_argument("--model", required=True, type=resolve_model_path, help=MODEL_HELP)
+    worker.add_argument("--device", type=_split_devices, default=None, help="cpu, cuda:N or a comma-separated list (default: VLMQ_DEVICE)")
     worker.add_argument("--concurrency", type=int, default=None, help="jobs held at once (default: the batch size)")
     worker.set_defaults(func=cmd_worker)
 
@@ -143,11 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     api.set_defaults(func=cmd_api)
 
     up = sub.add_parser("up", help="the whole stack on this machine: Redis, both APIs, one worker of each")
-    up.add_argument("--model", required=True, help="Hugging Face checkpoint folder")
+    up.add_argument("--model", required=True, type=resolve_model_path, help=MODEL_HELP)
     up.add_argument("--host", default="127.0.0.1", help="interface the APIs listen on")
     up.add_argument("--embed-port", type=int, default=8001)
     up.add_argument("--generate-port", type=int, default=8002)
-    up.add_argument("--device", default="cpu", help="device of both workers")
+    up.add_argument("--device", default=None, help="device of both workers (default: VLMQ_DEVICE)")
     up.set_defaults(func=cmd_up)
 
     cap = sub.add_parser(
@@ -157,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Exit status: 0 all done, 1 some images failed, 2 could not run, 130 interrupted.",
     )
     cap.add_argument("input", help="a folder (recursive), a glob pattern (quote it), an image, or a text file of paths")
-    cap.add_argument("--model", help="checkpoint folder (needed for the private stack)")
+    cap.add_argument("--model", type=resolve_model_path, help=MODEL_HELP + " (needed for the private stack)")
     cap.add_argument("--prompt", required=True, help="the instruction shown with each image")
     cap.add_argument("--out", required=True, help="JSON-lines output, appended to")
     cap.add_argument("--max-in-flight", type=_positive_int, default=32, help="images enqueued and not yet finished, at most")
@@ -185,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if getattr(args, "device", "unset") is None:
+        device = get_settings().device
+        args.device = _split_devices(device) if args.command == "worker" else device
     if getattr(args, "kind", None) and getattr(args, "port", "unset") is None:
         args.port = 8001 if args.kind == "embed" else 8002
     return args.func(args)

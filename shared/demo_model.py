@@ -194,3 +194,4 @@ def write_demo_model(path: str | Path, family: str = "llava") -> Path:
     if family not in DEMO_FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(DEMO_FAMILIES)}")
     return DEMO_FAMILIES[family](path)
+
