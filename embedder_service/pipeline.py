@@ -16,7 +16,7 @@ import torch
 
 from embedder_service.batcher import Batcher
 from shared.container import EmbeddingContainer
-from shared.errors import NotFound, VlmqError
+from shared.errors import NotFound, StoreUnavailable, VlmqError
 from shared.images import decode_image, image_info
 from shared.settings import Settings
 from shared.store import ContainerStore, container_id
@@ -79,6 +79,8 @@ class EmbedPipeline:
         for future in futures:
             try:
                 outcomes.append(future.result())
+            except StoreUnavailable:
+                raise  # not the image's fault: the task requeues the job (AttemptLimitedTask)
             except VlmqError as exc:
                 outcomes.append(exc)
         return outcomes

@@ -7,6 +7,7 @@ import hmac
 import logging
 from typing import Annotated, Callable
 
+import kombu.exceptions
 import redis
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,7 +19,7 @@ from shared.errors import StoreUnavailable, Unauthorized, VlmqError
 from shared.heartbeat import live_workers
 from shared.jobs import JobStore
 from shared.metrics import WorkerStats, WorkerStatsCollector
-from shared.redis_conn import connect
+from shared.redis_conn import connect, describe_auth_error
 from shared.settings import Settings
 from shared.store import ContainerStore
 from shared.streams import TokenStreams
@@ -53,9 +54,18 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(redis.exceptions.ConnectionError)
     @app.exception_handler(redis.exceptions.TimeoutError)
-    async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
-        err = StoreUnavailable(f"the store is unreachable, try again shortly ({type(exc).__name__})")
+    async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, redis.exceptions.AuthenticationError):
+            err = StoreUnavailable(describe_auth_error(request.app.state.redis, exc))
+        else:
+            err = StoreUnavailable(f"the store is unreachable, try again shortly ({type(exc).__name__})")
         return error_response(err.status, err.code, err.message)
+
+    # Publishing a task to a broker that is down fails, after the bounded retry
+    # policy of create_celery_app, with kombu's OperationalError.
+    @app.exception_handler(kombu.exceptions.OperationalError)
+    async def _broker_down(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(503, "broker_unavailable", "the job queue (Redis broker) is unreachable, try again shortly")
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -98,6 +108,8 @@ def health_router(worker_kind: str, extra_ready_check: Callable[[Request], None]
         try:
             state.redis.ping()
             workers = live_workers(state.redis, state.settings.key_prefix, worker_kind)
+        except redis.exceptions.AuthenticationError as exc:
+            return error_response(503, "store_unavailable", describe_auth_error(state.redis, exc))
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             return error_response(503, "store_unavailable", f"the store is unreachable ({type(exc).__name__})")
         if not workers:

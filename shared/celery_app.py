@@ -10,20 +10,87 @@ use ``AttemptLimitedTask``, which counts deliveries per task id and, past
 
 from __future__ import annotations
 
+import ssl
+import time
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import redis
 from celery import Celery, Task
+from celery.exceptions import Reject
 from kombu import Exchange, Queue
 
+from shared.broker import TRANSPORT as BROKER_TRANSPORT
+from shared.errors import StoreUnavailable
 from shared.jobs import JobStore
-from shared.redis_conn import connect, translate_connection_errors
+from shared.redis_conn import CONNECT_TIMEOUT_S, SOCKET_TIMEOUT_S, connect, translate_connection_errors
 from shared.settings import Settings
 
 EMBED_QUEUE = "embed"
 GENERATE_QUEUE = "generate"
 QUEUES = (EMBED_QUEUE, GENERATE_QUEUE)
 WORKER_LOST_CODE = "worker_lost"
+
+# A message that cannot be published while the broker is down is retried this
+# often, under 2 s in all, then the caller gets kombu's OperationalError (the
+# APIs answer 503). Celery's default policy is similar; it is spelled out here
+# because an unbounded retry would hang every API request during an outage.
+PUBLISH_RETRY_POLICY = {"max_retries": 3, "interval_start": 0.1, "interval_step": 0.5, "interval_max": 1.0}
+# A task that finds the store down puts its message back after this pause, so a
+# Redis outage does not make workers spin on redeliveries.
+STORE_DOWN_REQUEUE_DELAY_S = 1.0
+
+_CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+
+
+def redis_ssl_options(url: str) -> dict[str, Any] | None:
+    """Celery's ``broker_use_ssl`` / ``redis_backend_use_ssl`` for ``url``: None unless it is ``rediss://``.
+
+    The TLS parameters are read from the URL's query, as redis-py's ``from_url``
+    reads them for vlmq's own clients (``ssl_cert_reqs``, ``ssl_ca_certs``,
+    ``ssl_certfile``, ``ssl_keyfile``), so one URL configures every client alike.
+    Certificates are verified unless the URL says ``ssl_cert_reqs=none``: kombu
+    on its own would connect to a ``rediss://`` broker without verifying anything.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "rediss":
+        return None
+    query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+    reqs = query.get("ssl_cert_reqs", "required").lower().removeprefix("cert_")
+    if reqs not in _CERT_REQS:
+        raise ValueError(f"ssl_cert_reqs must be one of {', '.join(_CERT_REQS)}, got {query['ssl_cert_reqs']!r}")
+    options: dict[str, Any] = {"ssl_cert_reqs": _CERT_REQS[reqs]}
+    for key in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if key in query:
+            options[key] = query[key]
+    return options
+
+
+def broker_transport_options(settings: Settings) -> dict[str, Any]:
+    """How kombu's Redis transport times out connections and brings back unacked messages.
+
+    A delivered message sits in the ``unacked`` hash (scored by delivery time in
+    ``unacked_index``) until its task is acked. When a worker dies, nothing acks
+    it: every live worker sweeps ``unacked_index`` each ``unacked_restore_interval``
+    seconds (on every sweep: throttle 1) and puts back messages older than
+    ``visibility_timeout``. So a dead worker's jobs run again after between
+    ``visibility_timeout`` and ``visibility_timeout + interval`` seconds. The sweep
+    holds a mutex; a worker killed while holding it blocks sweeps until the mutex
+    expires, so that expiry is bounded by the visibility timeout too.
+    """
+    visibility = settings.visibility_timeout_s
+    return {
+        "visibility_timeout": visibility,
+        # vlmq sends no priorities: one list per queue, which shared.broker's atomic take needs.
+        "priority_steps": [0],
+        "unacked_restore_interval": max(1, min(60, visibility // 10)),
+        "unacked_restore_throttle": 1,
+        "unacked_mutex_expire": max(1, min(300, visibility)),
+        # Without these a publish to a broker that vanished without closing the
+        # connection (a host gone, a firewall) would wait forever.
+        "socket_timeout": SOCKET_TIMEOUT_S,
+        "socket_connect_timeout": CONNECT_TIMEOUT_S,
+    }
 
 
 def create_celery_app(settings: Settings, name: str = "vlmq") -> Celery:
@@ -50,9 +117,18 @@ def create_celery_app(settings: Settings, name: str = "vlmq") -> Celery:
         result_serializer="json",
         accept_content=["json", "msgpack"],
         result_accept_content=["json", "msgpack"],
+        # kombu's Redis transport with a take that cannot lose a message (see shared.broker).
+        broker_transport=BROKER_TRANSPORT,
         # Unacked messages return to the queue after this long; it must exceed the longest task.
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_transport_options=broker_transport_options(settings),
         broker_connection_retry_on_startup=True,
+        task_publish_retry_policy=PUBLISH_RETRY_POLICY,
+        # TLS as the URLs say (rediss://), with certificates verified by default.
+        broker_use_ssl=redis_ssl_options(settings.broker_url),
+        redis_backend_use_ssl=redis_ssl_options(settings.effective_store_url),
+        # The result backend's Redis calls give up like vlmq's own clients do, not after 2 minutes.
+        redis_socket_timeout=SOCKET_TIMEOUT_S,
+        redis_socket_connect_timeout=CONNECT_TIMEOUT_S,
         # With late acks, a task still running after the broker connection is
         # lost will be redelivered anyway: stop it rather than run it twice.
         worker_cancel_long_running_tasks_on_connection_loss=True,
@@ -112,16 +188,30 @@ class AttemptLimitedTask(Task):
         if task_id is None:  # called as a plain function, not delivered: nothing to count
             return super().__call__(*args, **kwargs)
         settings = self.vlmq_settings
-        attempts = count_attempt(self.store_redis, settings.key_prefix, task_id, settings.job_ttl_s)
-        if attempts > settings.max_attempts:
-            return self.on_attempts_exhausted(settings.max_attempts, args, kwargs)
-        return super().__call__(*args, **kwargs)
+        try:
+            attempts = count_attempt(self.store_redis, settings.key_prefix, task_id, settings.job_ttl_s)
+            if attempts > settings.max_attempts:
+                return self.on_attempts_exhausted(settings.max_attempts, args, kwargs)
+            return super().__call__(*args, **kwargs)
+        except StoreUnavailable as exc:
+            # The store is down (a Redis restart, say): the job has neither failed nor
+            # finished. Acking would lose it, so the message goes back to the queue to
+            # run once Redis answers again (if the broker is down too, the requeue fails
+            # and the unacked message comes back after the visibility timeout instead).
+            time.sleep(STORE_DOWN_REQUEUE_DELAY_S)
+            raise Reject(f"store unavailable, requeued: {exc.message}", requeue=True) from exc
 
-    def on_attempts_exhausted(self, attempts: int, args: tuple, kwargs: dict) -> None:
-        """Mark the task's job failed; override for tasks that track something else."""
+    def on_attempts_exhausted(self, attempts: int, args: tuple, kwargs: dict) -> Any:
+        """Mark the task's job failed and return ``result_of_job`` of it (what a chained task receives)."""
         job_id = kwargs["job_id"] if "job_id" in kwargs else args[0]
-        self.jobs.mark_failed(
+        job = self.jobs.mark_failed(
             job_id,
             WORKER_LOST_CODE,
-            f"gave up after {attempts} attempts: the worker died while running this job",
+            f"gave up after {attempts} attempts: the worker died (or lost Redis) while running this job",
         )
+        return self.result_of_job(job)
+
+    def result_of_job(self, job: dict[str, Any]) -> Any:
+        """The task's return value for a finished ``job``. A task whose result feeds a chain overrides it
+        (``embedder_service.tasks.EmbedTask``), so the next task gets the same shape either way."""
+        return {"job_id": job["id"], "status": job["status"], "error": job["error"]}

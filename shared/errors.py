@@ -42,6 +42,13 @@ class NotFound(VlmqError):
     status = 404
 
 
+class Forbidden(VlmqError):
+    """The object exists but belongs to another tenant (API key)."""
+
+    code = "forbidden"
+    status = 403
+
+
 class TooLarge(InvalidInput):
     code = "too_large"
     status = 413

@@ -19,7 +19,7 @@ from typing import Any
 
 import redis
 
-from shared.errors import NotFound
+from shared.errors import Forbidden, NotFound
 from shared.redis_conn import translate_connection_errors
 
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
@@ -70,14 +70,14 @@ class JobStore:
         return job_id
 
     def get(self, job_id: str, tenant: str | None = None) -> dict[str, Any]:
-        """The job; ``NotFound`` if it is unknown, expired, or another tenant's."""
+        """The job; ``NotFound`` if it is unknown or expired, ``Forbidden`` if another tenant's."""
         with translate_connection_errors(self._redis):
             raw = self._redis.get(self._job_key(job_id))
         if raw is None:
             raise NotFound(f"job not found (unknown or expired): {job_id}")
         job = json.loads(raw)
         if tenant is not None and job["tenant"] != tenant:
-            raise NotFound(f"job not found (unknown or expired): {job_id}")
+            raise Forbidden(f"job of another tenant: {job_id}")
         return job
 
     def mark_running(self, job_id: str) -> dict[str, Any]:

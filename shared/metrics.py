@@ -21,6 +21,12 @@ HISTOGRAMS = {
 }
 
 
+# Every store key has a TTL (the store may evict by TTL, and nothing may pile up): the stats
+# hash lives this long after the last job recorded in it. Prometheus treats the reset of a
+# counter that expired as any restart.
+STATS_TTL_S = 7 * 24 * 3600
+
+
 class WorkerStats:
     """Counters and histograms of one worker kind, in `{prefix}stats:{kind}`."""
 
@@ -33,6 +39,7 @@ class WorkerStats:
             pipe = self.client.pipeline(transaction=False)
             for name, value in counts.items():
                 pipe.hincrbyfloat(self.key, f"c:{name}", value)
+            pipe.expire(self.key, STATS_TTL_S)
             pipe.execute()
         except redis.exceptions.RedisError:
             log.warning("could not record stats %s", counts)  # stats never fail a job
@@ -45,6 +52,7 @@ class WorkerStats:
                     pipe.hincrbyfloat(self.key, f"h:{name}:{bound}", 1)
             pipe.hincrbyfloat(self.key, f"h:{name}:+Inf", 1)
             pipe.hincrbyfloat(self.key, f"h:{name}:sum", value)
+            pipe.expire(self.key, STATS_TTL_S)
             pipe.execute()
         except redis.exceptions.RedisError:
             log.warning("could not record %s=%s", name, value)

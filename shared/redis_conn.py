@@ -55,5 +55,13 @@ def translate_connection_errors(client: redis.Redis) -> Iterator[None]:
     """
     try:
         yield
+    except redis.AuthenticationError as exc:
+        raise StoreUnavailable(describe_auth_error(client, exc)) from exc
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise StoreUnavailable(f"Redis at {endpoint(client)} unreachable: {exc}") from exc
+
+
+def describe_auth_error(client: redis.Redis, exc: redis.AuthenticationError) -> str:
+    """What to tell an operator whose Redis URL carries a wrong (or no) password — without the password."""
+    return (f"Redis at {endpoint(client)} refused vlmq's credentials ({exc}): check the user and password "
+            "in VLMQ_BROKER_URL / VLMQ_STORE_URL (redis://[user]:password@host:port/db)")

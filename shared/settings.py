@@ -25,7 +25,7 @@ def _split_list(value: object) -> object:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VLMQ_", extra="ignore")
 
-    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker (Redis URL; rediss:// for TLS)")
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker (Redis URL; rediss:// for TLS, certificates verified)")
     store_url: str | None = Field(None, description="Redis for containers, uploads and results; defaults to the broker")
     key_prefix: str = Field("vlmq:", description="Prefix of every key vlmq writes in the store")
     container_ttl_s: int = Field(7 * 24 * 3600, gt=0, description="Lifetime of an embedding container")
@@ -43,8 +43,10 @@ class Settings(BaseSettings):
     )
     device: str = Field("cpu", description="Torch device of a worker: cpu, cuda, cuda:N")
     dtype: str = Field("auto", description="Model dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
-    max_attempts: int = Field(3, gt=0, description="Deliveries of a job before it is marked failed")
-    visibility_timeout_s: int = Field(3600, gt=0, description="Seconds before an unacknowledged job is redelivered")
+    max_attempts: int = Field(3, gt=0, description="Deliveries of a job before it is marked failed (`worker_lost`)")
+    visibility_timeout_s: int = Field(
+        3600, gt=0, description="Seconds before a dead worker's unacknowledged job is redelivered; must exceed the longest task"
+    )
     embed_max_batch: int = Field(8, gt=0, description="Images per batched vision forward")
     embed_max_wait_ms: int = Field(20, ge=0, description="How long the embedder waits to fill a batch")
     generate_max_batch: int = Field(8, gt=0, description="Requests decoded together by one generator worker")

@@ -12,7 +12,7 @@ from typing import Any
 import redis
 
 from shared.container import EmbeddingContainer, decode_container, encode_container
-from shared.errors import NotFound, TooLarge
+from shared.errors import Forbidden, NotFound, TooLarge
 from shared.redis_conn import translate_connection_errors
 
 DEFAULT_TTL_S = 7 * 24 * 3600
@@ -39,9 +39,11 @@ class ContainerStore:
 
     Containers are content-addressed: ``put`` of an id that already exists keeps
     the stored one (its token IDs included) and returns it, so the same image
-    always maps to the same IDs. ``tenant`` arguments scope reads: another
-    tenant's container is reported as not found, never as forbidden, so tenants
-    cannot probe each other's ids. Containers read back carry their live expiry:
+    always maps to the same IDs. ``tenant`` arguments scope access: another
+    tenant's container is ``Forbidden`` (403) for reads and deletes alike. That
+    tells a caller the id exists, which is harmless: ids are SHA-256 content
+    addresses that include the owning tenant, so they cannot be guessed or
+    computed from an image by anyone else. Containers read back carry their live expiry:
     ``expires_at`` follows ``touch`` and is None while pinned.
     """
 
@@ -87,25 +89,28 @@ class ContainerStore:
             return bool(self._redis.exists(self.key(container_id)))
 
     def get(self, container_id: str, tenant: str | None = None) -> EmbeddingContainer:
-        """The container ``container_id``; ``NotFound`` if it is absent, expired or another tenant's."""
+        """The container ``container_id``; ``NotFound`` if it is absent or expired, ``Forbidden`` if another tenant's."""
         return self.get_many([container_id], tenant)[0]
 
     def get_many(self, container_ids: Sequence[str], tenant: str | None = None) -> list[EmbeddingContainer]:
-        """The containers, in order, fetched in one round trip; ``NotFound`` naming every missing id."""
+        """The containers, in order, fetched in one round trip; ``NotFound`` naming every missing id,
+        else ``Forbidden`` naming every id of another tenant."""
         if not container_ids:
             return []
         with translate_connection_errors(self._redis):
             found = self._fetch(container_ids)
-        missing = [
-            cid for cid, c in zip(container_ids, found) if c is None or (tenant is not None and c.tenant != tenant)
-        ]
+        missing = [cid for cid, c in zip(container_ids, found) if c is None]
         if missing:
             noun = "container" if len(missing) == 1 else "containers"
             raise NotFound(f"{noun} not found (unknown or expired): {', '.join(missing)}")
+        foreign = [cid for cid, c in zip(container_ids, found) if tenant is not None and c.tenant != tenant]
+        if foreign:
+            noun = "container" if len(foreign) == 1 else "containers"
+            raise Forbidden(f"{noun} of another tenant: {', '.join(foreign)}")
         return found
 
     def delete(self, container_id: str, tenant: str | None = None) -> bool:
-        """Delete a container; False if it did not exist (or belongs to another tenant)."""
+        """Delete a container; False if it did not exist, ``Forbidden`` if it is another tenant's."""
         if tenant is not None:
             try:
                 self.get(container_id, tenant)

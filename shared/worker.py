@@ -4,10 +4,29 @@ from __future__ import annotations
 
 import os
 
+import redis
 from celery import Celery
 
 from shared.heartbeat import WorkerHeartbeat
-from shared.redis_conn import connect
+from shared.redis_conn import connect, describe_auth_error
+
+
+def check_credentials(url: str) -> None:
+    """Exit with one clear line if Redis at `url` refuses the URL's credentials.
+
+    Celery would retry a refused login forever, logging the same error; a wrong
+    password never fixes itself. A Redis that is merely down is left to Celery,
+    which waits for it.
+    """
+    client = connect(url, retries=0)
+    try:
+        client.ping()
+    except redis.AuthenticationError as exc:
+        raise SystemExit(f"vlmq worker: {describe_auth_error(client, exc)}") from None
+    except (redis.ConnectionError, redis.TimeoutError):
+        pass
+    finally:
+        client.close()
 
 
 def run_celery_worker(app: Celery, queue: str, *, concurrency: int, device: str, model_path: str, loglevel: str = "INFO") -> None:
@@ -17,6 +36,8 @@ def run_celery_worker(app: Celery, queue: str, *, concurrency: int, device: str,
     threads share it; batching across concurrent jobs happens inside the process.
     """
     settings = app.vlmq_settings
+    for url in dict.fromkeys([settings.broker_url, settings.effective_store_url]):
+        check_credentials(url)
     info = {"device": device, "model": model_path}
     heartbeat = WorkerHeartbeat(connect(settings.effective_store_url), settings.key_prefix, queue, info).start()
     name = f"{queue}-{device.replace(':', '')}-{os.getpid()}@%h"  # unique per process; %h is the host

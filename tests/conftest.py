@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -46,3 +47,30 @@ def key_prefix(redis_client: redis.Redis) -> Iterator[str]:
 def settings(redis_url: str, key_prefix: str) -> Settings:
     """Settings pointing broker and store at the session's Redis, with this test's key prefix."""
     return Settings(broker_url=redis_url, store_url=redis_url, key_prefix=key_prefix)
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory) -> Path:
+    """The tiny random-weight LLaVA `vlmq demo-model` writes (no transformers needed): for service tests."""
+    from shared.demo_model import write_demo_model
+
+    return write_demo_model(tmp_path_factory.mktemp("demo") / "llava")
+
+
+@pytest.fixture(scope="session")
+def service_workers(demo_model, redis_server) -> Iterator[Settings]:
+    """One embed and one generate worker for the rest of the session, for tests that differ only in
+    API settings (limits, keys, allowed roots) and put their own API servers in front of them.
+
+    They use Redis database 5: Celery's queues are not under the key prefix, so workers
+    sharing a database with another test's would take that test's jobs.
+    """
+    from tests.services import worker_processes
+
+    url = redis_server.url.rsplit("/", 1)[0] + "/5"
+    settings = Settings(broker_url=url, store_url=url, key_prefix="svc:")
+    with worker_processes(["embed", "generate"], demo_model, settings):
+        yield settings
+    client = connect(url)
+    client.flushdb()  # database 5 is these workers' alone
+    client.close()

@@ -64,27 +64,42 @@ def api_server(app) -> Iterator[str]:
 @contextmanager
 def worker_process(kind: str, model: Path, settings: Settings, *extra_args: str, **env: str) -> Iterator[subprocess.Popen]:
     """`vlmq worker KIND --model MODEL` in a subprocess; waits until it has reported in."""
+    with worker_processes([kind], model, settings, *extra_args, **env) as (proc,):
+        yield proc
+
+
+@contextmanager
+def worker_processes(kinds: list[str], model: Path, settings: Settings, *extra_args: str, **env: str) -> Iterator[list[subprocess.Popen]]:
+    """One `vlmq worker KIND --model MODEL` subprocess per entry of `kinds`, started together (their
+    model loads overlap); waits until every one has reported in, and stops them all together."""
     import redis as redis_lib
 
     from shared.heartbeat import live_workers
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "worker", kind, "--model", str(model), *extra_args],
-        env=service_env(settings, **env), cwd=REPO,
-    )
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "shared.cli", "worker", kind, "--model", str(model), *extra_args],
+                         env=service_env(settings, **env), cwd=REPO)
+        for kind in kinds
+    ]
     client = redis_lib.Redis.from_url(settings.effective_store_url)
     try:
         deadline = time.monotonic() + 60
-        while not any(w["id"].endswith(f"-{proc.pid}") for w in live_workers(client, settings.key_prefix, kind)):
-            if proc.poll() is not None:
-                raise RuntimeError(f"{kind} worker exited with {proc.returncode} before reporting in")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{kind} worker did not report in within 60 s")
+        waiting = list(zip(kinds, procs))
+        while waiting:
+            for kind, proc in list(waiting):
+                if any(w["id"].endswith(f"-{proc.pid}") for w in live_workers(client, settings.key_prefix, kind)):
+                    waiting.remove((kind, proc))
+                elif proc.poll() is not None:
+                    raise RuntimeError(f"{kind} worker exited with {proc.returncode} before reporting in")
+            if waiting and time.monotonic() > deadline:
+                raise RuntimeError(f"{waiting[0][0]} worker did not report in within 60 s")
             time.sleep(0.1)
-        yield proc
+        yield procs
     finally:
-        if proc.poll() is None:
+        running = [proc for proc in procs if proc.poll() is None]
+        for proc in running:
             proc.terminate()
+        for proc in running:
             try:
                 proc.wait(20)
             except subprocess.TimeoutExpired:

@@ -72,7 +72,12 @@ def test_factory_configures_queues_routes_acks_and_serializers(settings):
     assert conf.worker_prefetch_multiplier == 1
     assert conf.task_serializer == "json" and conf.result_serializer == "json"
     assert set(conf.accept_content) == {"json", "msgpack"}
-    assert conf.broker_transport_options == {"visibility_timeout": settings.visibility_timeout_s}
+    assert conf.broker_transport == "shared.broker:Transport"  # the atomic take (test_broker.py)
+    assert conf.broker_transport_options["visibility_timeout"] == settings.visibility_timeout_s
+    # A dead worker's jobs are swept back every visibility/10 s (1–60 s), on every tick.
+    assert conf.broker_transport_options["unacked_restore_interval"] == 60
+    assert conf.broker_transport_options["unacked_restore_throttle"] == 1
+    assert conf.task_publish_retry_policy["max_retries"] == 3
     assert conf.broker_connection_retry_on_startup is True
     assert conf.task_track_started is True
     assert conf.broker_url == settings.broker_url
@@ -144,7 +149,7 @@ def test_a_task_delivered_past_max_attempts_fails_its_job(app, worker, jobs, mod
     assert job["status"] == "failed"
     assert job["error"] == {
         "code": "worker_lost",
-        "message": f"gave up after {MAX_ATTEMPTS} attempts: the worker died while running this job",
+        "message": f"gave up after {MAX_ATTEMPTS} attempts: the worker died (or lost Redis) while running this job",
     }
     assert job["attempts"] == MAX_ATTEMPTS
     assert client.get(f"{module_settings.key_prefix}probe-runs:{job_id}") == str(MAX_ATTEMPTS).encode()

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from shared.errors import NotFound
+from shared.errors import Forbidden, NotFound
 from shared.jobs import JobStore
 from shared.redis_conn import connect
 
@@ -82,9 +82,9 @@ def test_concurrent_updates_are_not_lost(jobs, redis_url, key_prefix):
     assert jobs.get(job_id)["attempts"] == 40
 
 
-def test_jobs_of_other_tenants_and_unknown_jobs_are_not_found(jobs):
+def test_jobs_of_other_tenants_are_forbidden_and_unknown_jobs_not_found(jobs):
     job_id = jobs.create("embed", "acme")
-    with pytest.raises(NotFound, match=job_id):
+    with pytest.raises(Forbidden, match=f"job of another tenant: {job_id}"):
         jobs.get(job_id, tenant="evil")
     with pytest.raises(NotFound, match="nope"):
         jobs.get("nope")
@@ -128,7 +128,7 @@ def test_wait_returns_the_unfinished_job_after_the_timeout(jobs):
 
 def test_wait_checks_the_tenant(jobs):
     job_id = jobs.create("generate", "acme")
-    with pytest.raises(NotFound):
+    with pytest.raises(Forbidden):
         jobs.wait(job_id, timeout_s=0.1, tenant="evil")
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from shared.container import EmbeddingContainer, Layout
-from shared.errors import NotFound, TooLarge
+from shared.errors import Forbidden, NotFound, TooLarge
 from shared.redis_conn import connect
 from shared.store import ContainerStore, container_id
 from shared.token_ids import allocate_token_ids
@@ -120,14 +120,17 @@ def test_get_many_names_every_missing_id(store, redis_client, key_prefix):
     assert "here" not in caught.value.message.split(":")[-1]
 
 
-def test_other_tenants_containers_are_not_found(store, redis_client, key_prefix):
+def test_other_tenants_containers_are_forbidden(store, redis_client, key_prefix):
     store.put(make_container(redis_client, key_prefix, cid="mine", tenant="acme"))
     assert store.get("mine", tenant="acme").tenant == "acme"
-    with pytest.raises(NotFound, match="mine"):
+    with pytest.raises(Forbidden, match="container of another tenant: mine"):
         store.get("mine", tenant="evil")
-    with pytest.raises(NotFound, match="mine"):
+    with pytest.raises(Forbidden, match="mine"):
         store.get_many(["mine"], tenant="evil")
-    assert store.delete("mine", tenant="evil") is False
+    with pytest.raises(NotFound, match="gone"):  # a missing id is named first
+        store.get_many(["mine", "gone"], tenant="evil")
+    with pytest.raises(Forbidden, match="mine"):
+        store.delete("mine", tenant="evil")
     assert store.exists("mine")
 
 

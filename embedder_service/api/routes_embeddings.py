@@ -8,6 +8,7 @@ import binascii
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from shared.api_deps import CeleryDep, JobsDep, SettingsDep
 from embedder_service.api.schemas import EmbeddingsRequest, JobAccepted
@@ -79,11 +80,13 @@ async def create_embeddings(
     wait: float | None = Query(None, ge=0, le=300, description="Seconds to wait for the job to finish"),
 ):
     """Enqueue one job embedding one or more images; each becomes a container."""
+    # This route is async (to stream the upload in); everything that blocks — Redis, files,
+    # waiting for the job — runs in the thread pool, or one waiting client would stall the server.
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         images = await _images_from_multipart(request, settings)
     elif content_type.startswith("application/json"):
-        images = _images_from_json(await request.body(), settings)
+        images = await run_in_threadpool(_images_from_json, await request.body(), settings)
     else:
         raise InvalidInput("send multipart/form-data with `file` fields or application/json with `images`", status=415, code="unsupported_media_type")
     for index, data in enumerate(images):
@@ -91,9 +94,9 @@ async def create_embeddings(
             raise TooLarge(f"image {index} is {len(data)} bytes, over the limit of {settings.max_upload_bytes}")
         if not data:
             raise InvalidInput(f"image {index} is empty")
-    job_id = enqueue_embed(celery, jobs, tenant, images)
+    job_id = await run_in_threadpool(enqueue_embed, celery, jobs, tenant, images)
     if wait:
-        job = jobs.wait(job_id, wait)
+        job = await run_in_threadpool(jobs.wait, job_id, wait)
         if job["status"] in ("succeeded", "failed"):
             return JSONResponse(job_view(job).model_dump(), status_code=200)
     return JobAccepted(job_id=job_id, status="queued", status_url=f"/v1/jobs/{job_id}")

@@ -6,12 +6,13 @@ from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from generator_service.api.schemas import GenerateJob, GenerateRequest, JobAccepted
-from generator_service.api.views import job_view, sse, stream_events, wait_finished
+from generator_service.api.views import job_view, raise_if_failed, sse, stream_events
 from generator_service.tasks import enqueue_generate
 from generator_service.tokenizer import default_alias_ids
 from shared.api import Tenant
 from shared.api_deps import CeleryDep, JobsDep, SettingsDep, StoreDep, StreamsDep
 from shared.errors import InvalidInput
+from shared.jobs import TERMINAL_STATUSES
 
 router = APIRouter(prefix="/v1", tags=["generate"])
 
@@ -24,7 +25,7 @@ def check_max_tokens(max_tokens: int, limit: int) -> None:
 
 
 @router.post("/generate", status_code=202, response_model=JobAccepted,
-             responses={200: {"model": GenerateJob, "description": "The finished job, with `wait`"},
+             responses={200: {"model": GenerateJob, "description": "The finished job, with `wait` (202 if it is not finished by then)"},
                         404: {"description": "An image alias names no stored container"}})
 def generate(body: GenerateRequest, tenant: Tenant, settings: SettingsDep, jobs: JobsDep, store: StoreDep,
              celery: CeleryDep, streams: StreamsDep,
@@ -40,7 +41,11 @@ def generate(body: GenerateRequest, tenant: Tenant, settings: SettingsDep, jobs:
     if body.stream:
         return job_stream_response(streams, job_id)
     if wait:
-        return JSONResponse(job_view(wait_finished(jobs, job_id, wait)).model_dump(), status_code=200)
+        job = jobs.wait(job_id, wait)
+        if job["status"] in TERMINAL_STATUSES:
+            raise_if_failed(job)  # the caller's mistake found by the worker keeps its 4xx
+            return JSONResponse(job_view(job).model_dump(), status_code=200)
+        # Not finished in time: as without `wait` (and as the embedder answers), not a server error.
     return JobAccepted(job_id=job_id, status="queued", status_url=f"/v1/jobs/{job_id}", stream_url=f"/v1/jobs/{job_id}/stream")
 
 

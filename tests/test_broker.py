@@ -1,0 +1,73 @@
+"""shared.broker: a message is at every moment in its queue or in `unacked`, never in neither."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+
+from shared.broker import _TAKE, TRANSPORT, Channel
+from shared.redis_conn import connect
+
+
+@pytest.fixture
+def broker_url(redis_server):
+    url = redis_server.url.rsplit("/", 1)[0] + "/2"  # a database of this module's own
+    yield url
+    client = connect(url)
+    client.flushdb()
+    client.close()
+
+
+def publish(url: str, body: dict) -> None:
+    queue = Queue("work", Exchange("work", type="direct"), routing_key="work")
+    with Connection(url, transport=TRANSPORT, transport_options={"priority_steps": [0]}) as connection:
+        Producer(connection).publish(body, exchange=queue.exchange, routing_key="work", declare=[queue], serializer="json")
+
+
+def test_the_take_moves_a_message_into_unacked_in_one_step_and_a_sweep_brings_it_back(broker_url):
+    publish(broker_url, {"n": 1})
+    client = connect(broker_url)
+    [raw] = client.lrange("work", 0, -1)
+    tag = json.loads(raw)["properties"]["delivery_tag"]
+
+    taken = client.eval(_TAKE, 3, "work", "unacked", "unacked_index", time.time())
+    # One script: the queue lost it and `unacked` holds it, as kombu's QoS.append writes it.
+    assert taken == raw and client.llen("work") == 0
+    assert json.loads(client.hget("unacked", tag)) == [json.loads(raw), "work", "work"]
+    assert client.zscore("unacked_index", tag) is not None
+    assert client.eval(_TAKE, 3, "work", "unacked", "unacked_index", time.time()) is None  # nothing left to take
+
+    # The worker that took it "died" (never acked): kombu's sweep puts it back on the queue.
+    with Connection(broker_url, transport=TRANSPORT, transport_options={"visibility_timeout": 0, "priority_steps": [0]}) as connection:
+        connection.default_channel.qos.restore_visible(num=10)
+    assert client.llen("work") == 1 and client.hlen("unacked") == 0
+
+
+def test_a_consumer_takes_with_blmove_and_acks(broker_url):
+    publish(broker_url, {"n": 2})
+    client = connect(broker_url)
+    seen = []
+    blmoves = _calls(client, "blmove")
+    queue = Queue("work", Exchange("work", type="direct"), routing_key="work")
+    with Connection(broker_url, transport=TRANSPORT, transport_options={"priority_steps": [0]}) as connection:
+        channel = connection.channel()
+        assert isinstance(channel, Channel)
+
+        def on_message(body, message):
+            # Received: recorded as unacked (by the take, then again by kombu), gone from the queue.
+            seen.append((body, client.hexists("unacked", message.delivery_tag), client.llen("work")))
+            message.ack()
+
+        with Consumer(channel, [queue], callbacks=[on_message], accept=["json"]):
+            connection.drain_events(timeout=5)
+        channel.close()
+    assert seen == [({"n": 2}, True, 0)]
+    assert client.hlen("unacked") == 0  # acked
+    assert _calls(client, "blmove") > blmoves  # it waited with BLMOVE, not BRPOP
+
+
+def _calls(client, command: str) -> int:
+    return client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0)
