@@ -24,34 +24,43 @@ def multimodal_embedding_reference(ids: Tensor, table: Tensor, ranges: Tensor, r
     outside the vocabulary, or an ID ≥ the base in no range (forged or unbound), raises
     InvalidInput naming it: never garbage embeddings.
     """
-    _check_ranges(ranges, rows, table)
+    check_ranges(ranges, rows, table)
     ids = ids.long()
     is_image = ids >= EMBEDDING_INDEX_BASE  # [T]
     text_ids = torch.where(is_image, 0, ids)
     outside = (text_ids < 0) | (text_ids >= table.shape[0])
     if bool(outside.any()):
-        bad = int(ids[outside][0])
-        raise InvalidInput(f"token id {bad} is outside the vocabulary [0, {table.shape[0]}) and is no embedding id")
+        raise outside_vocabulary(int(ids[outside][0]), table.shape[0])
     out = F.embedding(text_ids, table)  # [T, D]
     if not bool(is_image.any()):
         return out
 
     image_ids = ids[is_image]  # [I]
     if ranges.shape[0] == 0:
-        raise InvalidInput(f"token id {int(image_ids[0])} belongs to no bound embedding container")
+        raise unbound_embedding_id(int(image_ids[0]))
     firsts, counts = ranges[:, 0].contiguous(), ranges[:, 1]  # [C]
     container = torch.searchsorted(firsts, image_ids, right=True) - 1  # [I], -1: below every range
     clamped = container.clamp(min=0)
     offset = image_ids - firsts[clamped]  # [I] row within its container
     valid = (container >= 0) & (offset < counts[clamped])
     if not bool(valid.all()):
-        raise InvalidInput(f"token id {int(image_ids[~valid][0])} belongs to no bound embedding container")
+        raise unbound_embedding_id(int(image_ids[~valid][0]))
     starts = torch.cumsum(counts, 0) - counts  # [C] each container's first row in `rows`
     out[is_image] = rows[starts[clamped] + offset].to(out.dtype)
     return out
 
 
-def _check_ranges(ranges: Tensor, rows: Tensor, table: Tensor) -> None:
+def outside_vocabulary(token_id: int, vocab: int) -> InvalidInput:
+    """The error for a text ID that is negative or ≥ the vocabulary (every gather path raises this one)."""
+    return InvalidInput(f"token id {token_id} is outside the vocabulary [0, {vocab}) and is no embedding id")
+
+
+def unbound_embedding_id(token_id: int) -> InvalidInput:
+    """The error for an ID ≥ EMBEDDING_INDEX_BASE in no bound container's range (every gather path raises this one)."""
+    return InvalidInput(f"token id {token_id} belongs to no bound embedding container")
+
+
+def check_ranges(ranges: Tensor, rows: Tensor, table: Tensor) -> None:
     """Malformed ranges are a caller bug, not bad user input: ValueError."""
     if ranges.dim() != 2 or ranges.shape[1] != 2 or ranges.dtype != torch.long:
         raise ValueError(f"ranges must be Long[C, 2], got {ranges.dtype} {tuple(ranges.shape)}")

@@ -1,0 +1,151 @@
+"""Builds the C++/CUDA extensions in `csrc/` on first use, cached across processes.
+
+Two extensions, each registering a torch op `multimodal_embedding(ids, table, ranges,
+rows, base) -> (out, error_tokens)` (`torch.ops.vlmq_gather_{cpu,cuda}`):
+
+- `cuda`: the CUDA kernel (`multimodal_embedding_kernel.cu`, pure CUDA) and its torch
+  binding; needs a CUDA build of torch and `nvcc`.
+- `cpu`: the same per-token code (`gather_index.h`, `gather_row.h`) in a loop over
+  tokens; needs a C++ compiler only.
+
+Both need ninja (torch's extension builder). Builds go to
+`$VLMQ_EXTENSIONS_DIR/<name>-<digest>` (default: torch's extension root, honouring
+`TORCH_EXTENSIONS_DIR`, then `vlmq/`), where the digest covers the sources and headers,
+the flags, the torch, CUDA and Python versions and `TORCH_CUDA_ARCH_LIST`: an unchanged
+extension is built once per machine and then only imported; a changed one gets a fresh
+folder. Ahead of time (e.g. in a GPU image, where no compiler may be present later):
+
+    TORCH_CUDA_ARCH_LIST="8.0;9.0" python -m cuda_ext.build
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils import cpp_extension
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+CFLAGS = ["-O3"]
+CUDA_CFLAGS = ["-O3"]
+SOURCES = {
+    "cpu": ["multimodal_embedding_cpu.cpp"],
+    "cuda": ["multimodal_embedding_cuda.cpp", "multimodal_embedding_kernel.cu"],
+}
+
+
+class ExtensionUnavailable(RuntimeError):
+    """An extension that this machine cannot provide; the torch reference still works."""
+
+
+class ToolchainMissing(ExtensionUnavailable):
+    """No compiler, ninja or CUDA build of torch: nothing to build with (not a bug in the sources)."""
+
+
+class ExtensionBuildError(ExtensionUnavailable):
+    """The toolchain is there but the build failed."""
+
+
+Gather = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+_loaded: dict[str, Gather | ExtensionUnavailable] = {}
+
+
+def cpu_gather() -> Gather:
+    """The CPU extension's op, built on first call (raises ExtensionUnavailable, the same one every call, if it cannot be)."""
+    return _extension("cpu")
+
+
+def cuda_gather() -> Gather:
+    """The CUDA extension's op, built on first call (raises ExtensionUnavailable, the same one every call, if it cannot be)."""
+    return _extension("cuda")
+
+
+def missing_toolchain(kind: str) -> str | None:
+    """Why `kind` ("cpu" or "cuda") cannot be built here, or None when it can be tried."""
+    if not cpp_extension.is_ninja_available():
+        return "ninja not found (pip install ninja)"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"C++ compiler {compiler!r} not found"
+    if kind == "cuda":
+        if torch.version.cuda is None:
+            return f"torch {torch.__version__} is a CPU-only build"
+        if cpp_extension.CUDA_HOME is None:
+            return "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+    return None
+
+
+def build_directory(kind: str) -> Path:
+    """Where `kind` is built: one folder per digest of everything that goes into the build."""
+    digest = hashlib.sha256()
+    for path in sorted(CSRC.iterdir()):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    context = [kind, *CFLAGS, *CUDA_CFLAGS, torch.__version__, str(torch.version.cuda), sys.version,
+               os.environ.get("TORCH_CUDA_ARCH_LIST", ""), os.environ.get("CXX", "")]
+    digest.update("\0".join(context).encode())
+    root = os.environ.get("VLMQ_EXTENSIONS_DIR") or os.path.join(
+        os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root(), "vlmq")
+    return Path(root) / f"vlmq_gather_{kind}-{digest.hexdigest()[:16]}"
+
+
+def _extension(kind: str) -> Gather:
+    if kind not in _loaded:
+        try:
+            _loaded[kind] = _build(kind)
+        except ExtensionUnavailable as error:
+            _loaded[kind] = error  # a failed build is not retried on every forward
+    result = _loaded[kind]
+    if isinstance(result, ExtensionUnavailable):
+        raise result
+    return result
+
+
+def _build(kind: str) -> Gather:
+    reason = missing_toolchain(kind)
+    if reason is not None:
+        raise ToolchainMissing(f"cannot build the {kind} gather extension: {reason}")
+    directory = build_directory(kind)
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        # Ninja makes the build in an already built folder a no-op: then this only loads the library.
+        cpp_extension.load(
+            name=directory.name.replace("-", "_"),
+            sources=[str(CSRC / source) for source in SOURCES[kind]],
+            extra_include_paths=[str(CSRC)],
+            extra_cflags=CFLAGS,
+            extra_cuda_cflags=CUDA_CFLAGS,
+            build_directory=str(directory),
+            with_cuda=kind == "cuda",
+            is_python_module=False,
+        )
+    except (RuntimeError, OSError) as error:  # torch reports compiler errors as RuntimeError
+        raise ExtensionBuildError(f"building the {kind} gather extension in {directory} failed: {error}") from error
+    return getattr(torch.ops, f"vlmq_gather_{kind}").multimodal_embedding
+
+
+def main() -> None:
+    """Build every extension this machine can build; exit non-zero if one it could try failed."""
+    failed = False
+    for kind in SOURCES:
+        start = time.perf_counter()
+        try:
+            _extension(kind)
+        except ToolchainMissing as error:
+            print(f"{kind}: skipped, {error}")
+            continue
+        except ExtensionBuildError as error:
+            print(f"{kind}: FAILED, {error}", file=sys.stderr)
+            failed = True
+            continue
+        print(f"{kind}: {build_directory(kind)} ({time.perf_counter() - start:.1f} s)")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
