@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import redis
 import torch
@@ -30,19 +31,16 @@ class EmbedPipeline:
         self.store = store
         self.client = client
         self.settings = settings
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
         # Decoding and resizing run in these threads while the batcher thread runs the model.
         self.decoders = ThreadPoolExecutor(max_workers=settings.embed_max_batch, thread_name_prefix="vlmq-decode")
-        self.batcher: Batcher[torch.Tensor, torch.Tensor] = Batcher(
+        self.batcher: Batcher[Any, torch.Tensor] = Batcher(
             self._forward, settings.embed_max_batch, settings.embed_max_wait_ms / 1000, name="vlmq-embed-batcher"
         )
 
     @torch.inference_mode()
-    def _forward(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
-        # pixels: B × [3, H, W] float32 → B × [N, D] on the CPU, in the model's dtype
-        batch = torch.stack(pixels).to(self.device, self.dtype)
-        return list(self.model(batch).to("cpu").unbind(0))
+    def _forward(self, pixels: list[Any]) -> list[torch.Tensor]:
+        # B preprocessed images (what model.preprocessor returns; sizes may differ) → B × [N_i, D] on the CPU, in the model's dtype
+        return [rows.to("cpu") for rows in self.model.embed_batch(pixels)]
 
     def embed(self, data: bytes, tenant: str) -> EmbeddingContainer:
         """One image's container; raises InvalidInput/TooLarge for a bad image (nothing else is affected)."""
@@ -63,9 +61,9 @@ class EmbedPipeline:
             first_token_id=allocate_token_ids(self.client, self.settings.key_prefix, num_tokens),
             num_tokens=num_tokens,
             embeddings=embeddings.contiguous(),
-            layout=self.model.layout,
+            layout=self.model.layout_for(pixels),
             grid=self.model.grid_for(pixels),
-            image=image_info(image, data) | {"processed_height": pixels.shape[-2], "processed_width": pixels.shape[-1]},
+            image=image_info(image, data) | dict(zip(("processed_height", "processed_width"), self.model.processed_size(pixels))),
             alias="",
             created_at=now,
             expires_at=now + self.settings.container_ttl_s,

@@ -117,6 +117,8 @@ class _Sequence:
     stop_ids: frozenset[int]
     generator: torch.Generator
     seen: Tensor | None  # Bool[V]: text tokens so far, for the repetition penalty
+    positions: Tensor | None  # the prompt's RoPE positions from the model (None: 0 … P-1)
+    position_offset: int  # RoPE position − cache position of generated tokens (M-RoPE: ≤ 0 after images)
     output: list[int] = field(default_factory=list)
     length: int = 0  # cache positions written
     row: int = -1
@@ -180,6 +182,8 @@ class Engine:
         if params.needs_penalty:
             seen = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=model.device)
             seen[prompt_tensor[prompt_tensor < EMBEDDING_INDEX_BASE]] = True  # container IDs are not text
+        # Computed here, off the engine thread: M-RoPE walks the prompt and its images' grids.
+        positions, next_position = model.prompt_positions(prompt, containers)
         request_id = request.request_id or f"req-{next(self._ids)}"
         return _Sequence(
             request=request,
@@ -192,6 +196,8 @@ class Engine:
             stop_ids=frozenset(stop_ids),
             generator=make_generator(params.seed, model.device),
             seen=seen,
+            positions=positions,
+            position_offset=next_position - len(prompt),
         )
 
     # -- the engine thread -----------------------------------------------------------------
@@ -249,7 +255,7 @@ class Engine:
             seq.row = self._rows.index(None)  # lowest free row keeps the decoded batch short
             self._rows[seq.row] = seq
             try:
-                logits = self.model.prefill(seq.prompt, self.cache, seq.row, ranges=seq.ranges, rows=seq.rows)
+                logits = self.model.prefill(seq.prompt, self.cache, seq.row, ranges=seq.ranges, rows=seq.rows, positions=seq.positions)
             except Exception as exc:  # noqa: BLE001 - one bad request must not stop the others
                 self._fail(seq, exc)
                 continue
@@ -262,11 +268,14 @@ class Engine:
         # Rows 0…n-1 go through the model together; a free row inside that span runs a
         # dummy token at position 0 of its own (unused) cache row.
         n = max(seq.row for seq in running) + 1
-        ids, positions = [0] * n, [0] * n
+        ids, positions, rope_positions = [0] * n, [0] * n, [0] * n
         for seq in running:
             ids[seq.row], positions[seq.row] = seq.output[-1], seq.length
+            rope_positions[seq.row] = seq.length + seq.position_offset
+        if rope_positions == positions:
+            rope_positions = None  # RoPE at the cache positions (every model without M-RoPE): nothing extra to build
         try:
-            logits = self.model.decode(torch.tensor(ids, device=self.model.device), positions, self.cache)  # [n, V]
+            logits = self.model.decode(torch.tensor(ids, device=self.model.device), positions, self.cache, rope_positions)  # [n, V]
         except Exception as exc:  # noqa: BLE001
             for seq in running:
                 self._fail(seq, exc)

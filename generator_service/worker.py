@@ -20,7 +20,15 @@ MAX_SEQ_LEN = 4096
 
 
 def image_token_text(checkpoint: Checkpoint, tokenizer: Tokenizer) -> str | None:
-    """The text the chat template writes for an image part (`<image>` for LLaVA)."""
+    """The text the chat template writes for an image part (`<image>` for LLaVA).
+
+    A family that names its placeholder's tokens (Qwen2-VL: `<|vision_start|><|image_pad|><|vision_end|>`)
+    gets their texts joined: the whole of it becomes the alias, and the container's layout restores the rest.
+    """
+    keys = family_for(checkpoint.config).image_placeholder
+    if keys:
+        tokens = [tokenizer.id_to_token(checkpoint.config[key]) if key in checkpoint.config else None for key in keys]
+        return "".join(tokens) if all(tokens) else None
     config = checkpoint.optional_json("tokenizer_config.json")
     if isinstance(config.get("image_token"), str):
         return config["image_token"]

@@ -9,7 +9,9 @@ Tensor names are canonicalised to the published layout (`vision_tower.vision_mod
 `multi_modal_projector.…`, `language_model.model.…`, `language_model.lm_head.…`)
 so checkpoints saved by `transformers` ≥ 5's new module layout
 (`model.vision_tower.…`, `model.language_model.…`, `lm_head.…`, a CLIP tower
-without `vision_model.`) load the same.
+without `vision_model.`) load the same. Qwen2-VL's tower stays `visual.…`
+(`model.visual.…` too), and its language model, published as `model.…`, joins
+every other family's under `language_model.model.…`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,18 @@ _CANONICAL_PREFIXES = (
     ("model.vision_tower.", "vision_tower."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
     ("model.language_model.", "language_model.model."),
+    ("model.visual.", "visual."),
+    ("model.", "language_model.model."),  # a bare `model.` left by the rules above: Qwen2-VL's language model
     ("lm_head.", "language_model.lm_head."),
+)
+
+# Tensors that, with config.json, identify the model a container was made by: the image side's last
+# layers, whose output is what a container holds (LLaVA's projector, Qwen2-VL's PatchMerger).
+_FINGERPRINT_PREFIXES = ("multi_modal_projector.", "visual.merger.")
+
+# The top-level modules of a CLIP/SigLIP `vision_model`, as they appear when transformers 5 drops that level.
+_VISION_MODEL_CHILDREN = tuple(
+    f"vision_tower.{child}." for child in ("embeddings", "pre_layrnorm", "encoder", "post_layernorm", "head")
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,8 +53,9 @@ def canonical_name(name: str) -> str:
         if name.startswith(new):
             name = published + name[len(new) :]
             break
-    # transformers 5 saves a CLIP/SigLIP tower without its inner `vision_model.` level.
-    if name.startswith("vision_tower.") and not name.startswith("vision_tower.vision_model."):
+    # transformers 5 saves a CLIP/SigLIP tower without its inner `vision_model.` level. Only their
+    # modules get it back: other towers (Pixtral's `patch_conv.`, `transformer.` …) never had one.
+    if name.startswith(_VISION_MODEL_CHILDREN):
         name = "vision_tower.vision_model." + name[len("vision_tower.") :]
     return name
 
@@ -130,14 +144,15 @@ class Checkpoint:
 
     @cached_property
     def fingerprint(self) -> str:
-        """Identifies the model a container was made by: config.json plus the projector's weights.
+        """Identifies the model a container was made by: config.json plus the projector's (or merger's) weights.
 
         The embedder and the generator compute it from the same folder, so a
         generator refuses containers of any other model.
         """
         digest = hashlib.sha256()
         digest.update(json.dumps(self.config, sort_keys=True).encode())
-        for name, tensor in sorted(self.load_tensors("multi_modal_projector.").items()):
-            digest.update(name.encode())
-            digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+        for prefix in _FINGERPRINT_PREFIXES:
+            for name, tensor in sorted(self.load_tensors(prefix).items()):
+                digest.update(name.encode())
+                digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()[:32]

@@ -23,11 +23,9 @@ def resolve_model_path(text: str) -> str:
     name, _, family = text.partition(":")
     if name != "demo" or Path(text).exists():
         return text
-    from shared.demo_model import DEMO_FAMILIES, write_demo_model
+    from shared.demo_model import write_demo_model
 
-    family = family or "llava"
-    if family not in DEMO_FAMILIES:
-        raise argparse.ArgumentTypeError(f"no demo model for family {family!r}; choose one of {', '.join(DEMO_FAMILIES)}")
+    family = _demo_family(family or "llava")
     path = DEMO_CACHE / f"demo-{family}"
     if not path.is_dir():
         # Written aside and renamed, so concurrent first uses never see half a checkpoint.
@@ -37,6 +35,15 @@ def resolve_model_path(text: str) -> str:
         except OSError:  # another process won the race; its copy is identical
             shutil.rmtree(staging, ignore_errors=True)
     return str(path)
+
+
+def _demo_family(text: str) -> str:
+    """A family `vlmq demo-model` can write: checked against DEMO_FAMILIES when parsed (importing it needs torch)."""
+    from shared.demo_model import DEMO_FAMILIES
+
+    if text not in DEMO_FAMILIES:
+        raise argparse.ArgumentTypeError(f"no demo model for family {text!r}; choose one of {', '.join(DEMO_FAMILIES)}")
+    return text
 
 
 def _split_devices(text: str) -> list[str]:
@@ -203,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo-model", help="write a tiny random-weight checkpoint (no download)")
     demo.add_argument("path")
-    demo.add_argument("--family", default="llava", choices=["llava"])
+    demo.add_argument("--family", default="llava", type=_demo_family,
+                      help="a family of shared.demo_model.DEMO_FAMILIES (default llava); a wrong one lists them")
     demo.set_defaults(func=cmd_demo_model)
     return parser
 

@@ -10,6 +10,7 @@ The weights are random, so captions are gibberish — but every code path runs.
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -37,12 +38,36 @@ LLAVA_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 
+# Pixtral / Mistral 3.1: Mistral's instruction and image specials (the image's rows, row breaks and end).
+PIXTRAL_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+
+# The template transformers' Mistral 3.1 / Pixtral conversion writes: an image part is `[IMG]`, which the
+# processor expands into rows (vlmq's containers carry that expansion in their layout).
+MISTRAL_CHAT_TEMPLATE = (
+    '{%- if messages[0]["role"] == "system" %}{%- set system_message = messages[0]["content"] %}'
+    '{%- set loop_messages = messages[1:] %}\n{%- else %}{%- set loop_messages = messages %}{%- endif %}'
+    "{{- bos_token }}{%- for message in loop_messages %}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') }}"
+    '{%- endif %}{%- if message["role"] == "user" %}{%- if loop.last and system_message is defined %}'
+    '{{- "[INST]" + system_message + "\n\n" }}{%- else %}{{ "[INST]" }}{%- endif %}{%- endif %}'
+    '{%- if message["content"] is not string %}{%- for chunk in message["content"] %}'
+    '{%- if chunk["type"] == "text" %}{%- if "content" in chunk %}{{- chunk["content"] }}'
+    '{%- elif "text" in chunk %}{{- chunk["text"] }}{%- endif %}'
+    '{%- elif chunk["type"] == "image" %}{{- "[IMG]" }}'
+    '{%- else %}{{- raise_exception("Unrecognized content type!") }}{%- endif %}{%- endfor %}'
+    '{%- else %}{{- message["content"] }}{%- endif %}'
+    '{%- if message["role"] == "user" %}{{- "[/INST]" }}{%- elif message["role"] == "assistant" %}{{- eos_token}}'
+    '{%- else %}{{- raise_exception("Only user and assistant roles are supported, with the exception of an initial optional system message!") }}'
+    "{%- endif %}{%- endfor %}"
+)
+
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def build_tokenizer(vocab_size: int = 400):
-    """A byte-level BPE tokenizer with Llama's specials; BOS added by its post-processor."""
+def build_tokenizer(vocab_size: int = 400, special_tokens: list[str] = SPECIAL_TOKENS):
+    """A byte-level BPE tokenizer with Llama's specials (or `special_tokens`); BOS added by its post-processor when <s> is one (Qwen's have none)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -50,13 +75,14 @@ def build_tokenizer(vocab_size: int = 400):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS * 4, trainer)
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    if "<s>" in special_tokens:
+        bos = tok.token_to_id("<s>")
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
     return tok
 
 
@@ -103,13 +129,24 @@ def _llama_tensor_shapes(tc: dict) -> dict[str, tuple[int, ...]]:
 def _random_weights(shapes: dict[str, tuple[int, ...]], generator: torch.Generator, std: float = 0.2) -> dict[str, torch.Tensor]:
     weights = {}
     for name, shape in shapes.items():
-        if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "layrnorm.weight")):
+        if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "layrnorm.weight", "ln_q.weight", "ln_pre.weight")):
             weights[name] = torch.ones(shape)  # norms start at identity, as trained models roughly are
         elif name.endswith(".bias"):
             weights[name] = torch.zeros(shape)
         else:
             weights[name] = torch.randn(shape, generator=generator) * (1.0 if "embed" in name else std)
     return weights
+
+
+def _write_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]], tok, files: dict[str, dict], chat_template: str,
+                      seed: int, weight_std: float) -> Path:
+    """Random weights of `shapes`, the tokenizer, the JSON `files` and the chat template, into the folder `path`."""
+    save_file(_random_weights(shapes, torch.Generator().manual_seed(seed), weight_std), path / "model.safetensors", metadata={"format": "pt"})
+    tok.save(str(path / "tokenizer.json"))
+    for name, content in files.items():
+        (path / name).write_text(json.dumps(content, indent=2) + "\n")
+    (path / "chat_template.jinja").write_text(chat_template)
+    return path
 
 
 def write_llava_demo(
@@ -165,8 +202,6 @@ def write_llava_demo(
         "multi_modal_projector.linear_2.weight": (text["hidden_size"], text["hidden_size"]),
         "multi_modal_projector.linear_2.bias": (text["hidden_size"],),
     }
-    save_file(_random_weights(shapes, torch.Generator().manual_seed(seed), weight_std), path / "model.safetensors", metadata={"format": "pt"})
-    tok.save(str(path / "tokenizer.json"))
     files = {
         "config.json": config,
         "tokenizer_config.json": {
@@ -181,13 +216,233 @@ def write_llava_demo(
         },
         "generation_config.json": {"bos_token_id": ids["<s>"], "eos_token_id": ids["</s>"], "pad_token_id": ids["<pad>"]},
     }
-    for name, content in files.items():
-        (path / name).write_text(json.dumps(content, indent=2) + "\n")
-    (path / "chat_template.jinja").write_text(LLAVA_CHAT_TEMPLATE)
-    return path
+    return _write_checkpoint(path, shapes, tok, files, LLAVA_CHAT_TEMPLATE, seed, weight_std)
 
 
-DEMO_FAMILIES = {"llava": write_llava_demo}
+# Qwen2-VL / Qwen2.5-VL: chat turns and the image markers (a subset of the real vocabulary's specials; no BOS).
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+]
+
+# Qwen2-VL-Instruct's template: an image part is <|vision_start|><|image_pad|><|vision_end|>, which the
+# processor expands into <|vision_start|> + one <|image_pad|> per merged patch + <|vision_end|>.
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _qwen2_vl_tensor_shapes(variant: str, vision: dict, text: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a Qwen2(.5)-VL, named as transformers saves it: `visual.…`, `model.…`, `lm_head.weight`."""
+    qwen2 = variant == "qwen2_vl"
+    d = vision["embed_dim"] if qwen2 else vision["hidden_size"]
+    m = d * vision["mlp_ratio"] if qwen2 else vision["intermediate_size"]
+    c, t, p, unit = vision["in_channels"], vision["temporal_patch_size"], vision["patch_size"], vision["spatial_merge_size"] ** 2
+    norm = ("weight", "bias") if qwen2 else ("weight",)  # LayerNorm or RMSNorm
+    shapes = {"visual.patch_embed.proj.weight": (d, c, t, p, p)}
+    for i in range(vision["depth"]):
+        block = f"visual.blocks.{i}."
+        shapes.update({f"{block}{n}.{s}": (d,) for n in ("norm1", "norm2") for s in norm})
+        shapes.update({f"{block}attn.qkv.weight": (3 * d, d), f"{block}attn.qkv.bias": (3 * d,),
+                       f"{block}attn.proj.weight": (d, d), f"{block}attn.proj.bias": (d,)})
+        projections = {"fc1": (m, d), "fc2": (d, m)} if qwen2 else {"gate_proj": (m, d), "up_proj": (m, d), "down_proj": (d, m)}
+        for name, shape in projections.items():
+            shapes.update({f"{block}mlp.{name}.weight": shape, f"{block}mlp.{name}.bias": shape[:1]})
+    shapes.update({f"visual.merger.ln_q.{s}": (d,) for s in norm})
+    shapes.update({"visual.merger.mlp.0.weight": (unit * d, unit * d), "visual.merger.mlp.0.bias": (unit * d,),
+                   "visual.merger.mlp.2.weight": (text["hidden_size"], unit * d), "visual.merger.mlp.2.bias": (text["hidden_size"],)})
+    # The language model: Llama's tensors plus Qwen2's Q/K/V biases.
+    hd = text["hidden_size"] // text["num_attention_heads"]
+    lm = _llama_tensor_shapes({**text, "head_dim": hd})
+    for i in range(text["num_hidden_layers"]):
+        attn = f"language_model.model.layers.{i}.self_attn."
+        lm.update({f"{attn}q_proj.bias": (text["num_attention_heads"] * hd,), f"{attn}k_proj.bias": (text["num_key_value_heads"] * hd,),
+                   f"{attn}v_proj.bias": (text["num_key_value_heads"] * hd,)})
+    return shapes | {name.removeprefix("language_model."): shape for name, shape in lm.items()}
+
+
+def write_qwen2_vl_demo(
+    path: str | Path,
+    *,
+    variant: str = "qwen2_vl",
+    seed: int = 0,
+    vision: dict | None = None,
+    text: dict | None = None,
+    min_pixels: int = 28 * 28 * 4,
+    max_pixels: int = 28 * 28 * 16,
+    weight_std: float = 0.2,
+) -> Path:
+    """A random-weight Qwen2-VL (`variant="qwen2_5_vl"`: Qwen2.5-VL) that `transformers` loads too.
+
+    Tiny by default: images become 4 to 16 rows (`min_pixels` / `max_pixels`).
+    ``vision`` and ``text`` override fields of the two configs; the merger's output
+    width follows the text model's hidden size. A ``vocab_size`` above the demo
+    tokenizer's pads the embedding table, as in `write_llava_demo`.
+    """
+    if variant not in ("qwen2_vl", "qwen2_5_vl"):
+        raise ValueError(f"unknown Qwen2-VL variant {variant!r}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(special_tokens=QWEN_SPECIAL_TOKENS)
+    ids = {name: tok.token_to_id(name) for name in QWEN_SPECIAL_TOKENS}
+    text = {
+        "model_type": f"{variant}_text", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": tok.get_vocab_size(),
+        "max_position_embeddings": 1024, "rms_norm_eps": 1e-6, "hidden_act": "silu", "use_sliding_window": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
+        "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"],
+    } | (text or {})
+    tie = bool(text.pop("tie_word_embeddings", False))  # top level, where Qwen2VLConfig keeps it
+    if text["vocab_size"] < tok.get_vocab_size():
+        raise ValueError(f"vocab_size {text['vocab_size']} is below the demo tokenizer's {tok.get_vocab_size()}")
+    common = {"in_channels": 3, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+              "rope_parameters": {"rope_type": "axial", "rope_theta": 10000.0}}
+    if variant == "qwen2_vl":
+        vision = {"model_type": "qwen2_vl_vision", "depth": 2, "embed_dim": 64, "num_heads": 4, "mlp_ratio": 2,
+                  "hidden_act": "quick_gelu", **common} | (vision or {}) | {"hidden_size": text["hidden_size"]}
+    else:
+        vision = {"model_type": "qwen2_5_vl_vision", "depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 4,
+                  "hidden_act": "silu", "window_size": 56, "fullatt_block_indexes": [1], "tokens_per_second": 2,
+                  **common} | (vision or {}) | {"out_hidden_size": text["hidden_size"]}
+    config = {
+        "architectures": ["Qwen2VLForConditionalGeneration" if variant == "qwen2_vl" else "Qwen2_5_VLForConditionalGeneration"],
+        "model_type": variant, "text_config": text, "vision_config": vision, "tie_word_embeddings": tie,
+        "image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"],
+    }
+    shapes = _qwen2_vl_tensor_shapes(variant, vision, {**text, "tie_word_embeddings": tie})
+    files = {
+        "config.json": config,
+        "tokenizer_config.json": {
+            "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+            "image_token": "<|image_pad|>", "model_max_length": text["max_position_embeddings"],
+        },
+        "preprocessor_config.json": {
+            "image_processor_type": "Qwen2VLImageProcessor", "do_resize": True, "resample": 3,
+            "min_pixels": min_pixels, "max_pixels": max_pixels, "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": CLIP_MEAN, "image_std": CLIP_STD,
+            "do_convert_rgb": True, "patch_size": vision["patch_size"], "temporal_patch_size": vision["temporal_patch_size"],
+            "merge_size": vision["spatial_merge_size"],
+        },
+        "generation_config.json": {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+                                   "pad_token_id": ids["<|endoftext|>"]},
+    }
+    return _write_checkpoint(path, shapes, tok, files, QWEN2_VL_CHAT_TEMPLATE, seed, weight_std)
+
+
+def _pixtral_tensor_shapes(vc: dict) -> dict[str, tuple[int, ...]]:
+    d, m, p, c = vc["hidden_size"], vc["intermediate_size"], vc["patch_size"], vc["num_channels"]
+    shapes = {"patch_conv.weight": (d, c, p, p), "ln_pre.weight": (d,)}
+    for i in range(vc["num_hidden_layers"]):
+        layer = f"transformer.layers.{i}."
+        shapes.update({f"{layer}attention.{proj}.weight": (d, d) for proj in ("q_proj", "k_proj", "v_proj", "o_proj")})
+        shapes.update({
+            f"{layer}attention_norm.weight": (d,), f"{layer}ffn_norm.weight": (d,),
+            f"{layer}feed_forward.gate_proj.weight": (m, d), f"{layer}feed_forward.up_proj.weight": (m, d),
+            f"{layer}feed_forward.down_proj.weight": (d, m),
+        })
+    return {"vision_tower." + k: v for k, v in shapes.items()}
+
+
+def write_pixtral_demo(
+    path: str | Path,
+    *,
+    family: str = "pixtral",
+    patch_size: int = 8,
+    longest_edge: int | None = None,
+    seed: int = 0,
+    vision: dict | None = None,
+    text: dict | None = None,
+    weight_std: float = 0.2,
+) -> Path:
+    """A random-weight Pixtral (LLaVA + Pixtral vision + Mistral), or with `family="mistral3"` a Mistral 3.1
+    (+ RMSNorm and 2×2 patch merger before the projector), in the layout `transformers` saves and loads.
+
+    Images keep their aspect ratio and fit `longest_edge` (8 × 8 language-model tokens at most by
+    default). ``vision`` and ``text`` override fields of the Pixtral vision and Mistral configs.
+    """
+    if family not in ("pixtral", "mistral3"):
+        raise ValueError(f"unknown Pixtral family {family!r}; choose pixtral or mistral3")
+    merge = 2 if family == "mistral3" else 1
+    longest_edge = longest_edge or 8 * patch_size * merge
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(special_tokens=PIXTRAL_SPECIAL_TOKENS)
+    ids = {name: tok.token_to_id(name) for name in PIXTRAL_SPECIAL_TOKENS}
+    vision = {
+        "model_type": "pixtral", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "num_channels": 3, "image_size": longest_edge, "patch_size": patch_size,
+        "hidden_act": "silu", "attention_dropout": 0.0, "rope_parameters": {"rope_theta": 10000.0, "rope_type": "axial"},
+    } | (vision or {})
+    vision["head_dim"] = vision["hidden_size"] // vision["num_attention_heads"]  # what transformers recomputes it to
+    text_overrides = text or {}
+    text = {
+        "model_type": "mistral", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": tok.get_vocab_size(),
+        "max_position_embeddings": 1024, "rms_norm_eps": 1e-5, "hidden_act": "silu", "sliding_window": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}, "tie_word_embeddings": False,
+        "bos_token_id": ids["<s>"], "eos_token_id": ids["</s>"], "pad_token_id": ids["<pad>"],
+    } | text_overrides
+    text.setdefault("head_dim", text["hidden_size"] // text["num_attention_heads"])
+    if text["vocab_size"] < tok.get_vocab_size():
+        raise ValueError(f"vocab_size {text['vocab_size']} is below the demo tokenizer's {tok.get_vocab_size()}")
+    d, h = vision["hidden_size"], text["hidden_size"]
+    config = {
+        "vision_config": vision, "text_config": text, "image_token_index": ids["[IMG]"], "projector_hidden_act": "gelu",
+        "vision_feature_layer": -1, "tie_word_embeddings": text["tie_word_embeddings"],
+    }
+    if family == "mistral3":
+        config |= {"architectures": ["Mistral3ForConditionalGeneration"], "model_type": "mistral3",
+                   "spatial_merge_size": merge, "multimodal_projector_bias": False}
+        projector = {
+            "norm.weight": (d,), "patch_merger.merging_layer.weight": (d, d * merge * merge),
+            "linear_1.weight": (h, d), "linear_2.weight": (h, h),
+        }
+    else:
+        config |= {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+                   "vision_feature_select_strategy": "full", "multimodal_projector_bias": True}
+        projector = {"linear_1.weight": (h, d), "linear_1.bias": (h,), "linear_2.weight": (h, h), "linear_2.bias": (h,)}
+    shapes = _pixtral_tensor_shapes(vision) | _llama_tensor_shapes(text) | {"multi_modal_projector." + k: v for k, v in projector.items()}
+    files = {
+        "config.json": config,
+        "tokenizer_config.json": {
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+            "unk_token": "<unk>", "pad_token": "<pad>", "model_max_length": text["max_position_embeddings"],
+        },
+        "preprocessor_config.json": {
+            "image_processor_type": "PixtralImageProcessor", "patch_size": {"height": patch_size, "width": patch_size},
+            "size": {"longest_edge": longest_edge}, "do_resize": True, "resample": 3, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "do_convert_rgb": True,
+        },
+        # PixtralProcessor's own fields: it resizes to multiples of patch_size × spatial_merge_size.
+        "processor_config.json": {
+            "processor_class": "PixtralProcessor", "patch_size": patch_size, "spatial_merge_size": merge,
+            "image_token": "[IMG]", "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]",
+        },
+        "generation_config.json": {"bos_token_id": ids["<s>"], "eos_token_id": ids["</s>"], "pad_token_id": ids["<pad>"]},
+    }
+    return _write_checkpoint(path, shapes, tok, files, MISTRAL_CHAT_TEMPLATE, seed, weight_std)
+
+
+DEMO_FAMILIES = {
+    "llava": write_llava_demo,
+    "qwen2_vl": write_qwen2_vl_demo,
+    "qwen2_5_vl": partial(write_qwen2_vl_demo, variant="qwen2_5_vl"),
+    "pixtral": write_pixtral_demo,
+    "mistral3": partial(write_pixtral_demo, family="mistral3"),
+}
 
 
 def write_demo_model(path: str | Path, family: str = "llava") -> Path:

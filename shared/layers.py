@@ -1,8 +1,9 @@
-"""Layers shared by the decoder-only language models (Llama now; Qwen2, Mistral, Gemma3 next).
+"""Layers shared by the decoder-only language models (Llama, Qwen2, Mistral, Gemma 3).
 
 A family's file builds its blocks from these; what differs between families is a
-field of `DecoderConfig` (QKV biases, RoPE scaling, tied head so far; Gemma's norm
-offset and embedding scale, sliding windows … are to be added the same way), not
+field of `DecoderConfig` (QKV biases, RoPE scaling, tied head; Mistral's sliding window;
+Gemma 3's norm offset, embedding scale, post-norms, QK-norm, query scale, GeGLU,
+sliding and global layers with two RoPE bases, bidirectional image attention), not
 a subclass.
 
 Modules are built on the meta device with the checkpoint's own parameter names,
@@ -21,6 +22,7 @@ each token sits in the KV cache.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -34,7 +36,11 @@ from torch import Tensor, nn
 
 @dataclass(frozen=True)
 class RopeConfig:
-    """Rotary position embedding parameters: `default`, `linear` or `llama3` scaling."""
+    """Rotary position embedding parameters: `default`, `linear` or `llama3` scaling.
+
+    `mrope_section` (Qwen2-VL's M-RoPE): the head's rotation pairs split into runs
+    turned by a token's temporal, height and width position in turn (sums to head_dim / 2).
+    """
 
     rope_type: str = "default"
     theta: float = 10000.0
@@ -42,6 +48,7 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int | None = None
+    mrope_section: tuple[int, ...] | None = None
 
     SUPPORTED = ("default", "linear", "llama3")
 
@@ -50,6 +57,8 @@ class RopeConfig:
         """Read `rope_parameters` (transformers ≥ 5) or `rope_scaling` + `rope_theta` (older configs)."""
         params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
         rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type == "mrope":  # older Qwen2-VL configs: M-RoPE over the default frequencies, as transformers reads it
+            rope_type = "default"
         if rope_type not in cls.SUPPORTED:
             raise ValueError(f"unsupported RoPE type {rope_type!r}; supported: {', '.join(cls.SUPPORTED)}")
         theta = params.get("rope_theta", config.get("rope_theta", default_theta))
@@ -63,7 +72,17 @@ class RopeConfig:
             low_freq_factor=float(params.get("low_freq_factor", 1.0)),
             high_freq_factor=float(params.get("high_freq_factor", 4.0)),
             original_max_position_embeddings=original,
+            mrope_section=tuple(int(n) for n in params["mrope_section"]) if params.get("mrope_section") else None,
         )
+
+
+# The gated MLP's activations by config name: SwiGLU (Llama, Qwen2, Mistral) and Gemma's GeGLU.
+GATE_ACTIVATIONS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
+}
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass(frozen=True)
@@ -83,17 +102,42 @@ class DecoderConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2: biases on Q, K, V
     mlp_bias: bool = False
-    hidden_act: str = "silu"
+    hidden_act: str = "silu"  # the gated MLP's activation: silu (SwiGLU) or gelu_pytorch_tanh (Gemma's GeGLU)
+    # A token attends to the last `sliding_window` positions, itself included: in every layer (Mistral),
+    # or in the "sliding_attention" layers of `layer_types` (Gemma 3).
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None  # Gemma 3: "sliding_attention" or "full_attention", one per layer
+    rope_local: RopeConfig | None = None  # Gemma 3: the sliding layers' RoPE (its own base); None: `rope`
+    norm_offset: float = 0.0  # Gemma: every RMSNorm scales by (offset + weight), in float32
+    post_norms: bool = False  # Gemma 3: attention and MLP outputs are normed before their residual adds
+    qk_norm: bool = False  # Gemma 3: an RMSNorm over each head of Q and of K, before RoPE
+    query_scale: float | None = None  # the softmax scale; None: 1/√head_dim (Gemma 3: query_pre_attn_scalar^-½)
+    embed_scale: float | None = None  # Gemma: text embeddings times √hidden; container rows are not scaled
+    final_logit_softcapping: float | None = None  # logits → cap · tanh(logits / cap)
+    bidirectional_images: bool = False  # Gemma 3: in prefill, the tokens of one image attend to each other both ways
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
-        if self.hidden_act != "silu":
-            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; supported: silu")
+        if self.hidden_act not in GATE_ACTIVATIONS:
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; supported: {', '.join(GATE_ACTIVATIONS)}")
         if self.mlp_bias:
             raise ValueError("mlp_bias is not supported yet")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be positive, got {self.sliding_window}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= set(LAYER_TYPES):
+                raise ValueError(f"layer_types must name one of {', '.join(LAYER_TYPES)} for each of {self.num_layers} layers, got {list(self.layer_types)}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError("sliding_attention layers need a sliding_window")
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer`; None where it attends to every earlier position."""
+        if self.layer_types is None or self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
 
     @property
     def q_size(self) -> int:
@@ -140,14 +184,24 @@ def linear_add(x: Tensor, weight: Tensor, residual: Tensor) -> Tensor:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6, device=None, dtype=None):
+    """x / rms(x) · weight; Gemma's (`offset=1`) scales by 1 + weight, which `prepare()` computes once after loading."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, device=None, dtype=None, offset: float = 0.0):
         super().__init__()
         self.eps = eps
+        self.offset = offset
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
+    def prepare(self) -> None:
+        if self.offset:
+            self.scale = (self.weight.detach().float() + self.offset).to(self.weight.device)  # [dim] float32, as Gemma's
+
     def forward(self, x: Tensor) -> Tensor:
+        scale = self.scale if self.offset else self.weight
         if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one op: it runs twice per layer
+            return F.rms_norm(x, (x.shape[-1],), scale, self.eps)  # one op: it runs twice per layer
+        if self.offset:  # Gemma: normalised and scaled in float32, then cast
+            return F.rms_norm(x.float(), (x.shape[-1],), scale, self.eps).to(x.dtype)
         # Normalised in float32, scaled in the input dtype: transformers' rounding in half precision.
         return F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype) * self.weight
 
@@ -181,6 +235,28 @@ def rope_table(rope: RopeConfig, head_dim: int, max_positions: int, device) -> T
     inv_freq = rope_inverse_frequencies(rope, head_dim)
     angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
     return torch.polar(torch.ones_like(angles), angles).to(device)
+
+
+def mrope_components(section: tuple[int, ...], head_dim: int) -> Tensor:
+    """Long[head_dim / 2]: which position (0 temporal, 1 height, 2 width) turns each rotation pair.
+
+    transformers' M-RoPE takes run i of the frequencies from position i % 3.
+    """
+    if sum(section) != head_dim // 2:
+        raise ValueError(f"mrope_section {list(section)} must sum to head_dim / 2 = {head_dim // 2}")
+    return torch.cat([torch.full((n,), i % 3) for i, n in enumerate(section)])
+
+
+def rope_rotations(rope: Tensor, positions: Tensor, components: Tensor | None = None) -> Tensor:
+    """The RoPE rotations of N tokens: [N, 1, hd/2] complex, from a table `rope_table` made.
+
+    positions: Long[N], or Long[3, N] (temporal, height, width) with `components` from
+    `mrope_components` saying which of the three turns each pair.
+    """
+    if positions.dim() == 1:
+        return rope[positions].unsqueeze(1)
+    per_pair = positions[components].t()  # [N, hd/2]: each pair's own position
+    return rope.gather(0, per_pair).unsqueeze(1)
 
 
 def interleave_rope_rows(weight: Tensor, num_heads: int, head_dim: int) -> Tensor:
@@ -241,16 +317,47 @@ class ForwardBatch:
     start: int = 0  # prefill
     write_index: Tensor | None = None  # decode: [N * kv_heads] flat cache rows to write, see `for_decode`
     kv_len: int = 0  # keys each query attends over (a prefix of the cache rows)
-    mask: Tensor | None = None  # decode: [N, 1, 1, kv_len] additive (0 / -inf); None when every row sees all kv_len
+    mask: Tensor | None = None  # decode: [N, 1, 1, kv_len] additive (0 / -inf); None when every row sees all kv_len.
+    # prefill: [N, kv_len] bool (True: attend) when it is not plain causal (a sliding window, image blocks), else None.
 
     @classmethod
-    def for_prefill(cls, rope: Tensor, row: int, start: int, length: int) -> ForwardBatch:
-        rotations = rope[start : start + length].unsqueeze(1)
-        return cls(rotations=rotations, decode=False, row=row, start=start, kv_len=start + length)
+    def for_prefill(
+        cls, rope: Tensor, row: int, start: int, length: int, rotations: Tensor | None = None, sliding_window: int | None = None,
+        blocks: Tensor | None = None,
+    ) -> ForwardBatch:
+        """rotations: [length, 1, hd/2] when the tokens' RoPE positions are not start … start+length-1 (M-RoPE).
+
+        sliding_window: query at position p sees keys p - window < k ≤ p (transformers' sliding causal mask).
+        blocks: Long[length], each token's image block (-1: text), from `image_blocks`: tokens of one
+        block also see each other's later positions (Gemma 3). As transformers composes it, the window
+        still applies: (causal or same block) and within the window.
+        """
+        if rotations is None:
+            rotations = rope[start : start + length].unsqueeze(1)
+        end, mask = start + length, None
+        windowed = sliding_window is not None and end > sliding_window
+        if windowed or blocks is not None:
+            query = torch.arange(start, end, device=rope.device)[:, None]  # [N, 1]
+            key = torch.arange(end, device=rope.device)[None, :]  # [1, T]
+            mask = key <= query  # [N, T]
+            if blocks is not None:
+                # Keys before `start` are earlier chunks, all visible already: a block never spans chunks.
+                key_blocks = F.pad(blocks, (start, 0), value=-1)  # [T]
+                mask |= (blocks[:, None] == key_blocks[None, :]) & (blocks[:, None] >= 0)
+            if windowed:
+                mask &= key > query - sliding_window
+        return cls(rotations=rotations, decode=False, row=row, start=start, kv_len=end, mask=mask)
 
     @classmethod
-    def for_decode(cls, rope: Tensor, positions: list[int], cache: KVCache, num_kv_heads: int, dtype) -> ForwardBatch:
-        """positions[b]: where row b's token goes; host ints, so building the batch needs no device sync."""
+    def for_decode(
+        cls, rope: Tensor, positions: list[int], cache: KVCache, num_kv_heads: int, dtype, rope_positions: list[int] | None = None,
+        sliding_window: int | None = None,
+    ) -> ForwardBatch:
+        """positions[b]: where row b's token goes; host ints, so building the batch needs no device sync.
+
+        rope_positions[b]: row b's RoPE position when it is not its cache position (M-RoPE:
+        text after an image continues from the image's largest position + 1).
+        """
         device = rope.device
         n, kv_len = len(positions), max(positions) + 1
         pos = torch.tensor(positions, device=device)  # [N]
@@ -259,11 +366,26 @@ class ForwardBatch:
         rows = torch.arange(n, device=device)[:, None] * num_kv_heads + torch.arange(num_kv_heads, device=device)
         write_index = (rows * cache.max_seq_len + pos[:, None]).reshape(-1)  # [N * Hkv]
         mask = None
-        if any(p != kv_len - 1 for p in positions):  # rows of different lengths: hide each row's unused tail
-            keep = torch.arange(kv_len, device=device)[None, :] <= pos[:, None]  # [N, T]
+        windowed = sliding_window is not None and kv_len > sliding_window
+        if windowed or any(p != kv_len - 1 for p in positions):  # rows of different lengths: hide each row's unused tail
+            keys = torch.arange(kv_len, device=device)[None, :]
+            keep = keys <= pos[:, None]  # [N, T]
+            if windowed:  # and the keys that slid out of the window
+                keep &= keys > pos[:, None] - sliding_window
             mask = torch.zeros(n, 1, 1, kv_len, dtype=dtype, device=device)
             mask.masked_fill_(~keep[:, None, None, :], float("-inf"))
-        return cls(rotations=rope[pos].unsqueeze(1), decode=True, write_index=write_index, kv_len=kv_len, mask=mask)
+        rotations = rope[pos if rope_positions is None else torch.tensor(rope_positions, device=device)].unsqueeze(1)
+        return cls(rotations=rotations, decode=True, write_index=write_index, kv_len=kv_len, mask=mask)
+
+
+def image_blocks(ids: Tensor, base: int) -> Tensor | None:
+    """ids: Long[N] → Long[N], each run of IDs ≥ `base` (one image's container rows) numbered 0, 1, …, text -1;
+    None when there is no image. transformers' `token_type_ids` blocks: a run is one image."""
+    is_image = ids >= base  # [N]
+    if not bool(is_image.any()):
+        return None
+    starts = is_image & ~F.pad(is_image, (1, 0))[:-1]  # an image token after a text token
+    return torch.where(is_image, starts.cumsum(0) - 1, -1)
 
 
 # ---------------------------------------------------------------------------
@@ -281,17 +403,23 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, config.kv_size, bias=bias, device=device, dtype=dtype)
         self.v_proj = nn.Linear(d, config.kv_size, bias=bias, device=device, dtype=dtype)
         self.o_proj = nn.Linear(config.q_size, d, bias=False, device=device, dtype=dtype)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, device, dtype, config.norm_offset)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, device, dtype, config.norm_offset)
 
     def prepare(self) -> None:
         """Fuse Q, K, V into one projection with RoPE-interleaved rows; drop the originals.
 
-        The softmax scale 1/√head_dim is folded into Q's rows (exact for the usual
-        power-of-two head sizes), so attention needs no separate scaling op.
+        The softmax scale (1/√head_dim, or `query_scale`) is folded into Q's rows (exact
+        for the usual power-of-two head sizes), so attention needs no separate scaling op.
+        With QK-norm the norm would undo that, so the scale goes into Q's norm weight
+        instead, and the per-head norm weights are interleaved like the rows they scale.
         """
         c = self.config
-        scale = c.head_dim**-0.5
+        scale = c.head_dim**-0.5 if c.query_scale is None else c.query_scale
+        row_scale = 1.0 if c.qk_norm else scale
         weights = [
-            interleave_rope_rows(self.q_proj.weight, c.num_heads, c.head_dim) * scale,
+            interleave_rope_rows(self.q_proj.weight, c.num_heads, c.head_dim) * row_scale,
             interleave_rope_rows(self.k_proj.weight, c.num_kv_heads, c.head_dim),
             self.v_proj.weight,
         ]
@@ -299,19 +427,31 @@ class Attention(nn.Module):
         self.bqkv = None
         if c.attention_bias:
             self.bqkv = torch.cat([
-                interleave_rope_rows(self.q_proj.bias, c.num_heads, c.head_dim) * scale,
+                interleave_rope_rows(self.q_proj.bias, c.num_heads, c.head_dim) * row_scale,
                 interleave_rope_rows(self.k_proj.bias, c.num_kv_heads, c.head_dim),
                 self.v_proj.bias,
             ]).detach()
+        self.qk_scale = None
+        if c.qk_norm:
+            for norm in (self.q_norm, self.k_norm):
+                norm.prepare()
+            q_scale = interleave_rope_rows(self.q_norm.scale, 1, c.head_dim) * scale  # [hd] float32
+            k_scale = interleave_rope_rows(self.k_norm.scale, 1, c.head_dim)
+            self.qk_scale = torch.cat([q_scale.expand(c.num_heads, -1), k_scale.expand(c.num_kv_heads, -1)])  # [H + Hkv, hd]
+            del self.q_norm, self.k_norm
         self.wo = prepare_weight(self.o_proj.weight)
         del self.q_proj, self.k_proj, self.v_proj, self.o_proj
 
-    def forward(self, x: Tensor, residual: Tensor, k_cache: Tensor, v_cache: Tensor, batch: ForwardBatch) -> Tensor:
-        """x: [N, D] normed input, residual: [N, D]; k/v_cache: [B, Hkv, S, hd] → residual + attention: [N, D]."""
+    def forward(self, x: Tensor, residual: Tensor | None, k_cache: Tensor, v_cache: Tensor, batch: ForwardBatch) -> Tensor:
+        """x: [N, D] normed input, residual: [N, D] or None; k/v_cache: [B, Hkv, S, hd] → residual + attention: [N, D]
+        (the attention output alone without a residual)."""
         c = self.config
         n, h, hkv, hd = x.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
         qkv = linear(x, self.wqkv, self.bqkv)  # [N, (H + 2 Hkv) hd]
-        qk = apply_rope(qkv[:, : c.q_size + c.kv_size].view(n, h + hkv, hd), batch.rotations)  # [N, H + Hkv, hd]
+        qk = qkv[:, : c.q_size + c.kv_size].view(n, h + hkv, hd)  # [N, H + Hkv, hd]
+        if self.qk_scale is not None:  # QK-norm over each head, in float32 (Gemma's norm), softmax scale in Q's weights
+            qk = (F.rms_norm(qk.float(), (hd,), None, c.rms_norm_eps) * self.qk_scale).to(x.dtype)
+        qk = apply_rope(qk, batch.rotations)  # [N, H + Hkv, hd]
         q, k = qk[:, :h], qk[:, h:]  # [N, H, hd], [N, Hkv, hd]
         v = qkv[:, c.q_size + c.kv_size :].view(n, hkv, hd)  # [N, Hkv, hd]
 
@@ -333,25 +473,28 @@ class Attention(nn.Module):
             k_cache[batch.row, :, batch.start : end] = k.transpose(0, 1)
             v_cache[batch.row, :, batch.start : end] = v.transpose(0, 1)
             q = q.transpose(0, 1).unsqueeze(0)  # [1, H, N, hd]
-            if batch.start == 0:
+            if batch.start == 0 and batch.mask is None:
                 keys, values = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)  # [1, Hkv, N, hd]
                 out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=1.0, enable_gqa=True)
             else:
-                # Continuing a cached prefix: query i sees positions ≤ start + i.
+                # Continuing a cached prefix: query i sees positions ≤ start + i (and within the sliding window).
                 keys = k_cache[batch.row : batch.row + 1, :, :end]
                 values = v_cache[batch.row : batch.row + 1, :, :end]
-                mask = torch.ones(n, end, dtype=torch.bool, device=x.device).tril(batch.start)
+                mask = batch.mask if batch.mask is not None else torch.ones(n, end, dtype=torch.bool, device=x.device).tril(batch.start)
                 out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0, enable_gqa=True)
             out = out[0].transpose(0, 1)  # [N, H, hd]
+        if residual is None:
+            return linear(out.reshape(n, c.q_size), self.wo)
         return linear_add(out.reshape(n, c.q_size), self.wo, residual)
 
 
 class GatedMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)) (transformers' parameter names)."""
+    """down(act(gate(x)) * up(x)), act silu or Gemma's tanh GELU (transformers' parameter names)."""
 
     def __init__(self, config: DecoderConfig, device=None, dtype=None):
         super().__init__()
         d, i = config.hidden_size, config.intermediate_size
+        self.act = GATE_ACTIVATIONS[config.hidden_act]
         self.gate_proj = nn.Linear(d, i, bias=False, device=device, dtype=dtype)
         self.up_proj = nn.Linear(d, i, bias=False, device=device, dtype=dtype)
         self.down_proj = nn.Linear(i, d, bias=False, device=device, dtype=dtype)
@@ -362,27 +505,48 @@ class GatedMLP(nn.Module):
         self.w_down = prepare_weight(self.down_proj.weight)
         del self.gate_proj, self.up_proj, self.down_proj
 
-    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        """x: [N, D] normed input → residual + MLP(x): [N, D]."""
+    def forward(self, x: Tensor, residual: Tensor | None) -> Tensor:
+        """x: [N, D] normed input → residual + MLP(x): [N, D] (MLP(x) alone without a residual)."""
         gate, up = linear(x, self.w_gate_up).chunk(2, dim=-1)  # [N, I] each
-        return linear_add(F.silu(gate).mul_(up), self.w_down, residual)
+        hidden = self.act(gate).mul_(up)  # [N, I]
+        if residual is None:
+            return linear(hidden, self.w_down)
+        return linear_add(hidden, self.w_down, residual)
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attention(norm(x)), then + mlp(norm(x))."""
+    """Pre-norm block: x + attention(norm(x)), then + mlp(norm(x)).
+
+    With `post_norms` (Gemma 3) each output is normed too: x + norm(attention(norm(x))), then
+    x + norm(mlp(norm(x))); Gemma names the norms input_layernorm, post_attention_layernorm,
+    pre_feedforward_layernorm and post_feedforward_layernorm, where Llama's post_attention_layernorm
+    is the norm before the MLP.
+    """
 
     def __init__(self, config: DecoderConfig, device=None, dtype=None):
         super().__init__()
+        norm = functools.partial(RMSNorm, config.hidden_size, config.rms_norm_eps, device, dtype, config.norm_offset)
         self.self_attn = Attention(config, device, dtype)
         self.mlp = GatedMLP(config, device, dtype)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
+        self.input_layernorm = norm()
+        self.post_attention_layernorm = norm()
+        self.post_norms = config.post_norms
+        if config.post_norms:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
 
     def prepare(self) -> None:
         self.self_attn.prepare()
         self.mlp.prepare()
+        for module in self.children():
+            if isinstance(module, RMSNorm):
+                module.prepare()
 
     def forward(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, batch: ForwardBatch) -> Tensor:
         # .forward() directly: per-layer module-call overhead is a measurable share of a CPU decode step.
-        x = self.self_attn.forward(self.input_layernorm.forward(x), x, k_cache, v_cache, batch)
-        return self.mlp.forward(self.post_attention_layernorm.forward(x), x)
+        if not self.post_norms:
+            x = self.self_attn.forward(self.input_layernorm.forward(x), x, k_cache, v_cache, batch)
+            return self.mlp.forward(self.post_attention_layernorm.forward(x), x)
+        # The residual adds follow the post-norms, so they cannot be fused into the output projections.
+        x = x + self.post_attention_layernorm.forward(self.self_attn.forward(self.input_layernorm.forward(x), None, k_cache, v_cache, batch))
+        return x + self.post_feedforward_layernorm.forward(self.mlp.forward(self.pre_feedforward_layernorm.forward(x), None))

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import torch
 
-from shared.demo_model import LLAVA_CHAT_TEMPLATE, build_tokenizer
+from shared.demo_model import (
+    LLAVA_CHAT_TEMPLATE,
+    MISTRAL_CHAT_TEMPLATE,
+    PIXTRAL_SPECIAL_TOKENS,
+    QWEN2_VL_CHAT_TEMPLATE,
+    QWEN_SPECIAL_TOKENS,
+    build_tokenizer,
+)
 
 
 def build_tiny_llava(
@@ -79,6 +86,145 @@ def build_tiny_llava(
     ).save_pretrained(path)
     GenerationConfig(bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id).save_pretrained(path)
     return path
+
+
+def build_tiny_pixtral(
+    path: str | Path,
+    *,
+    family: str = "pixtral",
+    patch_size: int = 8,
+    longest_edge: int = 64,
+    sliding_window: int | None = None,
+    tie_word_embeddings: bool = False,
+    seed: int = 0,
+) -> Path:
+    """Write a tiny Pixtral (LLaVA + Pixtral vision + Mistral) or Mistral 3.1 (`family="mistral3"`: + RMSNorm and
+    2×2 patch merger) checkpoint with tokenizer, chat template, image processor and processor config."""
+    from transformers import (
+        GenerationConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        Mistral3Config,
+        Mistral3ForConditionalGeneration,
+        MistralConfig,
+        PixtralImageProcessorPil,
+        PixtralVisionConfig,
+        PreTrainedTokenizerFast,
+    )
+
+    path = Path(path)
+    tok = build_tokenizer(special_tokens=PIXTRAL_SPECIAL_TOKENS)
+    vision = PixtralVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, patch_size=patch_size,
+        image_size=longest_edge, hidden_act="silu",
+    )
+    text = MistralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=tok.get_vocab_size(), max_position_embeddings=512, sliding_window=sliding_window,
+        bos_token_id=tok.token_to_id("<s>"), eos_token_id=tok.token_to_id("</s>"), pad_token_id=tok.token_to_id("<pad>"),
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    common = dict(vision_config=vision, text_config=text, image_token_index=tok.token_to_id("[IMG]"), vision_feature_layer=-1,
+                  tie_word_embeddings=tie_word_embeddings)
+    if family == "pixtral":
+        config, model_class, merge = LlavaConfig(**common, vision_feature_select_strategy="full"), LlavaForConditionalGeneration, 1
+    elif family == "mistral3":
+        config, model_class, merge = Mistral3Config(**common, spatial_merge_size=2), Mistral3ForConditionalGeneration, 2
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    with torch.no_grad():  # decisive logits, as in build_tiny_llava
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.2 if "embed" not in name else 1.0)
+    model.save_pretrained(path)
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    fast.chat_template = MISTRAL_CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    PixtralImageProcessorPil(patch_size={"height": patch_size, "width": patch_size}, size={"longest_edge": longest_edge}).save_pretrained(path)
+    # What PixtralProcessor.save_pretrained writes (it cannot be built here: it requires torchvision).
+    (path / "processor_config.json").write_text(json.dumps({
+        "processor_class": "PixtralProcessor", "patch_size": patch_size, "spatial_merge_size": merge,
+        "image_token": "[IMG]", "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]",
+    }, indent=2))
+    GenerationConfig(bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id).save_pretrained(path)
+    return path
+
+
+def load_pixtral_reference(path: str | Path):
+    """The `transformers` model of a tiny Pixtral or Mistral 3.1 checkpoint, float32, eval mode."""
+    from transformers import LlavaForConditionalGeneration, Mistral3ForConditionalGeneration
+
+    model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
+    model_class = Mistral3ForConditionalGeneration if model_type == "mistral3" else LlavaForConditionalGeneration
+    return model_class.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def build_tiny_qwen2_vl(
+    path: str | Path,
+    *,
+    variant: str = "qwen2_vl",
+    tie_word_embeddings: bool = False,
+    min_pixels: int = 28 * 28 * 4,
+    max_pixels: int = 28 * 28 * 16,
+    seed: int = 0,
+) -> Path:
+    """Write a tiny Qwen2-VL (`variant="qwen2_5_vl"`: Qwen2.5-VL, with 2×2-cell attention windows and one
+    full-attention block) checkpoint with tokenizer, chat template, image processor and generation config."""
+    from transformers import (
+        GenerationConfig,
+        PreTrainedTokenizerFast,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessorPil,
+    )
+
+    path = Path(path)
+    tok = build_tokenizer(special_tokens=QWEN_SPECIAL_TOKENS)
+    ids = {name: tok.token_to_id(name) for name in QWEN_SPECIAL_TOKENS}
+    text = dict(
+        vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"], rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+    )
+    tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    if variant == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+        model_class, config = Qwen2VLForConditionalGeneration, Qwen2VLConfig(
+            vision_config=vision, text_config=text, tie_word_embeddings=tie_word_embeddings, **tokens)
+    else:
+        vision = dict(depth=2, hidden_size=32, intermediate_size=48, out_hidden_size=64, num_heads=4, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
+        model_class, config = Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig(
+            vision_config=vision, text_config=text, tie_word_embeddings=tie_word_embeddings, **tokens)
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    with torch.no_grad():  # widened, as in build_tiny_llava, so greedy decoding is decisive
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.2 if "embed" not in name else 1.0)
+    model.save_pretrained(path)
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   extra_special_tokens={"image_token": "<|image_pad|>"})
+    fast.chat_template = QWEN2_VL_CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels).save_pretrained(path)
+    GenerationConfig(bos_token_id=ids["<|endoftext|>"], eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+                     pad_token_id=ids["<|endoftext|>"]).save_pretrained(path)
+    return path
+
+
+def load_qwen2_vl_reference(path: str | Path):
+    """The `transformers` model of a tiny Qwen2-VL or Qwen2.5-VL checkpoint, float32, eval mode."""
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def load_reference(path: str | Path):

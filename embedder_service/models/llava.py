@@ -18,12 +18,12 @@ import torch
 from PIL import Image
 from torch import nn
 
+from embedder_service.models import open_checkpoint
 from embedder_service.models.clip import ClipVisionConfig, ClipVisionTower, activation, linear
 from embedder_service.preprocess.clip import ClipPreprocessor
-from shared.checkpoint import Checkpoint, resolve_dtype
+from shared.checkpoint import Checkpoint
 from shared.container import Layout
 from shared.errors import CheckpointError
-from shared.registry import family_for
 
 VISION_PREFIX = "vision_tower.vision_model."
 PROJECTOR_PREFIX = "multi_modal_projector."
@@ -98,11 +98,7 @@ class LlavaVisionModel(nn.Module):
     def from_checkpoint(
         cls, ckpt: Checkpoint | str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32
     ) -> LlavaVisionModel:
-        ckpt = ckpt if isinstance(ckpt, Checkpoint) else Checkpoint(ckpt)
-        family = family_for(ckpt.config)  # unknown architecture: CheckpointError listing the supported ones
-        if family.vision_model != f"{__name__}:{cls.__name__}":
-            raise CheckpointError(f"{ckpt.path}: a {family.name} checkpoint is served by {family.vision_model}, not {cls.__name__}")
-        dtype = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
+        ckpt, dtype = open_checkpoint(cls, ckpt, device, dtype)
         config = LlavaVisionConfig.from_config(ckpt.config)
         preprocessor = ClipPreprocessor.from_checkpoint(ckpt)
         _check_preprocessor(preprocessor, config.vision, ckpt.path)
@@ -138,12 +134,15 @@ class LlavaVisionModel(nn.Module):
         return self.multi_modal_projector(features)
 
     @torch.inference_mode()
+    def embed_batch(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Preprocessed images, B × [3, H, W] → one [tokens_per_image, hidden_size] tensor each, batched through the model."""
+        if not pixels:
+            return []
+        return list(self(torch.stack(pixels).to(self.device, self.dtype)).unbind(0))
+
     def embed(self, images: list[Image.Image]) -> list[torch.Tensor]:
         """PIL images → one [tokens_per_image, hidden_size] tensor each, batched through the model."""
-        if not images:
-            return []
-        pixels = self.preprocessor.batch(images).to(self.device, self.dtype)  # [B, 3, H, W]
-        return list(self(pixels).unbind(0))
+        return self.embed_batch([self.preprocessor(image) for image in images])
 
     @property
     def tokens_per_image(self) -> int:
@@ -173,9 +172,17 @@ class LlavaVisionModel(nn.Module):
         """LLaVA-1.5's processor expands `<image>` into image tokens only: nothing before, after or between rows."""
         return Layout()
 
+    def layout_for(self, pixel_values: torch.Tensor) -> Layout:
+        """The same for every image."""
+        return self.layout
+
     def grid_for(self, pixel_values: torch.Tensor) -> None:
         """LLaVA needs no grid (no M-RoPE, no row layout)."""
         return None
+
+    def processed_size(self, pixel_values: torch.Tensor) -> tuple[int, int]:
+        """(height, width) of the preprocessed image."""
+        return pixel_values.shape[-2], pixel_values.shape[-1]
 
 
 def _check_preprocessor(preprocessor: ClipPreprocessor, vision: ClipVisionConfig, path: Path) -> None:

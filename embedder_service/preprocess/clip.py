@@ -1,12 +1,8 @@
 """CLIP image preprocessing (LLaVA-1.5), pixel-exact with `transformers`' `CLIPImageProcessorPil`.
 
 The reference resizes the uint8 RGB image with Pillow (shortest edge, bicubic by
-default), center-crops the uint8 array, then rescales in float64 and casts to
-float32, then normalizes in float32. We do the same steps in the same order and
-precisions. Because the image is still uint8 when it is rescaled and
-normalized, both steps together are one lookup table of 256 float32 values per
-channel, built with exactly the reference's arithmetic: the same bits, at the
-cost of one gather.
+default), center-crops the uint8 array, then rescales and normalizes: one
+lookup table per channel (`preprocess.common`), so the same bits.
 """
 
 from __future__ import annotations
@@ -14,16 +10,22 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 from PIL import Image
 
-from shared.errors import CheckpointError, InvalidInput, TooLarge
-from shared.images import to_rgb
-
-# transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD, the class defaults of CLIPImageProcessor.
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from embedder_service.preprocess.common import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    apply_table,
+    check_processor_type,
+    config_value,
+    per_channel,
+    resample_filter,
+    rescale_normalize_table,
+    rgb_image,
+    uint8_chw,
+)
+from shared.errors import CheckpointError, TooLarge
 
 _PROCESSOR_TYPES = ("CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPImageProcessorPil")
 
@@ -50,41 +52,36 @@ class ClipPreprocessor:
 
     def __post_init__(self) -> None:
         # [3, 256] float32: the value each uint8 level of each channel becomes.
-        object.__setattr__(self, "_lut", self._lookup_table())
+        lut = rescale_normalize_table(self.do_rescale, self.rescale_factor, self.do_normalize, self.image_mean, self.image_std)
+        object.__setattr__(self, "_lut", lut)
 
     # --- construction -------------------------------------------------------------------------
 
     @classmethod
     def from_config(cls, config: dict) -> ClipPreprocessor:
         """From the dict in `preprocessor_config.json`; missing keys take CLIPImageProcessor's defaults."""
-        kind = config.get("image_processor_type")
-        if kind is not None and kind not in _PROCESSOR_TYPES:
-            raise CheckpointError(f"image processor {kind!r} is not a CLIP image processor; supported: {', '.join(_PROCESSOR_TYPES)}")
+        check_processor_type(config, _PROCESSOR_TYPES, "CLIP")
         d = cls()
 
         def get(key: str, default):
-            value = config.get(key)
-            return default if value is None else value  # null in the JSON means "the default", as in transformers
+            return config_value(config, key, default)
 
         size = _size_dict(get("size", dict(d.size)), default_to_square=False)
         crop = _size_dict(get("crop_size", {"height": d.crop_size[0], "width": d.crop_size[1]}), default_to_square=True)
         if set(crop) != {"height", "width"}:
             raise CheckpointError(f"crop_size must have height and width, got {config['crop_size']!r}")
-        resample = get("resample", d.resample)
-        if resample not in {int(r) for r in Image.Resampling}:
-            raise CheckpointError(f"unknown resample filter {resample!r}")
         return cls(
             do_convert_rgb=bool(get("do_convert_rgb", d.do_convert_rgb)),
             do_resize=bool(get("do_resize", d.do_resize)),
             size=tuple(sorted(size.items())),
-            resample=int(resample),
+            resample=resample_filter(get("resample", d.resample)),
             do_center_crop=bool(get("do_center_crop", d.do_center_crop)),
             crop_size=(int(crop["height"]), int(crop["width"])),
             do_rescale=bool(get("do_rescale", d.do_rescale)),
             rescale_factor=float(get("rescale_factor", d.rescale_factor)),
             do_normalize=bool(get("do_normalize", d.do_normalize)),
-            image_mean=_per_channel(get("image_mean", d.image_mean), "image_mean"),
-            image_std=_per_channel(get("image_std", d.image_std), "image_std"),
+            image_mean=per_channel(get("image_mean", d.image_mean), "image_mean"),
+            image_std=per_channel(get("image_std", d.image_std), "image_std"),
         )
 
     @classmethod
@@ -110,12 +107,7 @@ class ClipPreprocessor:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """One PIL image → pixel values [3, H, W] float32."""
-        if self.do_convert_rgb:
-            image = to_rgb(image)
-        elif image.mode != "RGB":
-            raise InvalidInput(f"image mode {image.mode} is not RGB and the preprocessor does not convert")
-        if image.width == 0 or image.height == 0:
-            raise InvalidInput(f"image has 0 pixels ({image.width}×{image.height})")
+        image = rgb_image(image, self.do_convert_rgb)
         if self.do_resize:
             height, width = self.output_size(image.height, image.width)
             if height * width > MAX_RESIZED_PIXELS:
@@ -125,11 +117,10 @@ class ClipPreprocessor:
                 )
             # Pillow on the uint8 image, as the reference does; reducing_gap=None like the reference.
             image = image.resize((width, height), resample=self.resample)
-        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # [3, H, W] uint8 (a writable copy)
+        pixels = uint8_chw(image)  # [3, H, W] uint8
         if self.do_center_crop:
             pixels = _center_crop(pixels, *self.crop_size)
-        # Rescale + normalize of a uint8 image is a per-channel table lookup: [3, 256][c, v] → [3, H, W].
-        return self._lut.gather(1, pixels.reshape(3, -1).long()).view(pixels.shape)
+        return apply_table(self._lut, pixels)  # rescale + normalize: [3, H, W] float32
 
     def batch(self, images: list[Image.Image]) -> torch.Tensor:
         """[B, 3, H, W] float32; every output has the same size only when center-cropping (or resizing to a fixed size)."""
@@ -148,20 +139,6 @@ class ClipPreprocessor:
         if "height" in size and "width" in size:
             return size["height"], size["width"]
         raise CheckpointError(f"unsupported size {size!r}: need shortest_edge, shortest_edge+longest_edge, or height+width")
-
-    def _lookup_table(self) -> torch.Tensor:
-        levels = np.arange(256, dtype=np.float64)
-        if self.do_rescale:
-            values = (levels * self.rescale_factor).astype(np.float32)  # float64 multiply, then float32: as the reference
-        else:
-            values = levels.astype(np.float32)
-        values = np.broadcast_to(values, (3, 256))
-        if self.do_normalize:
-            mean = np.array(self.image_mean, dtype=np.float32)[:, None]
-            std = np.array(self.image_std, dtype=np.float32)[:, None]
-            values = (values - mean) / std  # float32 throughout, as the reference
-        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
-
 
 def _center_crop(pixels: torch.Tensor, crop_h: int, crop_w: int) -> torch.Tensor:
     """transformers.image_transforms.center_crop on [C, H, W], zero-padding an image smaller than the crop."""
@@ -205,11 +182,3 @@ def _size_dict(value, *, default_to_square: bool) -> dict[str, int]:
     if any(v <= 0 for v in out.values()):
         raise CheckpointError(f"sizes must be positive, got {value!r}")
     return out
-
-
-def _per_channel(value, name: str) -> tuple[float, float, float]:
-    if isinstance(value, (int, float)):
-        return (float(value),) * 3
-    if len(value) != 3:
-        raise CheckpointError(f"{name} must have 3 values (RGB), got {value!r}")
-    return tuple(float(v) for v in value)

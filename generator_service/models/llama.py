@@ -1,8 +1,10 @@
-"""Llama, the language model of LLaVA-1.5, in vlmq's own torch code.
+"""Llama (LLaVA-1.5) and Mistral (Pixtral, Mistral 3.1), the decoder language models, in vlmq's own torch code.
 
 Loads `language_model.*` tensors of a Hugging Face checkpoint (the `text_config`
-of the multimodal config) and matches `transformers`' `LlamaForCausalLM`
-numerically. Two forwards, both over a `KVCache` the caller owns:
+of the multimodal config) and matches `transformers`' `LlamaForCausalLM` /
+`MistralForCausalLM` numerically: Mistral is Llama with other config defaults
+and an optional sliding attention window (a `DecoderConfig` field). Two
+forwards, both over a `KVCache` the caller owns:
 
 - `prefill`: one sequence's prompt into cache row `row`; prompt IDs ≥
   EMBEDDING_INDEX_BASE read their container's rows (`cuda_ext.multimodal_embedding`);
@@ -27,8 +29,11 @@ from shared.layers import (
     KVCache,
     RMSNorm,
     RopeConfig,
+    image_blocks,
     linear,
+    mrope_components,
     prepare_weight,
+    rope_rotations,
     rope_table,
 )
 from shared.token_ids import EMBEDDING_INDEX_BASE
@@ -48,9 +53,35 @@ _LLAMA_DEFAULTS = {
 }
 
 
+# transformers' MistralConfig defaults, for the fields Pixtral / Mistral 3.1 configs may leave out.
+_MISTRAL_DEFAULTS = _LLAMA_DEFAULTS | {
+    "intermediate_size": 14336,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 4096 * 32,
+    "sliding_window": 4096,
+}
+
+# text_config model_type → its defaults; a config naming none is Llama (older LLaVA configs).
+_TEXT_DEFAULTS = {"llama": _LLAMA_DEFAULTS, "mistral": _MISTRAL_DEFAULTS}
+
+
+def _tie_word_embeddings(config: dict, text: dict) -> bool:
+    """Whether the head is the embedding table, as transformers 5 decides it: by the outer config of a
+    multimodal model (Mistral3Config defaults to tied; LlavaConfig also ties when its text_config does)."""
+    if "text_config" not in config:
+        return bool(config.get("tie_word_embeddings", False))
+    if config.get("model_type") == "mistral3":
+        return bool(config.get("tie_word_embeddings", True))
+    return bool(config.get("tie_word_embeddings", False) or text.get("tie_word_embeddings", False))
+
+
 def llama_config(config: dict) -> DecoderConfig:
-    """A `DecoderConfig` from a checkpoint's config.json (multimodal: its `text_config`)."""
-    text = {**_LLAMA_DEFAULTS, **config.get("text_config", config)}
+    """A `DecoderConfig` from a checkpoint's config.json (multimodal: its `text_config`), Llama or Mistral."""
+    text = config.get("text_config", config)
+    model_type = text.get("model_type", "llama")
+    if model_type not in _TEXT_DEFAULTS:
+        raise CheckpointError(f"unsupported language model {model_type!r}; supported: {', '.join(_TEXT_DEFAULTS)}")
+    text = {**_TEXT_DEFAULTS[model_type], **text}
     heads = text["num_attention_heads"]
     try:
         return DecoderConfig(
@@ -64,10 +95,11 @@ def llama_config(config: dict) -> DecoderConfig:
             max_position_embeddings=text["max_position_embeddings"],
             rms_norm_eps=text["rms_norm_eps"],
             rope=RopeConfig.from_config(text),
-            tie_word_embeddings=bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", False))),
+            tie_word_embeddings=_tie_word_embeddings(config, text),
             attention_bias=text["attention_bias"],
             mlp_bias=text["mlp_bias"],
             hidden_act=text["hidden_act"],
+            sliding_window=text.get("sliding_window"),
         )
     except ValueError as exc:  # unsupported RoPE type or activation, heads not a multiple of KV heads
         raise CheckpointError(f"unsupported Llama config: {exc}") from None
@@ -80,10 +112,12 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
         self.layers = nn.ModuleList(DecoderLayer(config, device, dtype) for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype, config.norm_offset)
 
 
 class LlamaForCausalLM(nn.Module):
+    read_config = staticmethod(llama_config)  # config.json → DecoderConfig; other families bring their own
+
     def __init__(self, config: DecoderConfig, device=None, dtype=None):
         super().__init__()
         if config.vocab_size >= EMBEDDING_INDEX_BASE:
@@ -104,11 +138,17 @@ class LlamaForCausalLM(nn.Module):
         """Build on the meta device, load the language-model tensors only, prepare for inference."""
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
         with torch.device("meta"):
-            model = cls(llama_config(ckpt.config), dtype=dtype)
+            model = cls(cls.read_config(ckpt.config), dtype=dtype)
         ckpt.load_into(model.model, "language_model.model.", dtype, device)
         if model.lm_head is not None:
             ckpt.load_into(model.lm_head, "language_model.lm_head.", dtype, device)
-        # A tied checkpoint that still stores lm_head.weight holds a copy of the table: ignored.
+        elif ckpt.tensor_names("language_model.lm_head."):
+            # Tied by config, yet stored: transformers ties a head that is a copy of the table and keeps one that
+            # differs (published Mistral 3.1 configs leave tie_word_embeddings to Mistral3Config's default, True).
+            head = ckpt.load_tensors("language_model.lm_head.", dtype, device)["weight"]
+            if not torch.equal(head, model.model.embed_tokens.weight):
+                model.lm_head = nn.Linear(head.shape[1], head.shape[0], bias=False, device="meta")
+                model.lm_head.load_state_dict({"weight": head}, assign=True)
         return model.prepare()
 
     @property
@@ -120,16 +160,29 @@ class LlamaForCausalLM(nn.Module):
         return self.model.embed_tokens.weight.dtype
 
     def prepare(self) -> LlamaForCausalLM:
-        """Fuse and reorder the weights for inference (see `shared.layers`), compute the RoPE table."""
+        """Fuse and reorder the weights for inference (see `shared.layers`), compute the RoPE tables."""
+        c = self.config
         self.eval().requires_grad_(False)
         for layer in self.model.layers:
             layer.prepare()
+        self.model.norm.prepare()
         head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         self.head = prepare_weight(head)
         if self.lm_head is not None:
             del self.lm_head
             self.lm_head = None
-        self.rope = rope_table(self.config.rope, self.config.head_dim, self.config.max_position_embeddings, self.device)
+        self.rope = rope_table(c.rope, c.head_dim, c.max_position_embeddings, self.device)
+        rope_local = self.rope if c.rope_local is None else rope_table(c.rope_local, c.head_dim, c.max_position_embeddings, self.device)
+        # The layers' attention kinds, (RoPE table, sliding window): one for Llama, Qwen2 and Mistral; Gemma 3's
+        # global and sliding layers are two. Every layer of a kind shares one ForwardBatch per forward.
+        windows = [c.layer_window(i) for i in range(c.num_layers)]
+        distinct = list(dict.fromkeys(windows))
+        self.kinds = [(self.rope if w is None else rope_local, w) for w in distinct]
+        self.layer_kind = [distinct.index(w) for w in windows]  # layer i → its kind in self.kinds
+        # A 0-d tensor in the model dtype: the reference multiplies by √hidden rounded to it.
+        self.embed_scale = None if c.embed_scale is None else torch.tensor(c.embed_scale).to(self.device, self.dtype)
+        section = c.rope.mrope_section
+        self.mrope = None if section is None else mrope_components(section, c.head_dim).to(self.device)
         self.prepared = True
         return self
 
@@ -146,20 +199,32 @@ class LlamaForCausalLM(nn.Module):
         """ids: Long[N] (text IDs, or container IDs when ranges/rows are given) → [N, D]."""
         table = self.model.embed_tokens.weight
         if ranges is None:
-            return F.embedding(ids, table)
-        return multimodal_embedding(ids, table, ranges, rows)
+            x = F.embedding(ids, table)  # [N, D]
+            return x if self.embed_scale is None else x * self.embed_scale
+        x = multimodal_embedding(ids, table, ranges, rows)  # [N, D]
+        if self.embed_scale is None:
+            return x
+        # Gemma scales the text rows only: container rows are the projector's output, used as they are.
+        return torch.where((ids < EMBEDDING_INDEX_BASE)[:, None], x * self.embed_scale, x)
 
-    def forward(self, x: Tensor, cache: KVCache, batch: ForwardBatch) -> Tensor:
-        """x: [N, D] embeddings → [N, D] final hidden states; writes the N tokens' keys and values."""
+    def forward(self, x: Tensor, cache: KVCache, batches: list[ForwardBatch]) -> Tensor:
+        """x: [N, D] embeddings, batches: one per attention kind (`self.kinds`) → [N, D] final hidden states;
+        writes the N tokens' keys and values."""
         for i, layer in enumerate(self.model.layers):
-            x = layer.forward(x, cache.k[i], cache.v[i], batch)
+            x = layer.forward(x, cache.k[i], cache.v[i], batches[self.layer_kind[i]])
         return self.model.norm.forward(x)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """hidden: [N, D] → [N, V] float32."""
-        return linear(hidden, self.head).float()
+        logits = linear(hidden, self.head).float()
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     # -- the two forwards the engine runs -------------------------------------------
+
+    def prompt_positions(self, ids: list[int], containers) -> tuple[Tensor | None, int]:
+        """RoPE positions of a prompt for `prefill` (None: 0 … len-1) and of the first generated token."""
+        return None, len(ids)
 
     @torch.inference_mode()
     def prefill(
@@ -171,21 +236,38 @@ class LlamaForCausalLM(nn.Module):
         ranges: Tensor | None = None,
         rows: Tensor | None = None,
         all_logits: bool = False,
+        positions: Tensor | None = None,
     ) -> Tensor:
         """ids: Long[S], the prompt (from `start` on) of the sequence in cache row `row`.
 
         ranges/rows: the bound containers (see `cuda_ext.multimodal_embedding`).
+        positions: the tokens' RoPE positions, Long[S] or Long[3, S] with M-RoPE (see
+        `prompt_positions`); default start … start+S-1.
         Returns logits [1, V] of the last token, or [S, V] with `all_logits`.
         """
         n = ids.shape[0]
         if not 0 < start + n <= cache.max_seq_len:
             raise ValueError(f"{start + n} positions do not fit a cache of {cache.max_seq_len}")
-        batch = ForwardBatch.for_prefill(self.rope, row, start, n)
-        hidden = self.forward(self.embed(ids, ranges, rows), cache, batch)
+        if positions is not None:
+            positions = positions.to(self.device)
+        # Gemma 3: each image's tokens see each other both ways; a chunk (start > 0) must not split an image.
+        blocks = image_blocks(ids, EMBEDDING_INDEX_BASE) if self.config.bidirectional_images else None
+        batches = [
+            ForwardBatch.for_prefill(rope, row, start, n, None if positions is None else rope_rotations(rope, positions, self.mrope),
+                                     sliding_window=window, blocks=blocks)
+            for rope, window in self.kinds
+        ]
+        hidden = self.forward(self.embed(ids, ranges, rows), cache, batches)
         return self.logits(hidden if all_logits else hidden[-1:])
 
     @torch.inference_mode()
-    def decode(self, ids: Tensor, positions: list[int], cache: KVCache) -> Tensor:
-        """ids: Long[N] text tokens for cache rows 0…N-1 at `positions` (host ints) → logits [N, V]."""
-        batch = ForwardBatch.for_decode(self.rope, positions, cache, self.config.num_kv_heads, self.dtype)
-        return self.logits(self.forward(self.embed(ids), cache, batch))
+    def decode(self, ids: Tensor, positions: list[int], cache: KVCache, rope_positions: list[int] | None = None) -> Tensor:
+        """ids: Long[N] text tokens for cache rows 0…N-1 at `positions` (host ints) → logits [N, V].
+
+        rope_positions: each row's RoPE position where it is not its cache position (M-RoPE).
+        """
+        batches = [
+            ForwardBatch.for_decode(rope, positions, cache, self.config.num_kv_heads, self.dtype, rope_positions, sliding_window=window)
+            for rope, window in self.kinds
+        ]
+        return self.logits(self.forward(self.embed(ids), cache, batches))
