@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import redis
@@ -65,3 +65,51 @@ def describe_auth_error(client: redis.Redis, exc: redis.AuthenticationError) -> 
     """What to tell an operator whose Redis URL carries a wrong (or no) password — without the password."""
     return (f"Redis at {endpoint(client)} refused vlmq's credentials ({exc}): check the user and password "
             "in VLMQ_BROKER_URL / VLMQ_STORE_URL (redis://[user]:password@host:port/db)")
+
+
+def set_buffers(client: redis.Redis, key: str, buffers: Sequence[bytes | memoryview], *, ex: int, nx: bool) -> bool:
+    """``SET key value EX ex [NX]`` with ``value`` the buffers back to back; True if it was set.
+
+    redis-py takes a value as one buffer, so a value made of parts (a container's
+    header, tensor and metadata) would be copied whole just to be sent; here the
+    parts go to the socket as they are. Retries and reconnects like any client command.
+    """
+    size = sum(memoryview(buffer).nbytes for buffer in buffers)
+    name = key.encode()
+    options = [b"EX", str(ex).encode(), *([b"NX"] if nx else [])]
+    head = b"*%d\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (3 + len(options), len(name), name, size)
+    tail = b"\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(option), option) for option in options)
+    command = _coalesce([head, *buffers, tail])
+
+    def send() -> object:
+        connection.send_packed_command(command)
+        return connection.read_response()
+
+    pool = client.connection_pool
+    connection = pool.get_connection()
+    try:
+        reply = connection.retry.call_with_retry(send, lambda error: connection.disconnect())
+    finally:
+        pool.release(connection)
+    return reply is not None
+
+
+# Parts below this size are joined to their neighbours: one send call each would cost more than the copy.
+_COPY_CUTOFF = 6000
+
+
+def _coalesce(parts: list[bytes | memoryview]) -> list[bytes | memoryview]:
+    """``parts`` with every run of small ones joined into one buffer; large ones stay uncopied."""
+    out: list[bytes | memoryview] = []
+    small: list[bytes | memoryview] = []
+    for part in parts:
+        if memoryview(part).nbytes < _COPY_CUTOFF:
+            small.append(part)
+            continue
+        if small:
+            out.append(b"".join(small))
+            small = []
+        out.append(part)
+    if small:
+        out.append(b"".join(small))
+    return out

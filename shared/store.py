@@ -11,9 +11,9 @@ from typing import Any
 
 import redis
 
-from shared.container import EmbeddingContainer, decode_container, encode_container
+from shared.container import EmbeddingContainer, decode_container, encode_container_buffers
 from shared.errors import Forbidden, NotFound, TooLarge
-from shared.redis_conn import translate_connection_errors
+from shared.redis_conn import set_buffers, translate_connection_errors
 
 DEFAULT_TTL_S = 7 * 24 * 3600
 DEFAULT_MAX_CONTAINER_BYTES = 256 * 1024 * 1024
@@ -69,15 +69,16 @@ class ContainerStore:
         wins, and every caller gets the winner back.
         """
         stored = replace(container, expires_at=time.time() + self.ttl_s)
-        blob = encode_container(stored)
-        if len(blob) > self.max_container_bytes:
+        buffers = encode_container_buffers(stored)
+        size = sum(memoryview(buffer).nbytes for buffer in buffers)
+        if size > self.max_container_bytes:
             raise TooLarge(
-                f"container {container.id} is {len(blob)} bytes, over the store limit of {self.max_container_bytes}"
+                f"container {container.id} is {size} bytes, over the store limit of {self.max_container_bytes}"
             )
         key = self.key(container.id)
         with translate_connection_errors(self._redis):
             while True:
-                if self._redis.set(key, blob, nx=True, ex=self.ttl_s):
+                if set_buffers(self._redis, key, buffers, ex=self.ttl_s, nx=True):
                     return stored
                 [existing] = self._fetch([container.id])
                 if existing is not None:

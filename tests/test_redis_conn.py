@@ -6,7 +6,7 @@ import pytest
 import redis
 
 from shared.errors import StoreUnavailable
-from shared.redis_conn import connect, endpoint, translate_connection_errors
+from shared.redis_conn import connect, endpoint, set_buffers, translate_connection_errors
 from shared.redis_server import EmbeddedRedis
 
 
@@ -45,3 +45,25 @@ def test_other_redis_errors_pass_through(redis_client):
     with pytest.raises(redis.ResponseError):
         with translate_connection_errors(redis_client):
             redis_client.lpush("not-a-list", b"y")
+
+
+def test_set_buffers_stores_the_parts_back_to_back_with_nx_and_ex(redis_client, key_prefix):
+    key = f"{key_prefix}parts"
+    big = memoryview(bytes(range(256)) * 100)  # above the size that is sent uncopied
+    parts = [b"head", big, b"", b"\r\n$3\r\nSET\r\n", b"tail"]  # RESP-looking bytes are data like any other
+    assert set_buffers(redis_client, key, parts, ex=60, nx=True)
+    assert redis_client.get(key) == b"".join(bytes(part) for part in parts)
+    assert 0 < redis_client.ttl(key) <= 60
+    assert not set_buffers(redis_client, key, [b"other"], ex=60, nx=True)  # NX: the first value stays
+    assert redis_client.get(key) == b"".join(bytes(part) for part in parts)
+    assert set_buffers(redis_client, key, [b"other"], ex=30, nx=False)
+    assert redis_client.get(key) == b"other" and redis_client.ttl(key) <= 30
+
+
+def test_set_buffers_reconnects_after_a_redis_restart():
+    with EmbeddedRedis(appendonly=True) as server:
+        client = connect(server.url)
+        assert set_buffers(client, "k", [b"a", b"b"], ex=60, nx=False)
+        server.restart()
+        assert set_buffers(client, "k", [b"c"], ex=60, nx=False)
+        assert client.get("k") == b"c"
