@@ -9,7 +9,9 @@ Images enter prompts as aliases: `encode_prompt` replaces each alias bound to an
 embedding container by the container's token IDs (per its layout). Every alias
 is tokenized exactly where the model's own image token would be: the text is
 encoded once with a private special token in each alias's place, so the text
-around an alias splits as it does around `<image>`.
+around an alias splits as it does around `<image>`. A layout's own text (Gemma 3's
+"\n\n" either side of the image) goes into that text around the private token, so it
+merges with the prompt's neighbouring text as in the model's processor.
 """
 
 from __future__ import annotations
@@ -76,6 +78,12 @@ def check_token_ids(ids: Sequence[int], containers: Iterable[Any], vocab_size: i
                 raise InvalidInput(f"token id {token} belongs to no bound embedding container")
         elif vocab_size is not None and token >= vocab_size:
             raise InvalidInput(f"token id {token} is outside the vocabulary of {vocab_size} tokens")
+
+
+def _alias_text(container: Any) -> str:
+    """What stands for an alias in the text that is tokenized: the placeholder inside its layout's text."""
+    layout = getattr(container, "layout", None)
+    return getattr(layout, "text_before", "") + _PLACEHOLDER + getattr(layout, "text_after", "")
 
 
 @dataclass(frozen=True)
@@ -213,7 +221,8 @@ class Tokenizer:
             if _PLACEHOLDER in piece:
                 raise InvalidInput(f"the prompt contains the reserved text {_PLACEHOLDER}")
 
-        encoded = self._alias_tok.encode(_PLACEHOLDER.join(pieces), add_special_tokens=add_special_tokens).ids
+        text = pieces[0] + "".join(_alias_text(bindings[alias]) + piece for alias, piece in zip(aliases, pieces[1:]))
+        encoded = self._alias_tok.encode(text, add_special_tokens=add_special_tokens).ids
         ids: list[int] = []
         slots = iter(aliases)
         used: dict[int, Any] = {}

@@ -4,7 +4,7 @@ Wire format (DESIGN §2) — one msgpack map::
 
     {"v": 1,
      "meta": {id, model, tenant, first_token_id, num_tokens, alias,
-              layout: {before, after, row_length, row_break_id},
+              layout: {before, after, row_length, row_break_id, text_before, text_after},
               grid: [t, h, w] | None, image: {...}, created_at, expires_at},
      "dtype": "float32" | "bfloat16" | "float16",
      "shape": [num_tokens, hidden],
@@ -39,7 +39,6 @@ __all__ = [
     "Layout",
     "decode_container",
     "encode_container",
-    "encode_container_buffers",
 ]
 
 FORMAT_VERSION = 1
@@ -56,6 +55,8 @@ _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 _MAX_DIM = 2**31 - 1
 # Token IDs feed int64 tensors; leave headroom so first + count never overflows.
 _MAX_TOKEN_ID = 2**62
+# A layout's text is a processor's few separator characters, not a prompt.
+_MAX_LAYOUT_TEXT = 64
 
 
 def _is_int(value: object) -> bool:
@@ -75,12 +76,18 @@ class Layout:
     Qwen2-VL's ``<|vision_start|>``/``<|vision_end|>``). For Pixtral-style row
     layouts, ``row_break_id`` follows every ``row_length`` image IDs except the last
     row (the end token goes in ``after``). ``Layout()`` is image IDs only (LLaVA).
+
+    ``text_before``/``text_after`` are text the processor writes around those IDs before it
+    tokenizes (Gemma 3's ``"\n\n"`` on either side): not IDs, because the tokenizer merges
+    them with the prompt's neighbouring text, so the generator tokenizes them in place.
     """
 
     before: tuple[int, ...] = ()
     after: tuple[int, ...] = ()
     row_length: int | None = None
     row_break_id: int | None = None
+    text_before: str = ""
+    text_after: str = ""
 
     def __post_init__(self) -> None:
         for name in ("before", "after"):
@@ -93,6 +100,10 @@ class Layout:
             raise ValueError(f"layout.row_length must be a positive integer, got {self.row_length!r}")
         if self.row_break_id is not None and not _is_text_token_id(self.row_break_id):
             raise ValueError(f"layout.row_break_id must be a text-token ID, got {self.row_break_id!r}")
+        for name in ("text_before", "text_after"):
+            text = getattr(self, name)
+            if not isinstance(text, str) or len(text) > _MAX_LAYOUT_TEXT:
+                raise ValueError(f"layout.{name} must be a string of at most {_MAX_LAYOUT_TEXT} characters, got {reprlib.repr(text)}")
 
     def expand(self, first_token_id: int, num_tokens: int) -> list[int]:
         """The token IDs of an image whose rows are IDs ``[first_token_id, first_token_id + num_tokens)``."""
@@ -113,6 +124,8 @@ class Layout:
             "after": list(self.after),
             "row_length": self.row_length,
             "row_break_id": self.row_break_id,
+            "text_before": self.text_before,
+            "text_after": self.text_after,
         }
 
 
@@ -208,14 +221,6 @@ _HEADER_BEFORE_DATA_LENGTH = b"\xdf\x00\x00\x00\x05" + b"\xd9\x04data" + b"\xc6"
 
 def encode_container(container: EmbeddingContainer) -> bytes:
     """The container as one msgpack blob (see the module docstring)."""
-    return b"".join(encode_container_buffers(container))
-
-
-def encode_container_buffers(container: EmbeddingContainer) -> list[bytes | memoryview]:
-    """The blob of `encode_container` as the buffers it is made of, the tensor's bytes uncopied among them.
-
-    The store sends them to Redis as they are: joining them would copy the whole tensor once more.
-    """
     tensor = container.embeddings.detach()
     if tensor.dtype not in _DTYPE_NAMES:
         raise ValueError(f"cannot encode dtype {tensor.dtype}; allowed: {', '.join(_DTYPES)}")
@@ -231,7 +236,7 @@ def encode_container_buffers(container: EmbeddingContainer) -> list[bytes | memo
     }
     # The map's other 4 entries follow the data: msgpack keys and values, back to back.
     entries = b"".join(msgpack.packb(key) + msgpack.packb(value) for key, value in rest.items())
-    return [_HEADER_BEFORE_DATA_LENGTH + data.nbytes.to_bytes(4, "big"), data, entries]
+    return b"".join([_HEADER_BEFORE_DATA_LENGTH, data.nbytes.to_bytes(4, "big"), data, entries])
 
 
 def decode_container(blob: bytes | bytearray | memoryview, *, max_bytes: int | None = None) -> EmbeddingContainer:
@@ -304,13 +309,15 @@ _MAP_MARKERS = {0xDE: 2, 0xDF: 4}  # map16/32
 
 def _read_top_level_map(view: memoryview) -> dict[str, Any]:
     """The blob's map with ``data`` as a memoryview slice of ``view``; every key must be a string."""
-    if view[: len(_HEADER_BEFORE_DATA_LENGTH)] == _HEADER_BEFORE_DATA_LENGTH:
-        return _read_encoded_map(view)
     count, pos = _read_length(view, 0, _MAP_MARKERS, 0x80, 0x0F, "a msgpack map")
     top: dict[str, Any] = {}
     cursor = _Cursor(view, pos)
     for _ in range(count):
-        key = _checked_key(cursor.unpack(), top)
+        key = cursor.unpack()
+        if not isinstance(key, str):
+            raise ContainerFormatError(f"container keys must be strings, got {_describe(key)}")
+        if key in top:
+            raise ContainerFormatError(f"container key {key!r} appears twice")
         if key == "data" and cursor.position < len(view) and view[cursor.position] in _BIN_MARKERS:
             length, start = _read_length(view, cursor.position, _BIN_MARKERS, None, 0, "bin")
             if start + length > len(view):
@@ -322,35 +329,6 @@ def _read_top_level_map(view: memoryview) -> dict[str, Any]:
     if cursor.position != len(view):
         raise ContainerFormatError(f"container blob has {len(view) - cursor.position} bytes after its map")
     return top
-
-
-def _read_encoded_map(view: memoryview) -> dict[str, Any]:
-    """The map of a blob laid out as `encode_container` writes it, read in two steps instead of entry by entry.
-
-    The header fixes 5 entries with the data first; the 4 after it are parsed by one
-    msgpack call, as the keys and values of an 8-item array (the store's hot path).
-    """
-    length, start = _read_length(view, len(_HEADER_BEFORE_DATA_LENGTH) - 1, _BIN_MARKERS, None, 0, "bin")
-    if start + length > len(view):
-        raise ContainerFormatError("container blob is truncated")
-    top: dict[str, Any] = {"data": view[start : start + length]}
-    try:
-        items = msgpack.unpackb(b"\x98" + bytes(view[start + length :]), raw=False)
-    except msgpack.ExtraData as exc:
-        raise ContainerFormatError(f"container blob has {len(exc.extra)} bytes after its map") from exc
-    except Exception as exc:  # msgpack raises many types (ValueError, FormatError, StackError, ...)
-        raise ContainerFormatError(f"container blob is not valid msgpack: {str(exc) or type(exc).__name__}") from exc
-    for key, value in zip(items[::2], items[1::2]):
-        top[_checked_key(key, top)] = value
-    return top
-
-
-def _checked_key(key: object, top: dict[str, Any]) -> str:
-    if not isinstance(key, str):
-        raise ContainerFormatError(f"container keys must be strings, got {_describe(key)}")
-    if key in top:
-        raise ContainerFormatError(f"container key {key!r} appears twice")
-    return key
 
 
 def _read_length(
@@ -449,8 +427,11 @@ def _layout_from_meta(raw: dict) -> Layout:
     after = _require(raw, "after", _is_id_list, "a list of integers", "layout")
     row_length = _require(raw, "row_length", lambda v: v is None or _is_int(v), "an integer or null", "layout")
     row_break_id = _require(raw, "row_break_id", lambda v: v is None or _is_int(v), "an integer or null", "layout")
+    # Optional: blobs written before layouts had text hold none.
+    text_before = _require(raw, "text_before", _is_str, "a string", "layout") if "text_before" in raw else ""
+    text_after = _require(raw, "text_after", _is_str, "a string", "layout") if "text_after" in raw else ""
     try:
-        return Layout(tuple(before), tuple(after), row_length, row_break_id)
+        return Layout(tuple(before), tuple(after), row_length, row_break_id, text_before, text_after)
     except ValueError as exc:
         raise ContainerFormatError(str(exc)) from exc
 

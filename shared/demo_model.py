@@ -66,8 +66,9 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def build_tokenizer(vocab_size: int = 400, special_tokens: list[str] = SPECIAL_TOKENS):
-    """A byte-level BPE tokenizer with Llama's specials (or `special_tokens`); BOS added by its post-processor when <s> is one (Qwen's have none)."""
+def build_tokenizer(vocab_size: int = 400, special_tokens: list[str] = SPECIAL_TOKENS, corpus: list[str] = CORPUS, bos_token: str = "<s>"):
+    """A byte-level BPE tokenizer with Llama's specials (or `special_tokens`), trained on `corpus`; BOS added by its
+    post-processor when `bos_token` is one of the specials (Qwen's have none)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -79,23 +80,19 @@ def build_tokenizer(vocab_size: int = 400, special_tokens: list[str] = SPECIAL_T
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(CORPUS * 4, trainer)
-    if "<s>" in special_tokens:
-        bos = tok.token_to_id("<s>")
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    tok.train_from_iterator(corpus * 4, trainer)
+    if bos_token in special_tokens:
+        bos = tok.token_to_id(bos_token)
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos_token} $A", pair=f"{bos_token} $A {bos_token} $B", special_tokens=[(bos_token, bos)]
+        )
     return tok
 
 
-def _clip_tensor_shapes(vc: dict) -> dict[str, tuple[int, ...]]:
-    d, m, p, c = vc["hidden_size"], vc["intermediate_size"], vc["patch_size"], vc["num_channels"]
-    prefix = "vision_tower.vision_model."
-    shapes = {
-        "embeddings.class_embedding": (d,),
-        "embeddings.patch_embedding.weight": (d, c, p, p),
-        "embeddings.position_embedding.weight": ((vc["image_size"] // p) ** 2 + 1, d),
-        "pre_layrnorm.weight": (d,), "pre_layrnorm.bias": (d,),
-        "post_layernorm.weight": (d,), "post_layernorm.bias": (d,),
-    }
+def _vit_encoder_shapes(vc: dict) -> dict[str, tuple[int, ...]]:
+    """The encoder layers of a CLIP or SigLIP ViT, under `vision_model.`."""
+    d, m = vc["hidden_size"], vc["intermediate_size"]
+    shapes = {}
     for i in range(vc["num_hidden_layers"]):
         layer = f"encoder.layers.{i}."
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
@@ -105,6 +102,19 @@ def _clip_tensor_shapes(vc: dict) -> dict[str, tuple[int, ...]]:
             shapes[f"{layer}{norm}.weight"] = (d,)
             shapes[f"{layer}{norm}.bias"] = (d,)
         shapes.update({f"{layer}mlp.fc1.weight": (m, d), f"{layer}mlp.fc1.bias": (m,), f"{layer}mlp.fc2.weight": (d, m), f"{layer}mlp.fc2.bias": (d,)})
+    return shapes
+
+
+def _clip_tensor_shapes(vc: dict) -> dict[str, tuple[int, ...]]:
+    d, p, c = vc["hidden_size"], vc["patch_size"], vc["num_channels"]
+    prefix = "vision_tower.vision_model."
+    shapes = {
+        "embeddings.class_embedding": (d,),
+        "embeddings.patch_embedding.weight": (d, c, p, p),
+        "embeddings.position_embedding.weight": ((vc["image_size"] // p) ** 2 + 1, d),
+        "pre_layrnorm.weight": (d,), "pre_layrnorm.bias": (d,),
+        "post_layernorm.weight": (d,), "post_layernorm.bias": (d,),
+    } | _vit_encoder_shapes(vc)
     return {prefix + k: v for k, v in shapes.items()}
 
 
@@ -126,11 +136,14 @@ def _llama_tensor_shapes(tc: dict) -> dict[str, tuple[int, ...]]:
     return {"language_model." + k: v for k, v in shapes.items()}
 
 
-def _random_weights(shapes: dict[str, tuple[int, ...]], generator: torch.Generator, std: float = 0.2) -> dict[str, torch.Tensor]:
+def _random_weights(shapes: dict[str, tuple[int, ...]], generator: torch.Generator, std: float = 0.2,
+                    offset_norms: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """`offset_norms`: name prefixes under which norms scale by 1 + weight (Gemma's)."""
     weights = {}
     for name, shape in shapes.items():
         if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "layrnorm.weight", "ln_q.weight", "ln_pre.weight")):
-            weights[name] = torch.ones(shape)  # norms start at identity, as trained models roughly are
+            # Norms start at identity, as trained models roughly are: weight 1, or 0 for a 1 + weight norm.
+            weights[name] = torch.full(shape, 0.0 if name.startswith(offset_norms) else 1.0)
         elif name.endswith(".bias"):
             weights[name] = torch.zeros(shape)
         else:
@@ -139,9 +152,10 @@ def _random_weights(shapes: dict[str, tuple[int, ...]], generator: torch.Generat
 
 
 def _write_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]], tok, files: dict[str, dict], chat_template: str,
-                      seed: int, weight_std: float) -> Path:
+                      seed: int, weight_std: float, offset_norms: tuple[str, ...] = ()) -> Path:
     """Random weights of `shapes`, the tokenizer, the JSON `files` and the chat template, into the folder `path`."""
-    save_file(_random_weights(shapes, torch.Generator().manual_seed(seed), weight_std), path / "model.safetensors", metadata={"format": "pt"})
+    weights = _random_weights(shapes, torch.Generator().manual_seed(seed), weight_std, offset_norms)
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
     tok.save(str(path / "tokenizer.json"))
     for name, content in files.items():
         (path / name).write_text(json.dumps(content, indent=2) + "\n")
@@ -436,12 +450,163 @@ def write_pixtral_demo(
     return _write_checkpoint(path, shapes, tok, files, MISTRAL_CHAT_TEMPLATE, seed, weight_std)
 
 
+# Gemma 3: its tokenizer's first specials (same IDs as the real vocabulary: pad 0, eos 1, bos 2, unk 3), turns and images.
+GEMMA_SPECIAL_TOKENS = [
+    "<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>",
+]
+# Gemma's vocabulary has tokens for runs of newlines; Gemma3Processor's "\n\n" around an image merges with the
+# newlines next to it. This corpus teaches the demo tokenizer those merges, so the difference shows.
+GEMMA_CORPUS = CORPUS + [
+    "Paragraph one.\n\nParagraph two.\n\n\nThree newlines.\n\n\n\nFour newlines.\nOne newline.",
+    "user\n\n\nA picture.\n\n\n\nmodel\nIt shows a cat.\n\n",
+] * 3
+
+# google/gemma-3-*-it's template: a system message joins the first user turn; an image part is <start_of_image>,
+# which Gemma3Processor expands (vlmq's containers carry that expansion in their layout).
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    "    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    "        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\n'}}\n"
+    "{%- endif -%}\n"
+)
+
+GEMMA_MEAN = GEMMA_STD = [0.5, 0.5, 0.5]
+
+
+def _siglip_tensor_shapes(vc: dict) -> dict[str, tuple[int, ...]]:
+    d, p, c = vc["hidden_size"], vc["patch_size"], vc["num_channels"]
+    shapes = {
+        "embeddings.patch_embedding.weight": (d, c, p, p), "embeddings.patch_embedding.bias": (d,),
+        "embeddings.position_embedding.weight": ((vc["image_size"] // p) ** 2, d),
+        "post_layernorm.weight": (d,), "post_layernorm.bias": (d,),
+    } | _vit_encoder_shapes(vc)
+    return {"vision_tower.vision_model." + k: v for k, v in shapes.items()}
+
+
+def _gemma3_text_shapes(tc: dict) -> dict[str, tuple[int, ...]]:
+    """Llama's tensors plus Gemma 3's norms: after attention, around the MLP, and on each head of Q and K."""
+    shapes = _llama_tensor_shapes(tc)
+    for i in range(tc["num_hidden_layers"]):
+        layer = f"language_model.model.layers.{i}."
+        shapes.update({f"{layer}{norm}.weight": (tc["hidden_size"],) for norm in ("pre_feedforward_layernorm", "post_feedforward_layernorm")})
+        shapes.update({f"{layer}self_attn.{norm}.weight": (tc["head_dim"],) for norm in ("q_norm", "k_norm")})
+    return shapes
+
+
+def write_gemma3_demo(
+    path: str | Path,
+    *,
+    image_size: int = 64,
+    patch_size: int = 8,
+    tokens_per_image: int = 16,
+    seed: int = 0,
+    vision: dict | None = None,
+    text: dict | None = None,
+    weight_std: float = 0.2,
+) -> Path:
+    """A random-weight Gemma 3 (SigLIP + pooled projector + Gemma 3 text) that `transformers` loads too.
+
+    Tiny by default: 64 × 64 images, 8 × 8 patches pooled to `tokens_per_image` = 16 tokens, and a
+    4-layer language model with a window of 32 on three sliding layers and one global. ``vision`` and
+    ``text`` override fields of the SigLIP and Gemma 3 text configs; a ``vocab_size`` above the demo
+    tokenizer's pads the table, as in `write_llava_demo`.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(special_tokens=GEMMA_SPECIAL_TOKENS, corpus=GEMMA_CORPUS, bos_token="<bos>")
+    ids = {name: tok.token_to_id(name) for name in GEMMA_SPECIAL_TOKENS}
+    vision = {
+        "model_type": "siglip_vision_model", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_channels": 3, "image_size": image_size, "patch_size": patch_size,
+        "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6, "vision_use_head": False,
+    } | (vision or {})
+    text = {
+        "model_type": "gemma3_text", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": tok.get_vocab_size(),
+        "max_position_embeddings": 1024, "rms_norm_eps": 1e-6, "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": 32, "sliding_window": 32,
+        "layer_types": ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        "final_logit_softcapping": None, "attn_logit_softcapping": None, "attention_bias": False, "tie_word_embeddings": True,
+        "bos_token_id": ids["<bos>"], "eos_token_id": ids["<eos>"], "pad_token_id": ids["<pad>"],
+    } | (text or {})
+    if len(text["layer_types"]) != text["num_hidden_layers"]:  # a deeper override: Gemma 3's pattern, every 6th layer global
+        text["layer_types"] = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(text["num_hidden_layers"])]
+    if text["vocab_size"] < tok.get_vocab_size():
+        raise ValueError(f"vocab_size {text['vocab_size']} is below the demo tokenizer's {tok.get_vocab_size()}")
+    config = {
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "vision_config": vision, "text_config": text,
+        "mm_tokens_per_image": tokens_per_image, "boi_token_index": ids["<start_of_image>"], "eoi_token_index": ids["<end_of_image>"],
+        "image_token_index": ids["<image_soft_token>"], "tie_word_embeddings": text["tie_word_embeddings"],
+    }
+    shapes = _siglip_tensor_shapes(vision) | _gemma3_text_shapes(text) | {
+        "multi_modal_projector.mm_input_projection_weight": (vision["hidden_size"], text["hidden_size"]),
+        "multi_modal_projector.mm_soft_emb_norm.weight": (vision["hidden_size"],),
+    }
+    eos = [ids["<eos>"], ids["<end_of_turn>"]]
+    files = {
+        "config.json": config,
+        "tokenizer_config.json": {
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>",
+            "pad_token": "<pad>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>",
+            "model_max_length": text["max_position_embeddings"],
+        },
+        "preprocessor_config.json": {
+            "image_processor_type": "Gemma3ImageProcessor", "do_resize": True, "size": {"height": image_size, "width": image_size},
+            "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": GEMMA_MEAN,
+            "image_std": GEMMA_STD, "do_convert_rgb": None, "do_pan_and_scan": None, "image_seq_length": tokens_per_image,
+        },
+        "processor_config.json": {"processor_class": "Gemma3Processor", "image_seq_length": tokens_per_image},
+        "generation_config.json": {"bos_token_id": ids["<bos>"], "eos_token_id": eos, "pad_token_id": ids["<pad>"]},
+    }
+    return _write_checkpoint(path, shapes, tok, files, GEMMA3_CHAT_TEMPLATE, seed, weight_std,
+                             offset_norms=("language_model.", "multi_modal_projector."))
+
+
 DEMO_FAMILIES = {
     "llava": write_llava_demo,
     "qwen2_vl": write_qwen2_vl_demo,
     "qwen2_5_vl": partial(write_qwen2_vl_demo, variant="qwen2_5_vl"),
     "pixtral": write_pixtral_demo,
     "mistral3": partial(write_pixtral_demo, family="mistral3"),
+    "gemma3": write_gemma3_demo,
 }
 
 

@@ -113,7 +113,6 @@ class DecoderConfig:
     qk_norm: bool = False  # Gemma 3: an RMSNorm over each head of Q and of K, before RoPE
     query_scale: float | None = None  # the softmax scale; None: 1/√head_dim (Gemma 3: query_pre_attn_scalar^-½)
     embed_scale: float | None = None  # Gemma: text embeddings times √hidden; container rows are not scaled
-    final_logit_softcapping: float | None = None  # logits → cap · tanh(logits / cap)
     bidirectional_images: bool = False  # Gemma 3: in prefill, the tokens of one image attend to each other both ways
 
     def __post_init__(self):

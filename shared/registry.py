@@ -18,8 +18,9 @@ class Family:
     vision_model: str  # "module:Class" with .from_checkpoint(checkpoint, device, dtype)
     language_model: str  # "module:Class" with .from_checkpoint(checkpoint, device, dtype)
     # config.json keys of the token IDs whose texts, joined, are what the chat template writes for an
-    # image part, when that is more than the image token: Qwen2-VL writes <|vision_start|><|image_pad|><|vision_end|>
-    # and its containers' layout puts the start and end back around the image rows.
+    # image part, when that is not the image token alone: Qwen2-VL writes <|vision_start|><|image_pad|><|vision_end|>
+    # and its containers' layout puts the start and end back around the image rows; Gemma 3 writes
+    # <start_of_image>, which its containers' layout expands.
     image_placeholder: tuple[str, ...] = ()
 
     def load_vision_class(self) -> type:
@@ -62,6 +63,13 @@ FAMILIES: dict[tuple[str, str | None], Family] = {
         "mistral3",
         vision_model="embedder_service.models.pixtral:PixtralVisionModel",
         language_model="generator_service.models.llama:LlamaForCausalLM",
+    ),
+    # Gemma 3: the chat template writes <start_of_image> for an image part, which Gemma3Processor expands.
+    ("gemma3", "siglip_vision_model"): Family(
+        "gemma3",
+        vision_model="embedder_service.models.gemma3:Gemma3VisionModel",
+        language_model="generator_service.models.gemma3:Gemma3ForCausalLM",
+        image_placeholder=("boi_token_index",),
     ),
     ("qwen2_vl", None): _qwen2_vl("qwen2_vl"),
     ("qwen2_5_vl", None): _qwen2_vl("qwen2_5_vl"),

@@ -13,6 +13,9 @@ from pathlib import Path
 import torch
 
 from shared.demo_model import (
+    GEMMA3_CHAT_TEMPLATE,
+    GEMMA_CORPUS,
+    GEMMA_SPECIAL_TOKENS,
     LLAVA_CHAT_TEMPLATE,
     MISTRAL_CHAT_TEMPLATE,
     PIXTRAL_SPECIAL_TOKENS,
@@ -225,6 +228,89 @@ def load_qwen2_vl_reference(path: str | Path):
     from transformers import AutoModelForImageTextToText
 
     return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def build_tiny_gemma3(
+    path: str | Path,
+    *,
+    image_size: int = 32,
+    patch_size: int = 4,
+    tokens_per_image: int = 16,
+    sliding_window: int = 8,
+    softcapping: float | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write a tiny Gemma 3 (SigLIP + pooled projector + Gemma 3 text) checkpoint with tokenizer, chat template,
+    image processor and generation config.
+
+    Sliding layers 0, 1 and 3 have a window of 8 (shorter than an image's 16 tokens), layer 2 is global;
+    the two kinds have different RoPE (the global one linearly scaled), and query_pre_attn_scalar is not
+    head_dim, so each of those must be right for the logits to match. Every weight is random, norms and
+    biases included (a wrong norm offset or a misplaced per-head norm weight shows).
+    """
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessorPil,
+        Gemma3TextConfig,
+        GenerationConfig,
+        PreTrainedTokenizerFast,
+        SiglipVisionConfig,
+    )
+
+    path = Path(path)
+    tok = build_tokenizer(special_tokens=GEMMA_SPECIAL_TOKENS, corpus=GEMMA_CORPUS, bos_token="<bos>")
+    ids = {name: tok.token_to_id(name) for name in GEMMA_SPECIAL_TOKENS}
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=image_size, patch_size=patch_size, vision_use_head=False)
+    text = Gemma3TextConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        vocab_size=tok.get_vocab_size(), max_position_embeddings=512, sliding_window=sliding_window, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        final_logit_softcapping=softcapping, attn_logit_softcapping=softcapping,
+        bos_token_id=ids["<bos>"], eos_token_id=ids["<eos>"], pad_token_id=ids["<pad>"],
+    )
+    config = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=tokens_per_image,
+                          boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
+                          image_token_index=ids["<image_soft_token>"])
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # decisive logits, as in build_tiny_llava; 1-D parameters moved off their init
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.2 if "embed" not in name else 1.0)
+            else:
+                param.add_(torch.randn_like(param) * 0.2)
+    model.save_pretrained(path)
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>",
+        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
+    )
+    fast.chat_template = GEMMA3_CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(path)
+    GenerationConfig(bos_token_id=ids["<bos>"], eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]],
+                     pad_token_id=ids["<pad>"]).save_pretrained(path)
+    return path
+
+
+def load_gemma3_reference(path: str | Path):
+    """The `transformers` model of a tiny Gemma 3 checkpoint, float32, eval mode."""
+    from transformers import Gemma3ForConditionalGeneration
+
+    return Gemma3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def gemma3_processor(path: str | Path):
+    """transformers' Gemma3Processor of a tiny Gemma 3 checkpoint, with the PIL image processor."""
+    from transformers import AutoTokenizer, Gemma3ImageProcessorPil, Gemma3Processor
+
+    tokens = json.loads((Path(path) / "config.json").read_text())["mm_tokens_per_image"]
+    return Gemma3Processor(image_processor=Gemma3ImageProcessorPil.from_pretrained(path), tokenizer=AutoTokenizer.from_pretrained(path),
+                           chat_template=GEMMA3_CHAT_TEMPLATE, image_seq_length=tokens)
 
 
 def load_reference(path: str | Path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 from PIL import Image
@@ -50,6 +51,12 @@ class ClipPreprocessor:
     image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     image_std: tuple[float, float, float] = OPENAI_CLIP_STD
 
+    # What a fixed-size processor of another family changes besides the defaults (Gemma 3's, a subclass):
+    PROCESSOR_TYPES: ClassVar[tuple[str, ...]] = _PROCESSOR_TYPES
+    FAMILY: ClassVar[str] = "CLIP"  # in errors
+    NAME: ClassVar[str] = "clip"  # in `settings()`, so part of a container's content address
+    SQUARE_SIZE: ClassVar[bool] = False  # an int `size` is height = width (else shortest_edge), as the reference reads it
+
     def __post_init__(self) -> None:
         # [3, 256] float32: the value each uint8 level of each channel becomes.
         lut = rescale_normalize_table(self.do_rescale, self.rescale_factor, self.do_normalize, self.image_mean, self.image_std)
@@ -60,13 +67,13 @@ class ClipPreprocessor:
     @classmethod
     def from_config(cls, config: dict) -> ClipPreprocessor:
         """From the dict in `preprocessor_config.json`; missing keys take CLIPImageProcessor's defaults."""
-        check_processor_type(config, _PROCESSOR_TYPES, "CLIP")
+        check_processor_type(config, cls.PROCESSOR_TYPES, cls.FAMILY)
         d = cls()
 
         def get(key: str, default):
             return config_value(config, key, default)
 
-        size = _size_dict(get("size", dict(d.size)), default_to_square=False)
+        size = _size_dict(get("size", dict(d.size)), default_to_square=cls.SQUARE_SIZE)
         crop = _size_dict(get("crop_size", {"height": d.crop_size[0], "width": d.crop_size[1]}), default_to_square=True)
         if set(crop) != {"height", "width"}:
             raise CheckpointError(f"crop_size must have height and width, got {config['crop_size']!r}")
@@ -101,7 +108,7 @@ class ClipPreprocessor:
         out["crop_size"] = list(self.crop_size)
         out["image_mean"] = list(self.image_mean)
         out["image_std"] = list(self.image_std)
-        return {"processor": "clip", **out}
+        return {"processor": self.NAME, **out}
 
     # --- processing ---------------------------------------------------------------------------
 

@@ -216,9 +216,7 @@ class LlamaForCausalLM(nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         """hidden: [N, D] → [N, V] float32."""
-        logits = linear(hidden, self.head).float()
-        cap = self.config.final_logit_softcapping
-        return logits if cap is None else torch.tanh(logits / cap) * cap
+        return linear(hidden, self.head).float()
 
     # -- the two forwards the engine runs -------------------------------------------
 

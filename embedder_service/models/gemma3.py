@@ -1,0 +1,200 @@
+"""Gemma 3's image side: SigLIP tower → average pool → Gemma RMSNorm → linear projection.
+
+Matches `Gemma3ForConditionalGeneration.get_image_features`: the SigLIP tower's
+`last_hidden_state` (after `post_layernorm`, no CLS) is laid back on its
+(image_size / patch)² grid, average-pooled to `mm_tokens_per_image` tokens
+(kernel = stride = patches per side / tokens per side), normed by Gemma's RMSNorm
+(1 + weight, the vision config's eps) and multiplied by `mm_input_projection_weight`
+([vision hidden, LM hidden]). Every image is the same size, so a batch is one stack.
+
+The container layout is what `Gemma3Processor` writes for an image, which is text:
+"\\n\\n<start_of_image>" + the image tokens + "<end_of_image>\\n\\n". The start and end are
+special tokens (`before`/`after` IDs); the newlines are text that the generator's tokenizer
+encodes together with the prompt's neighbouring text (`Layout.text_before`/`text_after`),
+because in the reference they merge with the newlines around the image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from embedder_service.models import open_checkpoint
+from embedder_service.models.clip import linear
+from embedder_service.models.siglip import SiglipVisionConfig, SiglipVisionTower
+from embedder_service.preprocess.gemma3 import Gemma3Preprocessor
+from shared.checkpoint import Checkpoint
+from shared.container import Layout
+from shared.errors import CheckpointError
+from shared.layers import RMSNorm
+
+VISION_PREFIX = "vision_tower.vision_model."
+PROJECTOR_PREFIX = "multi_modal_projector."
+# The text Gemma3Processor writes on either side of an image's <start_of_image> … <end_of_image>.
+IMAGE_TEXT_AROUND = "\n\n"
+
+
+@dataclass(frozen=True)
+class Gemma3VisionConfig:
+    vision: SiglipVisionConfig
+    tokens_per_image: int  # mm_tokens_per_image
+    lm_hidden_size: int
+    boi_token_id: int
+    eoi_token_id: int
+
+    @classmethod
+    def from_config(cls, config: dict) -> Gemma3VisionConfig:
+        """From a Gemma 3 `config.json`; missing keys take Gemma3Config's (and SiglipVisionConfig's) defaults."""
+        vision = SiglipVisionConfig.from_dict(config.get("vision_config") or {})
+        out = cls(
+            vision=vision,
+            tokens_per_image=int(config.get("mm_tokens_per_image", 256)),
+            lm_hidden_size=int((config.get("text_config") or {}).get("hidden_size", 2304)),  # Gemma3TextConfig's default
+            boi_token_id=int(config.get("boi_token_index", 255_999)),
+            eoi_token_id=int(config.get("eoi_token_index", 256_000)),
+        )
+        side = vision.image_size // vision.patch_size
+        if out.tokens_per_side**2 != out.tokens_per_image or side % out.tokens_per_side:
+            raise CheckpointError(
+                f"mm_tokens_per_image {out.tokens_per_image} must be a square whose side divides the {side}×{side} patch grid"
+            )
+        return out
+
+    @property
+    def tokens_per_side(self) -> int:
+        return round(self.tokens_per_image**0.5)
+
+    @property
+    def pool(self) -> int:
+        """Patches per side of one pooled token: the average pool's kernel and stride."""
+        return self.vision.grid // self.tokens_per_side
+
+
+class Gemma3Projector(nn.Module):
+    """`Gemma3MultiModalProjector`: [B, N, Dv] patch states → [B, tokens, D] LM embeddings."""
+
+    def __init__(self, config: Gemma3VisionConfig):
+        super().__init__()
+        self.config = config
+        self.mm_input_projection_weight = nn.Parameter(torch.empty(config.vision.hidden_size, config.lm_hidden_size))  # [Dv, D]
+        self.mm_soft_emb_norm = RMSNorm(config.vision.hidden_size, config.vision.layer_norm_eps, offset=1.0)
+
+    def prepare(self) -> None:
+        self.mm_soft_emb_norm.prepare()
+        self.w = self.mm_input_projection_weight.detach().t().contiguous()  # [D, Dv]: `linear`'s layout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [B, N, Dv] → grid [B, Dv, g, g] → pooled [B, Dv, s, s] → [B, s², Dv] → [B, s², D]
+        B, N, Dv = x.shape
+        g = self.config.vision.grid
+        grid = x.transpose(1, 2).reshape(B, Dv, g, g)
+        pooled = F.avg_pool2d(grid, self.config.pool).flatten(2).transpose(1, 2)  # the reference's AvgPool2d
+        return linear(self.mm_soft_emb_norm(pooled), self.w, None)
+
+
+class Gemma3VisionModel(nn.Module):
+    """Pixels [B, 3, H, W] → projected image embeddings [B, mm_tokens_per_image, hidden_size]."""
+
+    def __init__(self, config: Gemma3VisionConfig):
+        super().__init__()
+        self.config = config
+        self.vision_tower = SiglipVisionTower(config.vision)
+        self.multi_modal_projector = Gemma3Projector(config)
+        self.preprocessor: Gemma3Preprocessor | None = None  # set by from_checkpoint
+        self._fingerprint: str | None = None
+
+    @classmethod
+    def from_checkpoint(
+        cls, ckpt: Checkpoint | str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32
+    ) -> Gemma3VisionModel:
+        ckpt, dtype = open_checkpoint(cls, ckpt, device, dtype)
+        config = Gemma3VisionConfig.from_config(ckpt.config)
+        preprocessor = Gemma3Preprocessor.from_checkpoint(ckpt)
+        size = dict(preprocessor.size)
+        if (size["height"], size["width"]) != (config.vision.image_size,) * 2:
+            raise CheckpointError(
+                f"{ckpt.path}: the preprocessor produces {size['height']}×{size['width']} images, "
+                f"the vision tower takes {config.vision.image_size}×{config.vision.image_size}"
+            )
+        with torch.device("meta"):
+            model = cls(config)
+        tower = model.vision_tower
+        _check_vision_names(ckpt, tower)
+        # Module by module, so the pooling head a SigLIP checkpoint may hold is never read; each load is strict.
+        for name in ("embeddings", "encoder", "post_layernorm"):
+            ckpt.load_into(getattr(tower, name), f"{VISION_PREFIX}{name}.", dtype, device)
+        ckpt.load_into(model.multi_modal_projector, PROJECTOR_PREFIX, dtype, device)
+
+        model.requires_grad_(False).eval()
+        tower.fuse_()
+        model.multi_modal_projector.prepare()
+        model.preprocessor = preprocessor
+        model._fingerprint = ckpt.fingerprint
+        return model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # pixel_values: [B, 3, H, W] → [B, tokens, hidden]
+        return self.multi_modal_projector(self.vision_tower(pixel_values))
+
+    @torch.inference_mode()
+    def embed_batch(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Preprocessed images, B × [3, H, W] → one [tokens_per_image, hidden_size] tensor each, batched through the model."""
+        if not pixels:
+            return []
+        return list(self(torch.stack(pixels).to(self.device, self.dtype)).unbind(0))
+
+    def embed(self, images: list[Image.Image]) -> list[torch.Tensor]:
+        """PIL images → one [tokens_per_image, hidden_size] tensor each."""
+        return self.embed_batch([self.preprocessor(image) for image in images])
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.config.tokens_per_image
+
+    @property
+    def hidden_size(self) -> int:
+        """The language model's hidden size: the width of every embedding row."""
+        return self.config.lm_hidden_size
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            raise RuntimeError("fingerprint is known only for a model loaded with from_checkpoint")
+        return self._fingerprint
+
+    @property
+    def device(self) -> torch.device:
+        return self.multi_modal_projector.mm_input_projection_weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.multi_modal_projector.mm_input_projection_weight.dtype
+
+    def layout_for(self, pixel_values: torch.Tensor) -> Layout:
+        """`Gemma3Processor`'s expansion, the same for every image (see the module docstring)."""
+        return Layout(
+            before=(self.config.boi_token_id,), after=(self.config.eoi_token_id,),
+            text_before=IMAGE_TEXT_AROUND, text_after=IMAGE_TEXT_AROUND,
+        )
+
+    def grid_for(self, pixel_values: torch.Tensor) -> None:
+        """Gemma 3 needs no grid (no M-RoPE, no row layout)."""
+        return None
+
+    def processed_size(self, pixel_values: torch.Tensor) -> tuple[int, int]:
+        """(height, width) of the preprocessed image."""
+        return pixel_values.shape[-2], pixel_values.shape[-1]
+
+
+def _check_vision_names(ckpt: Checkpoint, tower: SiglipVisionTower) -> None:
+    """Refuse vision tensors a SigLIP of this config does not have (a deeper tower, another family's names)."""
+    known = set(tower.state_dict())
+    names = ckpt.tensor_names("vision_tower.")
+    unexpected = [n for n in names if not (n.startswith(VISION_PREFIX) and tower.is_checkpoint_name(n[len(VISION_PREFIX) :], known))]
+    if unexpected:
+        raise CheckpointError(f"{ckpt.path}: unexpected vision tensors for a {tower.config.num_hidden_layers}-layer SigLIP: {unexpected}")

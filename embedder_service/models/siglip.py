@@ -1,0 +1,81 @@
+"""SigLIP vision tower (the one Gemma 3 uses), in plain torch.
+
+A SigLIP ViT is CLIP's encoder — the same pre-norm blocks, parameter names and
+attention — with a different stem and end: the patch convolution has a bias,
+position embeddings are learned per patch with no CLS token, there is no
+pre-encoder LayerNorm, and `post_layernorm` closes the tower (its output is
+`last_hidden_state`). The blocks are `ClipEncoderLayer`s (fused QKV, oneDNN
+linears with the tanh GELU fused in). The attention-pooling `head`, which Gemma 3
+does not use, is neither built nor read.
+
+Parameter names are those under `vision_tower.vision_model.` of a checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from embedder_service.models.clip import ClipEncoder, ClipVisionConfig, linear
+from shared.errors import InvalidInput
+
+
+@dataclass(frozen=True)
+class SiglipVisionConfig(ClipVisionConfig):
+    """`vision_config` of a checkpoint; missing keys take transformers' `SiglipVisionConfig` defaults."""
+
+    patch_size: int = 16
+    hidden_act: str = "gelu_pytorch_tanh"
+    layer_norm_eps: float = 1e-6
+
+
+class SiglipEmbeddings(nn.Module):
+    def __init__(self, config: SiglipVisionConfig):
+        super().__init__()
+        self.config = config
+        D, C, P = config.hidden_size, config.num_channels, config.patch_size
+        self.patch_embedding = nn.Conv2d(C, D, kernel_size=P, stride=P)
+        self.position_embedding = nn.Embedding(config.num_patches, D)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # pixel_values: [B, C, H, W] → [B, N, D]
+        B, C, H, W = pixel_values.shape
+        P, g, D = self.config.patch_size, self.config.grid, self.config.hidden_size
+        if (C, H, W) != (self.config.num_channels, self.config.image_size, self.config.image_size):
+            raise InvalidInput(f"pixel_values must be [B, {self.config.num_channels}, {self.config.image_size}, {self.config.image_size}], got {list(pixel_values.shape)}")
+        weight = self.patch_embedding.weight  # [D, C, P, P]
+        # The stride-P convolution as one GEMM over the flattened (C, P, P) patches, as in CLIP's stem.
+        patches = pixel_values.to(weight.dtype).view(B, C, g, P, g, P).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, C * P * P)
+        x = linear(patches, weight.view(D, C * P * P), self.patch_embedding.bias)  # [B, N, D]
+        return x + self.position_embedding.weight  # [B, N, D]
+
+
+class SiglipVisionTower(nn.Module):
+    """`SiglipVisionModel` up to `last_hidden_state`: embeddings → encoder → post_layernorm."""
+
+    def __init__(self, config: SiglipVisionConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = SiglipEmbeddings(config)
+        self.encoder = ClipEncoder(config, config.num_hidden_layers)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def fuse_(self) -> None:
+        for layer in self.encoder.layers:
+            layer.self_attn.fuse_()
+            layer.mlp.fuse_()
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # pixel_values: [B, C, H, W] → last hidden state [B, N, D]
+        x = self.embeddings(pixel_values)
+        for layer in self.encoder.layers:
+            x = layer(x)
+        return self.post_layernorm(x)
+
+    @staticmethod
+    def is_checkpoint_name(name: str, tower_names: set[str]) -> bool:
+        """Whether a SiglipVisionModel may hold `name` under `vision_model.`: one of the tower's tensors
+        (`tower_names`, its state dict), or the attention-pooling head's (`vision_use_head`), never read."""
+        return name in tower_names or name.startswith("head.")
