@@ -243,8 +243,9 @@ def encode_container_buffers(container: EmbeddingContainer) -> list[bytes | memo
         "dtype": _DTYPE_NAMES[tensor.dtype],
         "shape": list(tensor.shape),
     }
-    # The map's other 4 entries follow the data: msgpack keys and values, back to back.
-    entries = b"".join(msgpack.packb(key) + msgpack.packb(value) for key, value in rest.items())
+    # The map's other 4 entries follow the data: msgpack keys and values, back to back — a
+    # packed 4-entry map without its one-byte fixmap marker.
+    entries = msgpack.packb(rest)[1:]
     return [_HEADER_BEFORE_DATA_LENGTH + data.nbytes.to_bytes(4, "big"), data, entries]
 
 

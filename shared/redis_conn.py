@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import redis
+from redis.connection import Connection
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
@@ -72,7 +73,7 @@ def set_buffers(client: redis.Redis, key: str, buffers: Sequence[bytes | memoryv
 
     redis-py takes a value as one buffer, so a value made of parts (a container's
     header, tensor and metadata) would be copied whole just to be sent; here the
-    parts go to the socket as they are. Retries and reconnects like any client command.
+    parts go to the socket as they are.
     """
     size = sum(memoryview(buffer).nbytes for buffer in buffers)
     name = key.encode()
@@ -80,18 +81,36 @@ def set_buffers(client: redis.Redis, key: str, buffers: Sequence[bytes | memoryv
     head = b"*%d\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (3 + len(options), len(name), name, size)
     tail = b"\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(option), option) for option in options)
     command = _coalesce([head, *buffers, tail])
+    [reply] = _round_trip(client, lambda connection: command, replies=1)
+    return reply is not None
 
-    def send() -> object:
-        connection.send_packed_command(command)
-        return connection.read_response()
 
+def pipelined(client: redis.Redis, *commands: tuple) -> list:
+    """The raw replies of ``commands``, sent in one round trip.
+
+    What a redis-py pipeline does without its per-command bookkeeping, which on a
+    small reply costs more than the round trip itself (the store's read path).
+    """
+    return _round_trip(client, lambda connection: connection.pack_commands(commands), replies=len(commands))
+
+
+def _round_trip(client: redis.Redis, pack: Callable[[Connection], list], replies: int) -> list:
+    """Send what ``pack`` makes on one pooled connection, read ``replies`` replies; retried and
+    reconnected like any client command."""
     pool = client.connection_pool
     connection = pool.get_connection()
+
+    def send() -> list:
+        connection.send_packed_command(pack(connection))
+        return [connection.read_response() for _ in range(replies)]
+
     try:
-        reply = connection.retry.call_with_retry(send, lambda error: connection.disconnect())
+        return connection.retry.call_with_retry(send, lambda error: connection.disconnect())
+    except BaseException:
+        connection.disconnect()  # an error reply may leave later replies unread on it
+        raise
     finally:
         pool.release(connection)
-    return reply is not None
 
 
 # Parts below this size are joined to their neighbours: one send call each would cost more than the copy.

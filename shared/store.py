@@ -13,7 +13,7 @@ import redis
 
 from shared.container import EmbeddingContainer, decode_container, encode_container_buffers
 from shared.errors import Forbidden, NotFound, TooLarge
-from shared.redis_conn import set_buffers, translate_connection_errors
+from shared.redis_conn import pipelined, set_buffers, translate_connection_errors
 
 DEFAULT_TTL_S = 7 * 24 * 3600
 DEFAULT_MAX_CONTAINER_BYTES = 256 * 1024 * 1024
@@ -149,11 +149,7 @@ class ContainerStore:
         # One round trip: MGET for the blobs and PTTL for each key. The stored
         # expires_at dates from the put; the live TTL reflects touch/pin since.
         keys = [self.key(cid) for cid in container_ids]
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.mget(keys)
-        for key in keys:
-            pipe.pttl(key)
-        blobs, *ttls_ms = pipe.execute()
+        blobs, *ttls_ms = pipelined(self._redis, ("MGET", *keys), *(("PTTL", key) for key in keys))
         now = time.time()
         found: list[EmbeddingContainer | None] = []
         for blob, ttl_ms in zip(blobs, ttls_ms):

@@ -6,7 +6,7 @@ import pytest
 import redis
 
 from shared.errors import StoreUnavailable
-from shared.redis_conn import connect, endpoint, set_buffers, translate_connection_errors
+from shared.redis_conn import connect, endpoint, pipelined, set_buffers, translate_connection_errors
 from shared.redis_server import EmbeddedRedis
 
 
@@ -67,3 +67,19 @@ def test_set_buffers_reconnects_after_a_redis_restart():
         server.restart()
         assert set_buffers(client, "k", [b"c"], ex=60, nx=False)
         assert client.get("k") == b"c"
+
+
+def test_pipelined_returns_each_raw_reply_in_order(redis_client, key_prefix):
+    a, b = f"{key_prefix}a", f"{key_prefix}b"
+    redis_client.set(a, b"1", ex=100)
+    assert pipelined(redis_client, ("MGET", a, b), ("PTTL", a), ("PTTL", b)) == [[b"1", None], pytest.approx(100_000, abs=2_000), -2]
+
+
+def test_an_error_reply_in_a_pipelined_call_raises_and_leaves_the_client_usable(redis_client, key_prefix):
+    text, number = f"{key_prefix}text", f"{key_prefix}n"
+    redis_client.set(text, b"not a number")
+    with pytest.raises(redis.ResponseError):
+        pipelined(redis_client, ("INCR", text), ("SET", number, b"7"), ("GET", number))
+    # The replies after the error were never read: the connection they were on must not be reused as is.
+    assert pipelined(redis_client, ("GET", number)) == [b"7"]
+    assert redis_client.get(text) == b"not a number"
