@@ -258,6 +258,24 @@ def test_image_attention_is_bidirectional(s):
     assert (prefill_logits(s.lm, ids, cs) - expected).abs().max() <= ATOL
 
 
+def test_bfloat16_language_model(s):
+    """Gemma's norms and QK-norm scale in float32 before casting back; the embedding scale is rounded to bfloat16."""
+    from transformers import Gemma3ForConditionalGeneration
+
+    lm = Gemma3ForCausalLM.from_checkpoint(s.path, dtype=torch.bfloat16)
+    ref = Gemma3ForConditionalGeneration.from_pretrained(s.path, dtype=torch.bfloat16).eval()
+    prompt = "Look:\n<start_of_image>\nWhat is it?"
+    imgs = images(SIZES[:1])
+    cs = containers(s, imgs)
+    inputs = reference_inputs(s, prompt, imgs)
+    with torch.inference_mode():
+        expected = ref(**inputs | {"pixel_values": inputs["pixel_values"].bfloat16()}).logits[0].float()
+        features = ref.get_image_features(pixel_values=inputs["pixel_values"].bfloat16()).pooler_output[0]
+    c = replace(cs[0], embeddings=features)  # the reference's own bfloat16 image rows
+    got = prefill_logits(lm, encode(s, prompt, [c]), [c])
+    assert (got - expected).abs().max() <= 0.05 * expected.abs().max()
+
+
 def generate_alone(s, ids, params, cs=()) -> list[int]:
     engine = Engine(s.lm, max_batch=1, max_seq_len=256, eos_token_ids=s.tok.eos_token_ids)
     handle = engine.submit(GenerationRequest(ids, params, cs))

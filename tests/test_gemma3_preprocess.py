@@ -63,7 +63,6 @@ def test_an_int_size_is_square_and_settings_name_the_family():
 
 
 @pytest.mark.parametrize("edit, message", [
-    ({"do_pan_and_scan": True}, "pan-and-scan"),
     ({"do_center_crop": True}, "without cropping"),
     ({"size": {"shortest_edge": 224}}, "fixed height"),
     ({"image_processor_type": "CLIPImageProcessor"}, "not a Gemma 3 image processor"),
@@ -73,11 +72,20 @@ def test_unsupported_configs_are_refused(edit, message):
         Gemma3Preprocessor.from_config(reference().to_dict() | edit)
 
 
-def test_pan_and_scan_left_null_is_off_as_in_gemma3_processor():
-    """Published preprocessor_config.json files hold `"do_pan_and_scan": null`; Gemma3Processor then turns it off."""
+@pytest.mark.parametrize("setting", [None, True], ids=["null", "on"])
+def test_pan_and_scan_in_the_config_is_off_as_in_gemma3_processor(setting):
+    """Gemma3Processor passes do_pan_and_scan=False over the config's (null in published configs): an image the
+    image processor alone would crop gets no crops, the same pixels as ours, and one image's tokens."""
+    from transformers import Gemma3Processor
+
+    from tests.tiny_models import gemma3_tokenizer
+
     image = random_image(300, 40)
-    ref = reference()
-    pre = Gemma3Preprocessor.from_config(ref.to_dict() | {"do_pan_and_scan": None})
-    expected = ref(image, do_pan_and_scan=False, return_tensors="pt")
-    assert expected["num_crops"].tolist() == [0]
-    assert torch.equal(pre(image), expected["pixel_values"][0])
+    ref = reference(do_pan_and_scan=setting, pan_and_scan_min_crop_size=8, pan_and_scan_max_num_crops=4,
+                    pan_and_scan_min_ratio_to_activate=1.2)
+    if setting:
+        assert ref(image, return_tensors="pt")["num_crops"].tolist() == [4]  # what the image processor alone does
+    processor = Gemma3Processor(image_processor=ref, tokenizer=gemma3_tokenizer(), image_seq_length=4)
+    expected = processor(text="<start_of_image>", images=[image], return_tensors="pt")
+    assert expected["input_ids"][0].tolist().count(processor.tokenizer.image_token_id) == 4
+    assert torch.equal(ours(ref)(image), expected["pixel_values"][0])

@@ -254,12 +254,12 @@ def build_tiny_gemma3(
         Gemma3ImageProcessorPil,
         Gemma3TextConfig,
         GenerationConfig,
-        PreTrainedTokenizerFast,
         SiglipVisionConfig,
     )
 
     path = Path(path)
-    tok = build_tokenizer(special_tokens=GEMMA_SPECIAL_TOKENS, corpus=GEMMA_CORPUS, bos_token="<bos>")
+    fast = gemma3_tokenizer()
+    tok = fast.backend_tokenizer
     ids = {name: tok.token_to_id(name) for name in GEMMA_SPECIAL_TOKENS}
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                 image_size=image_size, patch_size=patch_size, vision_use_head=False)
@@ -284,17 +284,24 @@ def build_tiny_gemma3(
             else:
                 param.add_(torch.randn_like(param) * 0.2)
     model.save_pretrained(path)
-
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>",
-        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
-    )
-    fast.chat_template = GEMMA3_CHAT_TEMPLATE
     fast.save_pretrained(path)
     Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(path)
     GenerationConfig(bos_token_id=ids["<bos>"], eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]],
                      pad_token_id=ids["<pad>"]).save_pretrained(path)
     return path
+
+
+def gemma3_tokenizer():
+    """The demo Gemma 3 tokenizer (newline-run merges, Gemma's specials) as transformers' tokenizer, chat template set."""
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=build_tokenizer(special_tokens=GEMMA_SPECIAL_TOKENS, corpus=GEMMA_CORPUS, bos_token="<bos>"),
+        bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>",
+        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
+    )
+    fast.chat_template = GEMMA3_CHAT_TEMPLATE
+    return fast
 
 
 def load_gemma3_reference(path: str | Path):

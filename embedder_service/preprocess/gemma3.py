@@ -6,8 +6,10 @@ Those are the steps of the CLIP processor without its crop, so this is `ClipPrep
 with Gemma 3's defaults and names.
 
 Pan-and-scan (extra crops of very wide or tall images, each 256 more tokens with text
-between them) is off unless `do_pan_and_scan` is set, and `Gemma3Processor` sets it off;
-a config that turns it on is refused rather than processed differently from the reference.
+between them) is never applied: `Gemma3Processor` passes its own `do_pan_and_scan=False`
+to the image processor, over whatever preprocessor_config.json says, so the reference
+crops only when a caller asks for it per call — which vlmq's requests cannot. A config
+that turns it on is therefore read as the reference reads it: off.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from typing import ClassVar
 from PIL import Image
 
 from embedder_service.preprocess.clip import ClipPreprocessor
-from embedder_service.preprocess.common import config_value
 from shared.errors import CheckpointError
 
 IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
@@ -42,9 +43,8 @@ class Gemma3Preprocessor(ClipPreprocessor):
 
     @classmethod
     def from_config(cls, config: dict) -> Gemma3Preprocessor:
-        """From the dict in `preprocessor_config.json`; missing keys take Gemma3ImageProcessor's defaults."""
-        if config_value(config, "do_pan_and_scan", False):
-            raise CheckpointError("Gemma 3 pan-and-scan (do_pan_and_scan) is not supported; turn it off in preprocessor_config.json")
+        """From the dict in `preprocessor_config.json`; missing keys take Gemma3ImageProcessor's defaults.
+        The pan-and-scan settings are not read (see the module docstring)."""
         out = super().from_config(config)
         if out.do_center_crop or not out.do_resize or set(dict(out.size)) != {"height", "width"}:
             raise CheckpointError(f"a Gemma 3 preprocessor must resize to a fixed height × width without cropping, got size {dict(out.size)}")
