@@ -1,6 +1,6 @@
 """Builds the C++/CUDA extensions in `csrc/` on first use, cached across processes.
 
-Two extensions, each registering a torch op `multimodal_embedding(ids, table, ranges,
+Two gather extensions, each registering a torch op `multimodal_embedding(ids, table, ranges,
 rows, base) -> (out, error_tokens)` (`torch.ops.vlmq_gather_{cpu,cuda}`):
 
 - `cuda`: the CUDA kernel (`multimodal_embedding_kernel.cu`, pure CUDA) and its torch
@@ -8,7 +8,11 @@ rows, base) -> (out, error_tokens)` (`torch.ops.vlmq_gather_{cpu,cuda}`):
 - `cpu`: the same per-token code (`gather_index.h`, `gather_row.h`) in a loop over
   tokens; needs a C++ compiler only.
 
-Both need ninja (torch's extension builder). Builds go to
+And the CPU decode step (`decode_cpu`, `torch.ops.vlmq_decode_cpu`: `decode_layer`,
+`linear`; see `cuda_ext.decode`): AVX-512 and AVX2 kernels, the one the CPU has picked at
+load time; a C++ compiler with OpenMP (it splits the work over torch's own threads).
+
+All need ninja (torch's extension builder). Builds go to
 `$VLMQ_EXTENSIONS_DIR/<name>-<digest>` (default: torch's extension root, honouring
 `TORCH_EXTENSIONS_DIR`, then `vlmq/`), where the digest covers the sources and headers,
 the flags, the torch, CUDA and Python versions and `TORCH_CUDA_ARCH_LIST`: an unchanged
@@ -27,6 +31,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils import cpp_extension
@@ -37,7 +42,12 @@ CUDA_CFLAGS = ["-O3"]
 SOURCES = {
     "cpu": ["multimodal_embedding_cpu.cpp"],
     "cuda": ["multimodal_embedding_cuda.cpp", "multimodal_embedding_kernel.cu"],
+    "decode_cpu": ["decode_cpu.cpp", "decode_kernels_avx512.cpp", "decode_kernels_avx2.cpp"],
 }
+LIBRARIES = {"cpu": "vlmq_gather_cpu", "cuda": "vlmq_gather_cuda", "decode_cpu": "vlmq_decode_cpu"}  # torch.ops namespaces
+# -fopenmp: at::parallel_for is inline OpenMP; the library then needs libgomp.so.1, which resolves
+# to the copy torch has already loaded, so it shares torch's thread pool.
+KIND_FLAGS = {"decode_cpu": ["-fopenmp"]}
 
 
 class ExtensionUnavailable(RuntimeError):
@@ -53,17 +63,22 @@ class ExtensionBuildError(ExtensionUnavailable):
 
 
 Gather = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-_loaded: dict[str, Gather | ExtensionUnavailable] = {}
+_loaded: dict[str, Any | ExtensionUnavailable] = {}  # kind → its torch.ops namespace, or why it cannot be built
 
 
 def cpu_gather() -> Gather:
     """The CPU extension's op, built on first call (raises ExtensionUnavailable, the same one every call, if it cannot be)."""
-    return _extension("cpu")
+    return _extension("cpu").multimodal_embedding
 
 
 def cuda_gather() -> Gather:
     """The CUDA extension's op, built on first call (raises ExtensionUnavailable, the same one every call, if it cannot be)."""
-    return _extension("cuda")
+    return _extension("cuda").multimodal_embedding
+
+
+def decode_cpu_ops() -> Any:
+    """`torch.ops.vlmq_decode_cpu`, built on first call (raises ExtensionUnavailable, the same one every call, if it cannot be)."""
+    return _extension("decode_cpu")
 
 
 def missing_toolchain(kind: str) -> str | None:
@@ -86,15 +101,15 @@ def build_directory(kind: str) -> Path:
     digest = hashlib.sha256()
     for path in sorted(CSRC.iterdir()):
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    context = [kind, *CFLAGS, *CUDA_CFLAGS, torch.__version__, str(torch.version.cuda), sys.version,
+    context = [kind, *CFLAGS, *CUDA_CFLAGS, *KIND_FLAGS.get(kind, []), torch.__version__, str(torch.version.cuda), sys.version,
                os.environ.get("TORCH_CUDA_ARCH_LIST", ""), os.environ.get("CXX", "")]
     digest.update("\0".join(context).encode())
     root = os.environ.get("VLMQ_EXTENSIONS_DIR") or os.path.join(
         os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root(), "vlmq")
-    return Path(root) / f"vlmq_gather_{kind}-{digest.hexdigest()[:16]}"
+    return Path(root) / f"{LIBRARIES[kind]}-{digest.hexdigest()[:16]}"
 
 
-def _extension(kind: str) -> Gather:
+def _extension(kind: str) -> Any:
     if kind not in _loaded:
         try:
             _loaded[kind] = _build(kind)
@@ -106,10 +121,11 @@ def _extension(kind: str) -> Gather:
     return result
 
 
-def _build(kind: str) -> Gather:
+def _build(kind: str) -> Any:
+    what = "CPU decode" if kind == "decode_cpu" else f"{kind} gather"
     reason = missing_toolchain(kind)
     if reason is not None:
-        raise ToolchainMissing(f"cannot build the {kind} gather extension: {reason}")
+        raise ToolchainMissing(f"cannot build the {what} extension: {reason}")
     directory = build_directory(kind)
     directory.mkdir(parents=True, exist_ok=True)
     try:
@@ -118,15 +134,16 @@ def _build(kind: str) -> Gather:
             name=directory.name.replace("-", "_"),
             sources=[str(CSRC / source) for source in SOURCES[kind]],
             extra_include_paths=[str(CSRC)],
-            extra_cflags=CFLAGS,
+            extra_cflags=CFLAGS + KIND_FLAGS.get(kind, []),
             extra_cuda_cflags=CUDA_CFLAGS,
+            extra_ldflags=KIND_FLAGS.get(kind, []),
             build_directory=str(directory),
             with_cuda=kind == "cuda",
             is_python_module=False,
         )
     except (RuntimeError, OSError) as error:  # torch reports compiler errors as RuntimeError
-        raise ExtensionBuildError(f"building the {kind} gather extension in {directory} failed: {error}") from error
-    return getattr(torch.ops, f"vlmq_gather_{kind}").multimodal_embedding
+        raise ExtensionBuildError(f"building the {what} extension in {directory} failed: {error}") from error
+    return getattr(torch.ops, LIBRARIES[kind])
 
 
 def main() -> None:

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cuda_ext.decode import cpu_decode_ops, fused_layer_supported
+
 # ---------------------------------------------------------------------------
 # Configuration
 
@@ -155,10 +157,13 @@ def _onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def prepare_weight(weight: Tensor) -> Tensor:
-    """The weight in the layout `linear` reads fastest: oneDNN-blocked for CPU float32, as is otherwise."""
+def prepare_weight(weight: Tensor, row_major: bool = False) -> Tensor:
+    """The weight in the layout `linear` reads fastest: oneDNN-blocked for CPU float32, as is otherwise.
+
+    row_major: keep [M, K] as it is, for the CPU decode kernels (`cuda_ext.decode`), which read that.
+    """
     weight = weight.detach().contiguous()
-    if weight.device.type == "cpu" and weight.dtype == torch.float32 and _onednn_available():
+    if not row_major and weight.device.type == "cpu" and weight.dtype == torch.float32 and _onednn_available():
         # batch_size=None: one layout good for 1-row decoding, batched decoding and prefill alike.
         return torch.ops.mkldnn._reorder_linear_weight(weight, None)
     return weight
@@ -406,8 +411,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, device, dtype, config.norm_offset)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, device, dtype, config.norm_offset)
 
-    def prepare(self) -> None:
-        """Fuse Q, K, V into one projection with RoPE-interleaved rows; drop the originals.
+    def prepare(self, row_major: bool = False) -> None:
+        """Fuse Q, K, V into one projection with RoPE-interleaved rows; drop the originals (`prepare_weight`'s row_major).
 
         The softmax scale (1/√head_dim, or `query_scale`) is folded into Q's rows (exact
         for the usual power-of-two head sizes), so attention needs no separate scaling op.
@@ -422,7 +427,7 @@ class Attention(nn.Module):
             interleave_rope_rows(self.k_proj.weight, c.num_kv_heads, c.head_dim),
             self.v_proj.weight,
         ]
-        self.wqkv = prepare_weight(torch.cat(weights))
+        self.wqkv = prepare_weight(torch.cat(weights), row_major)
         self.bqkv = None
         if c.attention_bias:
             self.bqkv = torch.cat([
@@ -438,7 +443,7 @@ class Attention(nn.Module):
             k_scale = interleave_rope_rows(self.k_norm.scale, 1, c.head_dim)
             self.qk_scale = torch.cat([q_scale.expand(c.num_heads, -1), k_scale.expand(c.num_kv_heads, -1)])  # [H + Hkv, hd]
             del self.q_norm, self.k_norm
-        self.wo = prepare_weight(self.o_proj.weight)
+        self.wo = prepare_weight(self.o_proj.weight, row_major)
         del self.q_proj, self.k_proj, self.v_proj, self.o_proj
 
     def forward(self, x: Tensor, residual: Tensor | None, k_cache: Tensor, v_cache: Tensor, batch: ForwardBatch) -> Tensor:
@@ -498,10 +503,10 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(d, i, bias=False, device=device, dtype=dtype)
         self.down_proj = nn.Linear(i, d, bias=False, device=device, dtype=dtype)
 
-    def prepare(self) -> None:
-        """Fuse gate and up into one projection (one weight read, one call)."""
-        self.w_gate_up = prepare_weight(torch.cat([self.gate_proj.weight, self.up_proj.weight]))
-        self.w_down = prepare_weight(self.down_proj.weight)
+    def prepare(self, row_major: bool = False) -> None:
+        """Fuse gate and up into one projection (one weight read, one call); row_major: see `prepare_weight`."""
+        self.w_gate_up = prepare_weight(torch.cat([self.gate_proj.weight, self.up_proj.weight]), row_major)
+        self.w_down = prepare_weight(self.down_proj.weight, row_major)
         del self.gate_proj, self.up_proj, self.down_proj
 
     def forward(self, x: Tensor, residual: Tensor | None) -> Tensor:
@@ -535,13 +540,25 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = norm()
 
     def prepare(self) -> None:
-        self.self_attn.prepare()
-        self.mlp.prepare()
+        """Prepare the blocks; on the CPU in float32 decode steps go to one fused kernel (`cuda_ext.decode`)
+        where it computes this block, which reads the weights row-major."""
+        weight = self.input_layernorm.weight
+        ops = cpu_decode_ops(weight.device, weight.dtype) if fused_layer_supported(self.self_attn.config) else None
+        self.fused_decode = None if ops is None else ops.decode_layer.default
+        self.self_attn.prepare(row_major=ops is not None)
+        self.mlp.prepare(row_major=ops is not None)
         for module in self.children():
             if isinstance(module, RMSNorm):
                 module.prepare()
 
     def forward(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, batch: ForwardBatch) -> Tensor:
+        if batch.decode and self.fused_decode is not None:
+            attn, mlp = self.self_attn, self.mlp
+            return self.fused_decode(
+                x, self.input_layernorm.weight, attn.wqkv, attn.bqkv, attn.wo, self.post_attention_layernorm.weight,
+                mlp.w_gate_up, mlp.w_down, k_cache, v_cache, batch.rotations, batch.write_index, batch.kv_len, batch.mask,
+                attn.config.rms_norm_eps,
+            )
         # .forward() directly: per-layer module-call overhead is a measurable share of a CPU decode step.
         if not self.post_norms:
             x = self.self_attn.forward(self.input_layernorm.forward(x), x, k_cache, v_cache, batch)

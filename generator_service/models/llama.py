@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cuda_ext import multimodal_embedding
+from cuda_ext.decode import MATVEC_MAX_ROWS, cpu_decode_ops
 from shared.checkpoint import Checkpoint
 from shared.errors import CheckpointError
 from shared.layers import (
@@ -167,7 +168,9 @@ class LlamaForCausalLM(nn.Module):
             layer.prepare()
         self.model.norm.prepare()
         head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        self.head = prepare_weight(head)
+        # The CPU decode kernels' product reads the head row-major: a tied head is then the table itself, not a copy.
+        self.head_ops = cpu_decode_ops(self.device, self.dtype)
+        self.head = prepare_weight(head, row_major=self.head_ops is not None)
         if self.lm_head is not None:
             del self.lm_head
             self.lm_head = None
@@ -216,6 +219,8 @@ class LlamaForCausalLM(nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         """hidden: [N, D] → [N, V] float32."""
+        if self.head_ops is not None and hidden.shape[0] <= MATVEC_MAX_ROWS:
+            return self.head_ops.linear(hidden, self.head)  # a decode step's (or a prompt's last) rows
         return linear(hidden, self.head).float()
 
     # -- the two forwards the engine runs -------------------------------------------

@@ -1,0 +1,245 @@
+// The CPU decode step of a Llama-style layer as one torch op, and the matrix-vector
+// product alone (the LM head). Batch-1 decoding reads every weight once per token, so its
+// speed is memory bandwidth; eager PyTorch spends ~35 ops per layer around the four
+// weight reads, each with dispatch overhead while memory idles. Here a layer is the four
+// products (decode_kernels.h, split over torch's threads) with the small steps between
+// them (norms, RoPE, the KV-cache write, attention over the cache) done in place.
+//
+// The torch reference is `shared.layers.DecoderLayer`'s own decode path (the test oracle);
+// the semantics are its: interleaved RoPE pairs, the softmax scale folded into Q's rows,
+// cache row n holding decode token n, an additive mask where rows see different prefixes.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "decode_kernels_api.h"
+
+namespace vlmq {
+namespace {
+
+// Rows of a product per unit of work split between threads: 16 floats of y, one cache line.
+constexpr int64_t kRowUnit = 16;
+// Below ~8 units (128 rows) a second thread costs more than it saves.
+constexpr int64_t kGrainUnits = 8;
+
+const DecodeKernels* best_kernels() {
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) return &decode_kernels_avx512();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &decode_kernels_avx2();
+  return nullptr;
+}
+
+const DecodeKernels* g_kernels = best_kernels();
+
+const DecodeKernels& kernels() {
+  TORCH_CHECK(g_kernels != nullptr, "the CPU decode kernels need AVX2 and FMA; this CPU has neither AVX2 nor AVX-512");
+  return *g_kernels;
+}
+
+// Rows [0, M) of a product split into per-thread contiguous ranges (each thread streams one
+// region of the weight); body(m0, m1).
+template <class Body>
+void parallel_rows(int64_t m, const Body& body) {
+  at::parallel_for(0, (m + kRowUnit - 1) / kRowUnit, kGrainUnits, [&](int64_t u0, int64_t u1) {
+    body(u0 * kRowUnit, std::min(u1 * kRowUnit, m));
+  });
+}
+
+void matvec_parallel(const MatvecArgs& args, int64_t m) {
+  const DecodeKernels& k = kernels();
+  parallel_rows(m, [&](int64_t m0, int64_t m1) { k.matvec(args, m0, m1); });
+}
+
+// y[n] = x[n] / rms(x[n]) · w, as F.rms_norm (the sum of squares in double: no order to match).
+void rms_norm(const float* x, const float* w, int64_t rows, int64_t d, double eps, float* y) {
+  for (int64_t n = 0; n < rows; ++n) {
+    const float* xn = x + n * d;
+    double squares = 0;
+    for (int64_t i = 0; i < d; ++i) squares += static_cast<double>(xn[i]) * xn[i];
+    const float inv = static_cast<float>(1.0 / std::sqrt(squares / static_cast<double>(d) + eps));
+    for (int64_t i = 0; i < d; ++i) y[n * d + i] = xn[i] * inv * w[i];
+  }
+}
+
+void check_float(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == dim, name,
+              " must be a contiguous float32 CPU tensor of ", dim, " dimensions, got ", t.scalar_type(), " ", t.sizes(),
+              " on ", t.device());
+}
+
+void check_weight(const at::Tensor& w, const char* name, int64_t rows, int64_t cols) {
+  check_float(w, name, 2);
+  TORCH_CHECK(w.size(0) == rows && w.size(1) == cols, name, " must be [", rows, ", ", cols, "], got ", w.sizes());
+}
+
+// x: [N, K], w: [M, K] → x wᵀ: [N, M].
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w) {
+  check_float(x, "x", 2);
+  check_weight(w, "w", w.size(0), x.size(1));
+  const int64_t rows = x.size(0), m = w.size(0);
+  at::Tensor y = at::empty({rows, m}, x.options());
+  matvec_parallel({w.data_ptr<float>(), x.size(1), x.data_ptr<float>(), rows, nullptr, nullptr, y.data_ptr<float>(), m}, m);
+  return y;
+}
+
+// One decode step of a pre-norm Llama layer for N tokens, token n in cache row n:
+//   x += o(attention(rope(qkv(norm1(x))))), then x += down(silu(gate(h)) · up(h)), h = norm2(x).
+// x: [N, D]; wqkv: [(H + 2 Hkv) hd, D] (Q rows scaled and RoPE-interleaved), bqkv: [(H + 2 Hkv) hd] or None;
+// wo: [D, H hd]; w_gate_up: [2I, D] (gate rows, then up rows); w_down: [D, I]; k/v_cache: [B, Hkv, S, hd],
+// written at write_index (Long[N · Hkv], flat rows of the cache viewed as [B · Hkv · S, hd]);
+// rotations: [N, 1, hd/2] complex64; the first kv_len cache positions are attended, plus mask
+// [N, 1, 1, kv_len] (0 / -inf) when rows differ. Returns the new x: [N, D].
+at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const at::Tensor& wqkv,
+                        const std::optional<at::Tensor>& bqkv, const at::Tensor& wo, const at::Tensor& post_norm,
+                        const at::Tensor& w_gate_up, const at::Tensor& w_down, at::Tensor& k_cache, at::Tensor& v_cache,
+                        const at::Tensor& rotations, const at::Tensor& write_index, int64_t kv_len,
+                        const std::optional<at::Tensor>& mask, double eps) {
+  check_float(x, "x", 2);
+  check_float(k_cache, "k_cache", 4);
+  check_float(v_cache, "v_cache", 4);
+  const int64_t rows = x.size(0), d = x.size(1);
+  const int64_t batch = k_cache.size(0), hkv = k_cache.size(1), seq = k_cache.size(2), hd = k_cache.size(3);
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "k_cache and v_cache must have one shape, got ", k_cache.sizes(), " and ",
+              v_cache.sizes());
+  TORCH_CHECK(wqkv.dim() == 2 && wqkv.size(0) % hd == 0 && wqkv.size(0) / hd > 2 * hkv, "wqkv must be [(H + 2 Hkv) hd, D], got ",
+              wqkv.sizes());
+  const int64_t heads = wqkv.size(0) / hd - 2 * hkv, q_size = heads * hd, kv_size = hkv * hd, qkv_size = wqkv.size(0);
+  TORCH_CHECK(heads % hkv == 0, heads, " query heads are not a multiple of ", hkv, " KV heads");
+  const int64_t inter = w_gate_up.size(0) / 2;
+  check_weight(wqkv, "wqkv", qkv_size, d);
+  check_weight(wo, "wo", d, q_size);
+  check_weight(w_gate_up, "w_gate_up", 2 * inter, d);
+  check_weight(w_down, "w_down", d, inter);
+  check_float(input_norm, "input_norm", 1);
+  check_float(post_norm, "post_norm", 1);
+  TORCH_CHECK(input_norm.size(0) == d && post_norm.size(0) == d, "norm weights must be [", d, "]");
+  if (bqkv.has_value()) {
+    check_float(*bqkv, "bqkv", 1);
+    TORCH_CHECK(bqkv->size(0) == qkv_size, "bqkv must be [", qkv_size, "], got ", bqkv->sizes());
+  }
+  TORCH_CHECK(rows <= batch, rows, " tokens for a cache of ", batch, " rows");
+  TORCH_CHECK(0 < kv_len && kv_len <= seq, "kv_len ", kv_len, " outside the cache's 1 … ", seq);
+  TORCH_CHECK(rotations.scalar_type() == at::kComplexFloat && rotations.is_contiguous() && rotations.numel() == rows * hd / 2,
+              "rotations must be contiguous complex64 [N, 1, hd/2], got ", rotations.scalar_type(), " ", rotations.sizes());
+  TORCH_CHECK(write_index.scalar_type() == at::kLong && write_index.is_contiguous() && write_index.numel() == rows * hkv,
+              "write_index must be Long[N · Hkv], got ", write_index.scalar_type(), " ", write_index.sizes());
+  if (mask.has_value()) {
+    check_float(*mask, "mask", 4);
+    TORCH_CHECK(mask->numel() == rows * kv_len, "mask must be [N, 1, 1, kv_len], got ", mask->sizes());
+  }
+  const int64_t* where = write_index.data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows * hkv; ++i) {
+    TORCH_CHECK(0 <= where[i] && where[i] < batch * hkv * seq, "write_index ", where[i], " outside the cache");
+  }
+
+  const int64_t group = heads / hkv;
+  // One scratch buffer per calling thread (the engine's), reused across layers and steps.
+  thread_local std::vector<float> scratch;
+  const int64_t sizes[] = {rows * d, rows * qkv_size, rows * q_size, rows * d, rows * 2 * inter, rows * inter,
+                           rows * hkv * group * kv_len};
+  int64_t total = 0;
+  for (int64_t s : sizes) total += s;
+  if (static_cast<int64_t>(scratch.size()) < total) scratch.resize(total);
+  float* h = scratch.data();           // [N, D] normed input of each half
+  float* qkv = h + sizes[0];           // [N, (H + 2 Hkv) hd]
+  float* attn = qkv + sizes[1];        // [N, H hd]
+  float* mid = attn + sizes[2];        // [N, D] x after attention
+  float* gate_up = mid + sizes[3];     // [N, 2I]
+  float* act = gate_up + sizes[4];     // [N, I]
+  float* scores = act + sizes[5];      // [N · Hkv, group, kv_len]
+  at::Tensor out = at::empty({rows, d}, x.options());
+  const DecodeKernels& k = kernels();
+
+  rms_norm(x.data_ptr<float>(), input_norm.data_ptr<float>(), rows, d, eps, h);
+  matvec_parallel({wqkv.data_ptr<float>(), d, h, rows, bqkv ? bqkv->data_ptr<float>() : nullptr, nullptr, qkv, qkv_size},
+                  qkv_size);
+
+  // RoPE on Q and K (adjacent pairs rotate as complex numbers), then K and V into the cache.
+  const float* rot = reinterpret_cast<const float*>(rotations.data_ptr());  // [N, hd/2, (cos, sin)]
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  for (int64_t n = 0; n < rows; ++n) {
+    float* row = qkv + n * qkv_size;
+    const float* rn = rot + n * hd;
+    for (int64_t j = 0; j < heads + hkv; ++j) {
+      float* head = row + j * hd;
+      for (int64_t p = 0; p < hd / 2; ++p) {
+        const float a = head[2 * p], b = head[2 * p + 1], c = rn[2 * p], s = rn[2 * p + 1];
+        head[2 * p] = a * c - b * s;
+        head[2 * p + 1] = a * s + b * c;
+      }
+    }
+    for (int64_t g = 0; g < hkv; ++g) {
+      const int64_t at_row = where[n * hkv + g] * hd;
+      std::copy_n(row + q_size + g * hd, hd, kc + at_row);
+      std::copy_n(row + q_size + kv_size + g * hd, hd, vc + at_row);
+    }
+  }
+
+  const float* mask_data = mask ? mask->data_ptr<float>() : nullptr;
+  at::parallel_for(0, rows * hkv, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = i / hkv, g = i % hkv;
+      const int64_t cache_row = (n * hkv + g) * seq * hd;  // cache row n, KV head g
+      k.attend({qkv + n * qkv_size + g * group * hd, kc + cache_row, vc + cache_row,
+                mask_data ? mask_data + n * kv_len : nullptr, kv_len, group, hd, scores + i * group * kv_len,
+                attn + n * q_size + g * group * hd});
+    }
+  });
+  matvec_parallel({wo.data_ptr<float>(), q_size, attn, rows, nullptr, x.data_ptr<float>(), mid, d}, d);
+
+  rms_norm(mid, post_norm.data_ptr<float>(), rows, d, eps, h);
+  // Each thread computes its gate rows and the matching up rows, then their product: no pass in between.
+  const MatvecArgs gate_up_args{w_gate_up.data_ptr<float>(), d, h, rows, nullptr, nullptr, gate_up, 2 * inter};
+  parallel_rows(inter, [&](int64_t m0, int64_t m1) {
+    k.matvec(gate_up_args, m0, m1);
+    k.matvec(gate_up_args, inter + m0, inter + m1);
+    for (int64_t n = 0; n < rows; ++n) {
+      const float* gn = gate_up + n * 2 * inter;
+      k.silu_mul(gn + m0, gn + inter + m0, act + n * inter + m0, m1 - m0);
+    }
+  });
+  matvec_parallel({w_down.data_ptr<float>(), inter, act, rows, nullptr, mid, out.data_ptr<float>(), d}, d);
+  return out;
+}
+
+std::string isa() { return g_kernels == nullptr ? "none" : g_kernels->isa; }
+
+// For tests: run the AVX2 kernels on an AVX-512 CPU ("avx2"), or the best this CPU has ("best").
+// Returns the instruction set now in use.
+std::string use_isa(const std::string& name) {
+  if (name == "best") {
+    g_kernels = best_kernels();
+  } else if (name == "avx2") {
+    TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"), "this CPU has no AVX2 + FMA");
+    g_kernels = &decode_kernels_avx2();
+  } else {
+    TORCH_CHECK(false, "use_isa takes \"best\" or \"avx2\", got \"", name, "\"");
+  }
+  return isa();
+}
+
+}  // namespace
+}  // namespace vlmq
+
+// torch.ops.vlmq_decode_cpu.*
+TORCH_LIBRARY(vlmq_decode_cpu, m) {
+  m.def("linear(Tensor x, Tensor w) -> Tensor");
+  m.def(
+      "decode_layer(Tensor x, Tensor input_norm, Tensor wqkv, Tensor? bqkv, Tensor wo, Tensor post_norm, Tensor w_gate_up, "
+      "Tensor w_down, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rotations, Tensor write_index, int kv_len, Tensor? mask, "
+      "float eps) -> Tensor");
+  m.def("isa() -> str", &vlmq::isa);  // no tensor arguments: one kernel for every dispatch key
+  m.def("use_isa(str name) -> str", &vlmq::use_isa);
+}
+
+TORCH_LIBRARY_IMPL(vlmq_decode_cpu, CPU, m) {
+  m.impl("linear", &vlmq::linear);
+  m.impl("decode_layer", &vlmq::decode_layer);
+}

@@ -1,0 +1,179 @@
+// The CPU decode kernels, written once over a vector type V (decode_vec512.h,
+// decode_vec256.h) and compiled once per instruction set. Everything is a member of the
+// class template, so each instruction set's copy is a distinct symbol (no inline function
+// shared between files compiled for different CPUs).
+//
+// Decoding reads every weight once per step for one to a few tokens: the matrix-vector
+// products are bound by memory bandwidth, and what matters is streaming the row-major
+// weight at the rate memory delivers it while the tokens' activations sit in L1.
+#pragma once
+
+#include <cstdint>
+
+#include "decode_kernels_api.h"
+
+namespace vlmq {
+
+template <class V>
+struct Kernels {
+  static constexpr int L = V::kLanes;
+  static constexpr int kRows = 4;        // weight rows per block: 4 streams, 4 × tokens accumulators
+  static constexpr int kTokens = 4;      // tokens per pass over a block; more tokens reread it from L1
+  static constexpr int64_t kAhead = 1024;  // floats: prefetch distance, 4 KiB ahead in each row
+
+  static DecodeKernels table(const char* isa) { return {isa, &matvec, &silu_mul, &attend}; }
+
+  // out[r][n] = w[r, :] · x[n, :] for R rows of w and NB tokens of x.
+  template <int R, int NB>
+  static void dot_block(const float* w, int64_t k, const float* x, float out[kRows][kTokens]) {
+    V acc[R][NB];
+    for (int r = 0; r < R; ++r)
+      for (int n = 0; n < NB; ++n) acc[r][n] = V::zero();
+    int64_t i = 0;
+    for (; i + L <= k; i += L) {
+      V xs[NB];
+      for (int n = 0; n < NB; ++n) xs[n] = V::load(x + n * k + i);
+      for (int r = 0; r < R; ++r) {
+        // The hardware prefetcher alone leaves this single-stream-per-row loop short of the
+        // bandwidth a core can draw; asking for the line 4 KiB ahead keeps more misses in flight.
+        _mm_prefetch(reinterpret_cast<const char*>(w + r * k + i + kAhead), _MM_HINT_T0);
+        const V wv = V::load(w + r * k + i);
+        for (int n = 0; n < NB; ++n) acc[r][n] = V::fma(wv, xs[n], acc[r][n]);
+      }
+    }
+    if (i < k) {
+      V xs[NB];
+      for (int n = 0; n < NB; ++n) xs[n] = V::load_first(x + n * k + i, k - i);
+      for (int r = 0; r < R; ++r) {
+        const V wv = V::load_first(w + r * k + i, k - i);
+        for (int n = 0; n < NB; ++n) acc[r][n] = V::fma(wv, xs[n], acc[r][n]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int n = 0; n < NB; ++n) out[r][n] = acc[r][n].sum();
+  }
+
+  // Rows m … m+R-1 of y for every token, kTokens at a time.
+  template <int R>
+  static void row_block(const MatvecArgs& a, int64_t m) {
+    const float* w = a.w + m * a.k;
+    for (int64_t n0 = 0; n0 < a.rows; n0 += kTokens) {
+      const float* x = a.x + n0 * a.k;
+      float out[kRows][kTokens];
+      const int64_t nb = a.rows - n0 < kTokens ? a.rows - n0 : kTokens;
+      switch (nb) {
+        case 1: dot_block<R, 1>(w, a.k, x, out); break;
+        case 2: dot_block<R, 2>(w, a.k, x, out); break;
+        case 3: dot_block<R, 3>(w, a.k, x, out); break;
+        default: dot_block<R, kTokens>(w, a.k, x, out); break;
+      }
+      for (int64_t n = 0; n < nb; ++n) {
+        for (int r = 0; r < R; ++r) {
+          const int64_t at = (n0 + n) * a.ld + m + r;
+          float y = out[r][n];
+          if (a.bias != nullptr) y += a.bias[m + r];
+          if (a.residual != nullptr) y += a.residual[at];
+          a.y[at] = y;
+        }
+      }
+    }
+  }
+
+  static void matvec(const MatvecArgs& a, int64_t m0, int64_t m1) {
+    int64_t m = m0;
+    for (; m + kRows <= m1; m += kRows) row_block<kRows>(a, m);
+    for (; m < m1; ++m) row_block<1>(a, m);
+  }
+
+  // e^x to about 1 ulp (Cephes' expf: e^x = 2^n · e^r, |r| ≤ ln2/2, a degree-6 polynomial).
+  // Clamped to [-87.3, 88.7], so e^-inf comes out as 1e-38, not 0: as a softmax weight
+  // beside the maximum's 1 that is 0 in float32 arithmetic.
+  static V exp(V x) {
+    x = V::min(V::max(x, V::set1(-87.3f)), V::set1(88.7f));
+    const V n = V::round(x * V::set1(1.44269504088896341f));
+    V r = V::fma(n, V::set1(-0.693359375f), x);  // ln 2 in two parts: n · ln2 without rounding error
+    r = V::fma(n, V::set1(2.12194440e-4f), r);
+    V p = V::set1(1.9875691500e-4f);
+    p = V::fma(p, r, V::set1(1.3981999507e-3f));
+    p = V::fma(p, r, V::set1(8.3334519073e-3f));
+    p = V::fma(p, r, V::set1(4.1665795894e-2f));
+    p = V::fma(p, r, V::set1(1.6666665459e-1f));
+    p = V::fma(p, r, V::set1(5.0000001201e-1f));
+    p = V::fma(p * r, r, r + V::set1(1.0f));
+    return V::scale_pow2(p, n);
+  }
+
+  static V silu_mul(V g, V u) { return g / (V::set1(1.0f) + exp(V::zero() - g)) * u; }
+
+  static void silu_mul(const float* gate, const float* up, float* out, int64_t count) {
+    int64_t i = 0;
+    for (; i + L <= count; i += L) silu_mul(V::load(gate + i), V::load(up + i)).store(out + i);
+    if (i < count) silu_mul(V::load_first(gate + i, count - i), V::load_first(up + i, count - i)).store_first(out + i, count - i);
+  }
+
+  static float dot(const float* a, const float* b, int64_t n) {
+    V acc = V::zero();
+    int64_t i = 0;
+    for (; i + L <= n; i += L) acc = V::fma(V::load(a + i), V::load(b + i), acc);
+    if (i < n) acc = V::fma(V::load_first(a + i, n - i), V::load_first(b + i, n - i), acc);
+    return acc.sum();
+  }
+
+  // s[0 … T-1] → softmax(s) in place.
+  static void softmax(float* s, int64_t t) {
+    V top = V::set1(-3.0e38f);
+    int64_t i = 0;
+    for (; i + L <= t; i += L) top = V::max(top, V::load(s + i));
+    float m = top.max_lane();
+    for (; i < t; ++i) m = s[i] > m ? s[i] : m;
+    const V mv = V::set1(m);
+    V total = V::zero();
+    for (i = 0; i + L <= t; i += L) {
+      const V e = exp(V::load(s + i) - mv);
+      e.store(s + i);
+      total = total + e;
+    }
+    if (i < t) {
+      const V e = exp(V::load_first(s + i, t - i) - mv);
+      e.store_first(s + i, t - i);
+      total = total + V::load_first(s + i, t - i);  // e's lanes past t are e^(0 - max), not 0
+    }
+    const V inv = V::set1(1.0f / total.sum());
+    for (i = 0; i + L <= t; i += L) (V::load(s + i) * inv).store(s + i);
+    if (i < t) (V::load_first(s + i, t - i) * inv).store_first(s + i, t - i);
+  }
+
+  static void attend(const AttendArgs& a) {
+    const int64_t t = a.keys, hd = a.head_dim;
+    for (int64_t j = 0; j < a.group; ++j) {
+      float* s = a.scores + j * t;
+      for (int64_t p = 0; p < t; ++p) s[p] = dot(a.q + j * hd, a.k + p * hd, hd) + (a.mask != nullptr ? a.mask[p] : 0.0f);
+      softmax(s, t);
+    }
+    // out[j] = Σ_p s[j, p] · v[p], 4 vectors of the head at a time in registers.
+    for (int64_t j = 0; j < a.group; ++j) {
+      const float* s = a.scores + j * t;
+      float* out = a.out + j * hd;
+      for (int64_t c = 0; c < hd; c += 4 * L) {
+        const int64_t width = hd - c < 4 * L ? hd - c : 4 * L;
+        V acc[4] = {V::zero(), V::zero(), V::zero(), V::zero()};
+        for (int64_t p = 0; p < t; ++p) {
+          const V weight = V::set1(s[p]);
+          const float* v = a.v + p * hd + c;
+          for (int u = 0; u < 4; ++u) {
+            const int64_t left = width - u * L;
+            if (left >= L) acc[u] = V::fma(weight, V::load(v + u * L), acc[u]);
+            else if (left > 0) acc[u] = V::fma(weight, V::load_first(v + u * L, left), acc[u]);
+          }
+        }
+        for (int u = 0; u < 4; ++u) {
+          const int64_t left = width - u * L;
+          if (left >= L) acc[u].store(out + c + u * L);
+          else if (left > 0) acc[u].store_first(out + c + u * L, left);
+        }
+      }
+    }
+  }
+};
+
+}  // namespace vlmq

@@ -1,0 +1,50 @@
+// The seam between the CPU decode binding (decode_cpu.cpp: torch, threads, the order of a
+// layer's steps) and the vector kernels, compiled once per instruction set
+// (decode_kernels_avx512.cpp, decode_kernels_avx2.cpp) from decode_kernels.h. Plain
+// pointers and sizes only: the kernel files include no torch header, so no inline torch
+// function is ever compiled for an instruction set the running CPU may lack.
+#pragma once
+
+#include <cstdint>
+
+namespace vlmq {
+
+// y[n, m] = Σ_k w[m, k] · x[n, k] (+ bias[m]) (+ residual[n, m]) for n < rows, m0 ≤ m < m1.
+struct MatvecArgs {
+  const float* w;         // [M, K] row-major (the checkpoint's [out, in] layout)
+  int64_t k;              // K
+  const float* x;         // [rows, K] contiguous
+  int64_t rows;           // tokens: 1 for batch-1 decode, one per sequence in batched decode
+  const float* bias;      // [M] or null
+  const float* residual;  // [rows, ld] or null; may be y itself
+  float* y;               // [rows, ld]
+  int64_t ld;             // row stride of y and residual
+};
+
+// One KV head of one sequence: softmax(q kᵀ + mask) v for the `group` query heads sharing it.
+// The softmax scale is already in q (folded into the Q weights).
+struct AttendArgs {
+  const float* q;       // [group, hd]
+  const float* k;       // [T, hd]: the cache row's keys, positions 0 … T-1
+  const float* v;       // [T, hd]
+  const float* mask;    // [T] additive (0 / -inf), or null: every key is seen
+  int64_t keys;         // T
+  int64_t group;        // query heads per KV head
+  int64_t head_dim;     // hd
+  float* scores;        // [group, T] scratch
+  float* out;           // [group, hd]
+};
+
+struct DecodeKernels {
+  const char* isa;
+  void (*matvec)(const MatvecArgs& args, int64_t m0, int64_t m1);
+  // out[i] = silu(gate[i]) · up[i] for i < count.
+  void (*silu_mul)(const float* gate, const float* up, float* out, int64_t count);
+  void (*attend)(const AttendArgs& args);
+};
+
+// Defined in decode_kernels_{avx512,avx2}.cpp; call only where the CPU has the instructions.
+const DecodeKernels& decode_kernels_avx512();
+const DecodeKernels& decode_kernels_avx2();
+
+}  // namespace vlmq

@@ -1,0 +1,19 @@
+// The decode kernels for CPUs with AVX2 and FMA but no AVX-512. The system headers come
+// first, outside the target pragma: only vlmq's own kernel code is compiled for it.
+#include <immintrin.h>
+
+#include <cstdint>
+
+#pragma GCC target("avx2,fma")
+
+#include "decode_vec256.h"
+#include "decode_kernels.h"
+
+namespace vlmq {
+
+const DecodeKernels& decode_kernels_avx2() {
+  static const DecodeKernels table = Kernels<avx2::Vec>::table("avx2");
+  return table;
+}
+
+}  // namespace vlmq

@@ -1,0 +1,94 @@
+"""The CPU decode kernels: where they run, and the switch back to the torch path.
+
+Decoding one token reads every weight once, so on the CPU its speed is the rate at which
+the matrix-vector products stream the weights, plus whatever the steps between them cost.
+`torch.ops.vlmq_decode_cpu` (built from `csrc/decode_cpu.cpp` on first use, see
+`cuda_ext.build`) has two ops:
+
+- `decode_layer`: a whole decode step of a pre-norm Llama layer (Llama, Qwen2, Mistral),
+  one call instead of ~35 eager ops; `shared.layers.DecoderLayer` uses it for decode
+  forwards, and its own torch decode path is the reference the tests hold it to;
+- `linear`: x wᵀ for a few rows of x (the LM head of a decode step).
+
+Both read row-major float32 weights ([out, in], as checkpoints store them), so a model
+that uses them keeps its weights in that layout (`shared.layers.prepare_weight`).
+
+Which path runs (`VLMQ_DECODE_KERNEL`, or `set_decode_kernel` before a model is prepared):
+
+- `auto` (default): the kernels for CPU float32 models, built on first use; where they
+  cannot be built (no compiler, no ninja, a CPU without AVX2) the torch path, with one
+  logged warning;
+- `reference`: the torch path (oneDNN-blocked weights, eager ops).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DECODE_MODES = ("auto", "reference")
+# The kernel's register blocking is for the few rows of a decode step; a prompt's logits
+# (prefill with all_logits) are a matrix product, for oneDNN / MKL.
+MATVEC_MAX_ROWS = 8
+
+
+def _mode_from_env() -> str:
+    mode = os.environ.get("VLMQ_DECODE_KERNEL", "auto").strip().lower()
+    if mode not in DECODE_MODES:
+        raise ValueError(f"VLMQ_DECODE_KERNEL={mode!r}: expected one of {', '.join(DECODE_MODES)}")
+    return mode
+
+
+_mode = _mode_from_env()
+_warned_fallback = False
+
+
+def decode_kernel() -> str:
+    """The decode path in force for models prepared from now on: "auto" or "reference"."""
+    return _mode
+
+
+def set_decode_kernel(mode: str) -> str:
+    """Choose the decode path for models prepared from now on (overrides VLMQ_DECODE_KERNEL); returns the previous one."""
+    global _mode
+    if mode not in DECODE_MODES:
+        raise ValueError(f"unknown decode mode {mode!r}: expected one of {', '.join(DECODE_MODES)}")
+    previous, _mode = _mode, mode
+    return previous
+
+
+def cpu_decode_ops(device: torch.device | str, dtype: torch.dtype) -> Any | None:
+    """`torch.ops.vlmq_decode_cpu` for tensors on `device` in `dtype` when the mode and the machine allow, else None."""
+    if _mode == "reference" or torch.device(device).type != "cpu" or dtype != torch.float32:
+        return None
+    # Imported here, not with this package, so that `python -m cuda_ext.build` runs a module not yet imported.
+    from cuda_ext import build
+
+    try:
+        ops = build.decode_cpu_ops()
+    except build.ExtensionUnavailable as error:
+        _warn_fallback(str(error))
+        return None
+    if ops.isa() == "none":
+        _warn_fallback("this CPU has neither AVX2 + FMA nor AVX-512")
+        return None
+    return ops
+
+
+def fused_layer_supported(config) -> bool:
+    """Whether `decode_layer` computes layers of this `shared.layers.DecoderConfig`: Llama's pre-norm SwiGLU block,
+    with or without QKV biases (Qwen2) and sliding windows (Mistral); not Gemma's extra norms and GeGLU."""
+    return (not config.post_norms and not config.qk_norm and config.norm_offset == 0
+            and config.hidden_act in ("silu", "swish"))
+
+
+def _warn_fallback(reason: str) -> None:
+    global _warned_fallback
+    if not _warned_fallback:
+        _warned_fallback = True
+        log.warning("CPU decode: using the torch path, the decode kernels are unavailable: %s", reason)
