@@ -19,6 +19,13 @@ against `LlavaForConditionalGeneration.get_image_features` with image_sizes
 (which packs a batch into one sequence with a block-diagonal mask). Same
 metrics and targets.
 
+`--family gemma3`: a Gemma3-shaped bench-small — SigLIP at ViT-B/16 (hidden 768,
+12 layers, 12 heads, MLP 3072, tanh GELU) on 224×224 images (196 patches), average-
+pooled 2×2 to 49 rows, Gemma RMSNorm and the projection into 576, against
+`Gemma3ForConditionalGeneration.get_image_features`. (64 rows from 196 patches is not
+a Gemma 3 shape: its pool kernel is patches per side ÷ tokens per side, 14 ÷ 8 = 1, so
+the reference would give 196 rows and refuse the config's 64.) Same metrics and targets.
+
 Prints one JSON object per line: bench, metric, value, unit, and for
 comparisons baseline, ratio, target, met.
 
@@ -28,7 +35,7 @@ the achieved TFLOP/s as a fraction of a bfloat16 matmul's, with the GPU's matmul
 TFLOP/s and copy bandwidth measured in the same run (bench `…/cuda`; the CPU
 targets do not apply). The CPU run is as above.
 
-    python bench/embed.py [--rounds 5] [--threads 2] [--family llava|qwen2_vl|pixtral] [--device auto|cpu|cuda]
+    python bench/embed.py [--rounds 5] [--threads 2] [--family llava|qwen2_vl|pixtral|gemma3] [--device auto|cpu|cuda]
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ BENCH = "embed/bench-small"
 LM_HIDDEN = 576
 QWEN_IMAGE_SIZE = 448
 PIXTRAL_IMAGE = (512, 384)  # (width, height) in pixels: 32 × 24 patches of 16
+GEMMA3_TOKENS = 49  # 14 × 14 patches of a 224-pixel image, pooled 2 × 2
 
 
 def build_bench_small(path: Path) -> Path:
@@ -96,7 +104,7 @@ def qwen2_vl_flops_per_image(model, grid: tuple[int, int, int]) -> int:
     D, I, U = c.embed_dim, c.intermediate_size, c.merge_unit
     N = grid[0] * grid[1] * grid[2]
     patch = 2 * N * c.patch_dim * D
-    per_layer = 2 * N * D * 3 * D + 2 * N * D * D + 2 * 2 * N * D * I + 2 * 2 * N * N * D  # qkv, proj, fc1+fc2, scores+values
+    per_layer = vit_layer_flops(N, D, I)
     merger = 2 * (N // U) * (U * D) ** 2 + 2 * (N // U) * (U * D) * c.out_hidden_size
     return patch + c.depth * per_layer + merger
 
@@ -131,17 +139,45 @@ def pixtral_flops_per_image(model, rows: int, cols: int) -> int:
     return patch + model.config.num_layers * per_layer + projector
 
 
+def vit_layer_flops(N: int, D: int, I: int) -> int:
+    """Multiply-adds × 2 of one CLIP/SigLIP encoder layer over N tokens: qkv, out, fc1+fc2, scores+values."""
+    return 2 * N * D * 3 * D + 2 * N * D * D + 2 * 2 * N * D * I + 2 * 2 * N * N * D
+
+
 def flops_per_image(model) -> int:
     """Multiply-adds × 2 that our model computes for one image, from its config (norms and activations not counted)."""
     v = model.config.vision
     D, I, P, C = v.hidden_size, v.intermediate_size, v.patch_size, v.num_channels
     N = v.num_patches + 1  # tokens through the encoder, CLS included
     patch = 2 * v.num_patches * (C * P * P) * D
-    per_layer = 2 * N * D * 3 * D + 2 * N * D * D + 2 * 2 * N * D * I + 2 * 2 * N * N * D  # qkv, out, fc1+fc2, scores+values
+    per_layer = vit_layer_flops(N, D, I)
     n_out = model.tokens_per_image
     k = len(model.config.feature_layers)
     projector = 2 * n_out * (D * k) * LM_HIDDEN + 2 * n_out * LM_HIDDEN * LM_HIDDEN
     return patch + model.config.num_layers * per_layer + projector
+
+
+def build_gemma3_bench_small(path: Path) -> Path:
+    """SigLIP ViT-B/16-224 + Gemma 3's pooled projector to 576, with a one-layer Gemma 3 text model (not measured)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3TextConfig, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                                image_size=224, patch_size=16, vision_use_head=False)
+    text = Gemma3TextConfig(hidden_size=LM_HIDDEN, intermediate_size=1536, num_hidden_layers=1, num_attention_heads=9,
+                            num_key_value_heads=3, head_dim=64, vocab_size=1024, max_position_embeddings=512)
+    config = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=GEMMA3_TOKENS,
+                          boi_token_index=1000, eoi_token_index=1001, image_token_index=1002)
+    torch.manual_seed(0)
+    Gemma3ForConditionalGeneration(config).eval().save_pretrained(path)
+    Gemma3ImageProcessorPil(size={"height": 224, "width": 224}).save_pretrained(path)
+    return path
+
+
+def gemma3_flops_per_image(model) -> int:
+    """Multiply-adds × 2 of our SigLIP tower and Gemma 3 projector for one image (norms, pooling, activations not counted)."""
+    v = model.config.vision
+    D, I, P, C, N = v.hidden_size, v.intermediate_size, v.patch_size, v.num_channels, v.num_patches
+    return 2 * N * (C * P * P) * D + v.num_hidden_layers * vit_layer_flops(N, D, I) + 2 * model.tokens_per_image * D * model.hidden_size
 
 
 def timed(fn) -> float:
@@ -238,7 +274,27 @@ def pixtral_setup(tmp: Path, images: list[Image.Image], device: str = "cpu", dty
     )
 
 
-SETUPS = {"llava": llava_setup, "qwen2_vl": qwen2_vl_setup, "pixtral": pixtral_setup}
+def gemma3_setup(tmp: Path, images: list[Image.Image], device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    from transformers import Gemma3ForConditionalGeneration
+
+    from embedder_service.models.gemma3 import Gemma3VisionModel
+
+    path = build_gemma3_bench_small(tmp)
+    ours = Gemma3VisionModel.from_checkpoint(path, device=device, dtype=dtype)
+    ref = Gemma3ForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
+
+    def inputs(batch: int):
+        return ours.preprocessor.batch(images[:batch]).to(device, dtype)  # [B, 3, 224, 224], the same tensor for both
+
+    return dict(
+        bench=f"{BENCH}/gemma3", attn=ref.config.vision_config._attn_implementation, inputs=inputs, flops=gemma3_flops_per_image(ours),
+        run_ours=ours, run_ref=lambda pixels: ref.model.get_image_features(pixel_values=pixels).pooler_output,
+        layers=dict(layers_run=ours.config.vision.num_hidden_layers, patches_per_image=ours.config.vision.num_patches,
+                    tokens_per_image=ours.tokens_per_image),
+    )
+
+
+SETUPS = {"llava": llava_setup, "qwen2_vl": qwen2_vl_setup, "pixtral": pixtral_setup, "gemma3": gemma3_setup}
 
 
 def main() -> None:

@@ -27,6 +27,16 @@ positions and their decode offset too. Same metrics and targets.
 after each row but the last and `[IMG_END]` (800 prompt tokens for the image);
 transformers gets the same sequence as `inputs_embeds`. Same metrics and targets.
 
+`--family gemma3`: a Gemma3-shaped bench-small — the same LM size as Gemma 3 text
+(head_dim 64, GeGLU, Gemma's norms before and after attention and MLP, QK-norm,
+√hidden embedding scale) with Gemma 3's pattern of five sliding-window layers (window
+64, so prefill and decode both slide) to one global layer and their two RoPE bases,
+and one 224×224 image of 49 rows (14 × 14 patches pooled 2 × 2; 64 is not a Gemma 3
+shape for 196 patches, see bench/embed.py) between <start_of_image> and <end_of_image>.
+transformers runs `Gemma3ForConditionalGeneration.generate` from the image's pixels (a
+one-layer SigLIP, whose rows are our container's) with `token_type_ids`, so the tokens
+check the bidirectional image attention too. Same metrics and targets.
+
 GPU mode (`--device cuda`, the default when a GPU is visible): both sides in bfloat16
 on the GPU, every timed call ending in a synchronisation; the same metrics under
 bench `…/cuda`, the decode roofline against the best memory throughput measured in
@@ -34,7 +44,7 @@ the run (a 1 GiB sum's reads, or a 1 GiB copy's reads + writes), plus prefill to
 as a fraction of a bfloat16 matmul's TFLOP/s, also measured in the run. The CPU run
 is as above.
 
-Usage: python bench/generate.py [--threads 2] [--new-tokens 64] [--repeats 5] [--family llava|qwen2_vl|pixtral] [--device auto|cpu|cuda]
+Usage: python bench/generate.py [--threads 2] [--new-tokens 64] [--repeats 5] [--family llava|qwen2_vl|pixtral|gemma3] [--device auto|cpu|cuda]
 """
 
 from __future__ import annotations
@@ -51,6 +61,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from generator_service.engine import Engine, GenerationRequest  # noqa: E402
+from generator_service.models.gemma3 import Gemma3ForCausalLM  # noqa: E402
 from generator_service.models.llama import LlamaForCausalLM  # noqa: E402
 from generator_service.models.qwen2 import Qwen2VLForCausalLM  # noqa: E402
 from generator_service.sampling import SamplingParams  # noqa: E402
@@ -64,6 +75,8 @@ QWEN_GRID = (1, 32, 32)  # a 448×448 image in 14-pixel patches: 16×16 = 256 ro
 QWEN_IMAGE, QWEN_START, QWEN_END = 49151, 49149, 49150  # <|image_pad|>, <|vision_start|>, <|vision_end|>
 PIXTRAL_ROWS, PIXTRAL_COLS = 24, 32  # a 512×384 image in 16-pixel patches
 PIXTRAL_IMAGE, PIXTRAL_BREAK, PIXTRAL_END = 10, 12, 13  # [IMG], [IMG_BREAK], [IMG_END] (Pixtral-12B's ids)
+GEMMA_IMAGE, GEMMA_BOI, GEMMA_EOI = 49151, 49149, 49150  # <image_soft_token>, <start_of_image>, <end_of_image>
+GEMMA_TOKENS, GEMMA_WINDOW = 49, 64
 
 
 def emit(bench: str, metric: str, value: float, unit: str, **extra) -> None:
@@ -183,7 +196,42 @@ def pixtral_setup(tmp: str, g: torch.Generator, device: str = "cpu", dtype: torc
     return dict(ours=ours, ref=ref, ref_inputs=inputs, image=image, before=before, after=after)
 
 
-SETUPS = {"llava": llava_setup, "qwen2_vl": qwen2_vl_setup, "pixtral": pixtral_setup}
+def build_gemma3_checkpoint(path: Path) -> None:
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    text = Gemma3TextConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, head_dim=64, query_pre_attn_scalar=64, max_position_embeddings=2048, sliding_window=GEMMA_WINDOW,
+        bos_token_id=2, eos_token_id=1, pad_token_id=0,
+    )  # layer_types, RoPE bases: Gemma3TextConfig's (every 6th layer global; 10k local, 1M global)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=224,
+                                patch_size=16, vision_use_head=False)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=GEMMA_TOKENS, boi_token_index=GEMMA_BOI,
+                          eoi_token_index=GEMMA_EOI, image_token_index=GEMMA_IMAGE)
+    torch.manual_seed(0)
+    Gemma3ForConditionalGeneration(config).save_pretrained(path)
+
+
+def gemma3_setup(tmp: str, g: torch.Generator, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """Our Gemma 3 LM and transformers' from the pixels of a 224×224 image; the container holds its tiny tower's rows."""
+    from transformers import Gemma3ForConditionalGeneration
+
+    build_gemma3_checkpoint(Path(tmp))
+    ours = Gemma3ForCausalLM.from_checkpoint(tmp, device, dtype)
+    ref = Gemma3ForConditionalGeneration.from_pretrained(tmp, dtype=dtype).to(device).eval()
+    # Random text IDs around <start_of_image> … <end_of_image> (the processor's "\n\n" are text IDs among them).
+    before = [2] + torch.randint(3, 49000, (TEXT_BEFORE,), generator=g).tolist()
+    after = torch.randint(3, 49000, (TEXT_AFTER,), generator=g).tolist()
+    pixels = torch.randn(1, 3, 224, 224, generator=g).to(device, dtype)
+    image_rows = ref.get_image_features(pixel_values=pixels).pooler_output[0].cpu()  # [49, 576], as from the store
+    image = EmbeddingContainer(id="bench", model="bench", tenant="bench", first_token_id=EMBEDDING_INDEX_BASE,
+                               num_tokens=image_rows.shape[0], embeddings=image_rows, layout=Layout(before=(GEMMA_BOI,), after=(GEMMA_EOI,)))
+    ids = torch.tensor([[GEMMA_IMAGE if i >= EMBEDDING_INDEX_BASE else i for i in before + image.token_ids() + after]], device=device)
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, token_type_ids=(ids == GEMMA_IMAGE).long())
+    return dict(ours=ours, ref=ref, ref_inputs=inputs, image=image, before=before, after=after)
+
+
+SETUPS = {"llava": llava_setup, "qwen2_vl": qwen2_vl_setup, "pixtral": pixtral_setup, "gemma3": gemma3_setup}
 
 
 def _seconds(fn) -> float:

@@ -86,7 +86,7 @@ def gemma3_config(config: dict) -> DecoderConfig:
             rms_norm_eps=text["rms_norm_eps"],
             rope=rope,
             tie_word_embeddings=bool(tie),
-            hidden_act=text.get("hidden_activation") or text.get("hidden_act"),
+            hidden_act=text["hidden_activation"],
             sliding_window=text["sliding_window"],
             layer_types=tuple(layer_types),
             rope_local=rope_local,

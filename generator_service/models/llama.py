@@ -9,6 +9,10 @@ forwards, both over a `KVCache` the caller owns:
 - `prefill`: one sequence's prompt into cache row `row`; prompt IDs ≥
   EMBEDDING_INDEX_BASE read their container's rows (`cuda_ext.multimodal_embedding`);
 - `decode`: one new token for each of cache rows 0…N-1, each at its own position.
+
+Qwen2-VL (`qwen2.py`) and Gemma 3 (`gemma3.py`) are this class with their own
+`read_config`. Where layers differ in window and RoPE (Gemma 3's sliding and global
+layers), each forward builds one `ForwardBatch` per kind of layer (`kinds`).
 """
 
 from __future__ import annotations
