@@ -90,11 +90,16 @@ def onednn_linear_available(dtype: torch.dtype = torch.float32) -> bool:
 USE_ONEDNN = True  # tests switch it off to compare against the torch-op path
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, act: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T + bias, then `act` or `+ residual` (not both). x: [..., K], weight: [M, K] → [..., M]."""
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, act: str | None = None, residual: torch.Tensor | None = None,
+    multiply: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x @ weight.T + bias, then `act`, `+ residual` or `· multiply` (one of them). x: [..., K], weight: [M, K] → [..., M]."""
     if USE_ONEDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and onednn_linear_available(x.dtype):
         if residual is not None:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+        if multiply is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, multiply, weight, bias, "mul")
         if act in _ONEDNN_ACTS:
             attr, algorithm = _ONEDNN_ACTS[act]
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
@@ -103,6 +108,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, 
         out = F.linear(x, weight, bias)
     if residual is not None:
         return out + residual
+    if multiply is not None:
+        return out.mul_(multiply)
     return apply_activation(out, act) if act is not None else out
 
 

@@ -5,7 +5,7 @@ Matches `get_image_features` of `LlavaForConditionalGeneration` with a
 
 - the tower takes images at their own (patch-multiple) sizes: patch conv →
   RMSNorm `ln_pre` → blocks of RMSNorm + attention with a 2D rotary embedding
-  over each patch's (row, col) + RMSNorm + gated-SiLU MLP. Several images go
+  over each patch's (row, col) + RMSNorm + gated MLP (SiLU). Several images go
   through together as one packed sequence of patches; attention stays inside
   each image (what the reference's block-diagonal mask does), computed per
   image so it costs Σ n_i², not (Σ n_i)²;
@@ -18,10 +18,11 @@ The container layout is what `PixtralProcessor` writes for an image of
 rows × cols tokens: `[IMG]`×cols `[IMG_BREAK]` per row, the last break
 replaced by `[IMG_END]`; only the `[IMG]` positions are container rows.
 
-Blocks reuse `shared.layers` (RMSNorm, GatedMLP, RoPE helpers, oneDNN
-`linear`): after loading, Q/K/V are fused with their RoPE rows interleaved and
-the softmax scale folded into Q, and the weights are reordered for oneDNN on
-the CPU (`prepare()`), as in the language model.
+Attention reuses `shared.layers` (RMSNorm, RoPE helpers, oneDNN `linear`): after
+loading, Q/K/V are fused with their RoPE rows interleaved and the softmax scale
+folded into Q, and the weights are reordered for oneDNN on the CPU (`prepare()`),
+as in the language model. The per-image attention, the MLP and the batching are
+`embedder_service.models.vision`'s, shared with Qwen2-VL.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
@@ -38,19 +38,12 @@ from embedder_service.models import open_checkpoint
 from embedder_service.models.clip import activation
 from embedder_service.models.clip import linear as clip_linear
 from embedder_service.models.llava import LlavaProjector
+from embedder_service.models.vision import GatedVisionMLP, Segments, image_groups, rotate_into_heads
 from embedder_service.preprocess.pixtral import PixtralPreprocessor
 from shared.checkpoint import Checkpoint
 from shared.container import Layout
 from shared.errors import CheckpointError, InvalidInput
-from shared.layers import (
-    GatedMLP,
-    RMSNorm,
-    apply_rope,
-    interleave_rope_rows,
-    linear,
-    linear_add,
-    prepare_weight,
-)
+from shared.layers import RMSNorm, interleave_rope_rows, linear, linear_add, prepare_weight
 
 VISION_PREFIX = "vision_tower."
 PROJECTOR_PREFIX = "multi_modal_projector."
@@ -80,9 +73,7 @@ class PixtralVisionConfig:
         out = cls(**values)
         if out.hidden_size % out.num_attention_heads or out.head_dim % 4:
             raise CheckpointError(f"Pixtral head size {out.hidden_size}/{out.num_attention_heads} must be a whole multiple of 4 (2D RoPE)")
-        if out.hidden_act not in ("silu", "swish"):
-            # GatedMLP computes silu; every published Pixtral / Mistral 3.1 tower uses it.
-            raise CheckpointError(f"unsupported Pixtral vision hidden_act {out.hidden_act!r}; supported: silu")
+        activation(out.hidden_act)  # fail at load, not at the first image
         return out
 
     @property
@@ -148,28 +139,6 @@ class PixtralModelConfig:
 # The tower
 
 
-def attend_per_image(q: Tensor, k: Tensor, v: Tensor, lengths: list[int]) -> Tensor:
-    """q, k, v: [N, H, hd] of images packed back to back (lengths sum to N) → [N, H, hd], each image attending
-    only within itself. Scale already folded into q.
-
-    Images of one size (the usual batch) are one batched SDPA over views; mixed sizes
-    run one SDPA per image, which is what the reference's block-diagonal mask computes
-    without its (Σ n)² scores.
-    """
-    n, h, hd = q.shape
-    if len(set(lengths)) == 1:
-        b, L = len(lengths), lengths[0]
-        q, k, v = (t.view(b, L, h, hd).transpose(1, 2) for t in (q, k, v))  # [B, H, L, hd]
-        return F.scaled_dot_product_attention(q, k, v, scale=1.0).transpose(1, 2).reshape(n, h, hd)
-    out = torch.empty_like(q)
-    start = 0
-    for L in lengths:
-        qi, ki, vi = (t[start : start + L].transpose(0, 1) for t in (q, k, v))  # [H, L, hd]
-        out[start : start + L] = F.scaled_dot_product_attention(qi, ki, vi, scale=1.0).transpose(0, 1)
-        start += L
-    return out
-
-
 class PixtralAttention(nn.Module):
     """Bidirectional multi-head attention with 2D RoPE (transformers' parameter names, no biases)."""
 
@@ -195,15 +164,11 @@ class PixtralAttention(nn.Module):
         self.wo = prepare_weight(self.o_proj.weight)
         del self.q_proj, self.k_proj, self.v_proj, self.o_proj
 
-    def forward(self, x: Tensor, residual: Tensor, rotations: Tensor, lengths: list[int]) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor, rotations: Tensor, images: Segments) -> Tensor:
         """x: [N, D] normed, residual: [N, D], rotations: [N, 1, hd/2] complex → residual + attention: [N, D]."""
-        c = self.config
-        n, h, hd = x.shape[0], c.num_attention_heads, c.head_dim
-        qkv = linear(x, self.wqkv)  # [N, 3D]
-        qk = apply_rope(qkv[:, : 2 * c.hidden_size].view(n, 2 * h, hd), rotations)  # [N, 2H, hd]
-        v = qkv[:, 2 * c.hidden_size :].view(n, h, hd)
-        out = attend_per_image(qk[:, :h], qk[:, h:], v, lengths)  # [N, H, hd]
-        return linear_add(out.reshape(n, c.hidden_size), self.wo, residual)
+        qkv = rotate_into_heads(linear(x, self.wqkv), rotations, self.config.num_attention_heads)  # [3, H, N, hd]
+        out = images.attention(qkv, scale=1.0)  # [N, D]; 1/√hd is in Q's weights
+        return linear_add(out, self.wo, residual)
 
 
 class PixtralBlock(nn.Module):
@@ -214,14 +179,10 @@ class PixtralBlock(nn.Module):
         self.attention_norm = RMSNorm(config.hidden_size, NORM_EPS)
         self.attention = PixtralAttention(config)
         self.ffn_norm = RMSNorm(config.hidden_size, NORM_EPS)
-        self.feed_forward = GatedMLP(config)  # reads hidden_size and intermediate_size
+        self.feed_forward = GatedVisionMLP(config.hidden_size, config.intermediate_size, config.hidden_act, bias=False)
 
-    def prepare(self) -> None:
-        self.attention.prepare()
-        self.feed_forward.prepare()
-
-    def forward(self, x: Tensor, rotations: Tensor, lengths: list[int]) -> Tensor:
-        x = self.attention(self.attention_norm(x), x, rotations, lengths)
+    def forward(self, x: Tensor, rotations: Tensor, images: Segments) -> Tensor:
+        x = self.attention(self.attention_norm(x), x, rotations, images)
         return self.feed_forward(self.ffn_norm(x), x)
 
 
@@ -249,7 +210,7 @@ class PixtralVisionTower(nn.Module):
         # A P×P, stride-P convolution is one GEMM over the flattened (C, P, P) patches.
         self.w_patch = prepare_weight(self.patch_conv.weight.reshape(c.hidden_size, -1))  # [D, C·P·P]
         for layer in self.transformer.layers:
-            layer.prepare()
+            layer.attention.prepare()
         hd = c.head_dim
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float) / hd))  # [hd/2], as the reference
         # Rotation pair i < hd/4 turns with the patch's row at the even frequencies, pair hd/4 + i with its
@@ -274,10 +235,10 @@ class PixtralVisionTower(nn.Module):
         ])
         x = self.ln_pre(linear(patches, self.w_patch))  # [N, D]
         rotations = self.rotations(grids, x.device)
-        lengths = [h * w for h, w in grids]
+        images = Segments(lengths=[h * w for h, w in grids])  # each image attends within itself
         states = {0: x} if 0 in keep else {}
         for k, layer in enumerate(self.transformer.layers, start=1):
-            x = layer(x, rotations, lengths)
+            x = layer(x, rotations, images)
             if k in keep:
                 states[k] = x
         return states
@@ -391,10 +352,12 @@ class PixtralVisionModel(nn.Module):
 
     @torch.inference_mode()
     def embed_batch(self, pixels: list[Tensor]) -> list[Tensor]:
-        """Preprocessed images of any sizes → one [rows · cols, hidden] tensor each (on the model's device), in one pass."""
-        if not pixels:
-            return []
-        return self([p.to(self.device, self.dtype) for p in pixels])
+        """Preprocessed images of any sizes → one [rows · cols, hidden] tensor each (on the model's device), a few per pass."""
+        P = self.config.vision.patch_size
+        rows = []
+        for group in image_groups([(p.shape[-2] // P) * (p.shape[-1] // P) for p in pixels]):  # see `vision`
+            rows += self([pixels[i].to(self.device, self.dtype) for i in group])
+        return rows
 
     def embed(self, images: list[Image.Image]) -> list[Tensor]:
         """PIL images → one [rows · cols, hidden_size] tensor each."""

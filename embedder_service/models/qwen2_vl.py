@@ -33,12 +33,13 @@ from PIL import Image
 from torch import Tensor, nn
 
 from embedder_service.models import open_checkpoint
-from embedder_service.models.clip import ClipMLP, ClipVisionConfig, activation, apply_activation, linear
+from embedder_service.models.clip import ClipMLP, ClipVisionConfig, activation, linear
+from embedder_service.models.vision import GatedVisionMLP, Segments, image_groups, rotate_into_heads
 from embedder_service.preprocess.qwen2_vl import PatchedImage, Qwen2VLPreprocessor
 from shared.checkpoint import Checkpoint
 from shared.container import Layout
 from shared.errors import CheckpointError, InvalidInput
-from shared.layers import RMSNorm, RopeConfig, apply_rope, interleave_rope_rows, rope_inverse_frequencies
+from shared.layers import RMSNorm, RopeConfig, interleave_rope_rows, rope_inverse_frequencies
 
 VISION_PREFIX = "visual."
 NORM_EPS = 1e-6  # fixed in both references' vision blocks and merger
@@ -119,51 +120,9 @@ class Qwen2VLVisionConfig:
 # --- which tokens attend to which ------------------------------------------------------------------
 
 
-class Segments:
-    """Disjoint groups of tokens (a frame of an image, a window) that each attend only within themselves.
-
-    Built once per batch and shared by the blocks. Equal, contiguous groups (a
-    batch of same-size images) run as one batched SDPA on views; otherwise each
-    group's token indices are gathered into a padded [S, L] batch with the padding
-    masked out of the keys, so any mix of sizes is still one SDPA call, not a loop.
-    """
-
-    def __init__(self, index: Tensor, num_tokens: int):
-        # index: [S, L] token indices of each group, -1 where a group is shorter than L
-        valid = index >= 0
-        lengths = valid.sum(1)
-        contiguous = bool(valid.all()) and torch.equal(index.flatten(), torch.arange(num_tokens, device=index.device))
-        self.num_groups, self.length = index.shape
-        self.index = None if contiguous else index.clamp(min=0)  # None: token i of group s is s·L + i
-        self.mask = None if bool((lengths == self.length).all()) else valid[:, None, None, :]  # [S, 1, 1, L] keys to keep
-        self.order = None if contiguous else index[valid]  # [N] each gathered row's token, in gathered order
-        self.keep = None if contiguous else valid.flatten()  # [S·L] gathered rows that are tokens
-
-    @classmethod
-    def from_lengths(cls, lengths: list[int], device) -> Segments:
-        """Consecutive groups of the given lengths."""
-        length, starts = max(lengths), torch.tensor([0, *lengths]).cumsum(0)[:-1]
-        offsets = torch.arange(length)
-        index = torch.where(offsets < torch.tensor(lengths)[:, None], starts[:, None] + offsets, -1)
-        return cls(index.to(device), sum(lengths))
-
-    def attention(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-        """q, k, v: [N, H, hd] → [N, H, hd], each token attending over its own group."""
-        n, h, hd = q.shape
-        S, L = self.num_groups, self.length
-        if self.index is None:
-            q, k, v = (t.view(S, L, h, hd).transpose(1, 2) for t in (q, k, v))  # [S, H, L, hd]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=scale)
-            return out.transpose(1, 2).reshape(n, h, hd)
-        q, k, v = (t[self.index].transpose(1, 2) for t in (q, k, v))  # [S, H, L, hd], padding rows are token 0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=scale)  # padding keys masked
-        out = out.transpose(1, 2).reshape(S * L, h, hd)[self.keep]  # [N, H, hd] in gathered order
-        return torch.empty_like(out).index_copy_(0, self.order, out)
-
-
-def frame_segments(grids: list[tuple[int, int, int]], device) -> Segments:
+def frame_segments(grids: list[tuple[int, int, int]]) -> Segments:
     """Every frame of every image attends within itself (the reference's cu_seqlens)."""
-    return Segments.from_lengths([h * w for t, h, w in grids for _ in range(t)], device)
+    return Segments(lengths=[h * w for t, h, w in grids for _ in range(t)])
 
 
 def window_segments(grids: list[tuple[int, int, int]], config: Qwen2VLVisionConfig, device) -> Segments:
@@ -184,7 +143,7 @@ def window_segments(grids: list[tuple[int, int, int]], config: Qwen2VLVisionConf
         tokens = torch.where(cells[..., None] >= 0, cells[..., None] * unit + torch.arange(unit), -1)  # a cell's `unit` patches
         windows.append(tokens.view(t * nh * nw, ws * ws * unit))
         offset += t * h * w
-    return Segments(torch.cat(windows).to(device), offset)
+    return Segments(index=torch.cat(windows).to(device))
 
 
 def patch_positions(grids: list[tuple[int, int, int]], merge: int) -> Tensor:
@@ -236,33 +195,10 @@ class VisionAttention(nn.Module):
 
     def forward(self, x: Tensor, residual: Tensor, rotations: Tensor, segments: Segments) -> Tensor:
         # x: [N, D] normed, residual: [N, D], rotations: [N, 1, hd/2] complex → residual + attention(x)
-        n, H, hd = x.shape[0], self.num_heads, self.head_dim
-        qkv = linear(x, self.qkv.weight, self.qkv.bias).view(n, 3 * H, hd)  # [N, 3H, hd]
-        q, k = apply_rope(qkv[:, : 2 * H], rotations).split(H, dim=1)  # [N, H, hd] each, rotated in float32
-        out = segments.attention(q, k, qkv[:, 2 * H :], scale=hd**-0.5)  # [N, H, hd]
-        return linear(out.reshape(n, H * hd), self.proj.weight, self.proj.bias, residual=residual)
-
-
-class GatedVisionMLP(nn.Module):
-    """Qwen2.5-VL: down(act(gate(x)) · up(x)), all with biases."""
-
-    def __init__(self, config: Qwen2VLVisionConfig):
-        super().__init__()
-        D, I = config.embed_dim, config.intermediate_size
-        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(D, I), nn.Linear(D, I), nn.Linear(I, D)
-        self.act = activation(config.hidden_act)
-        self.gate_up: tuple[Tensor, Tensor] | None = None  # set by fuse_()
-
-    @torch.no_grad()
-    def fuse_(self) -> None:
-        """gate and up as one [2I, D] GEMM: the activations are read once."""
-        self.gate_up = (torch.cat([self.gate_proj.weight, self.up_proj.weight]), torch.cat([self.gate_proj.bias, self.up_proj.bias]))
-        del self.gate_proj, self.up_proj
-
-    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        # x: [N, D] normed → [N, 2I] → [N, I] → residual + [N, D]
-        gate, up = linear(x, *self.gate_up).chunk(2, dim=-1)
-        return linear(apply_activation(gate, self.act).mul_(up), self.down_proj.weight, self.down_proj.bias, residual=residual)
+        H, hd = self.num_heads, self.head_dim
+        qkv = rotate_into_heads(linear(x, self.qkv.weight, self.qkv.bias), rotations, H)  # [3, H, N, hd]
+        out = segments.attention(qkv, scale=hd**-0.5)  # [N, D]
+        return linear(out, self.proj.weight, self.proj.bias, residual=residual)
 
 
 class VisionBlock(nn.Module):
@@ -271,7 +207,7 @@ class VisionBlock(nn.Module):
         self.norm1, self.norm2 = _norm(config), _norm(config)
         self.attn = VisionAttention(config)
         if config.gated_mlp:
-            self.mlp = GatedVisionMLP(config)
+            self.mlp = GatedVisionMLP(config.embed_dim, config.intermediate_size, config.hidden_act, bias=True)
         else:  # fc1–act–fc2 with biases: CLIP's MLP, names included
             self.mlp = ClipMLP(ClipVisionConfig(hidden_size=config.embed_dim, intermediate_size=config.intermediate_size, hidden_act=config.hidden_act))
 
@@ -308,7 +244,8 @@ class Qwen2VisionTower(nn.Module):
     def fuse_(self) -> None:
         for block in self.blocks:
             block.attn.fuse_()
-            block.mlp.fuse_()
+            if isinstance(block.mlp, ClipMLP):
+                block.mlp.fuse_()
 
     def rotations(self, grids: list[tuple[int, int, int]], device) -> Tensor:
         """[N, 1, hd/2] complex: the first hd/4 pairs turn with the patch's row, the rest with its column."""
@@ -323,7 +260,7 @@ class Qwen2VisionTower(nn.Module):
         c, device = self.config, patches.device
         if patches.shape != (sum(t * h * w for t, h, w in grids), c.patch_dim):
             raise InvalidInput(f"patches {list(patches.shape)} do not fit grids {grids} of {c.patch_dim}-value patches")
-        whole = frame_segments(grids, device)
+        whole = frame_segments(grids)
         windows = window_segments(grids, c, device) if c.window_size is not None else whole
         rotations = self.rotations(grids, device)
         x = self.patch_embed(patches)  # [N, D]
@@ -377,12 +314,15 @@ class Qwen2VLVisionModel(nn.Module):
 
     @torch.inference_mode()
     def embed_batch(self, images: list[PatchedImage]) -> list[Tensor]:
-        """Preprocessed images of any sizes → one [t·(h/m)·(w/m), hidden] tensor each, through the tower together."""
+        """Preprocessed images of any sizes → one [t·(h/m)·(w/m), hidden] tensor each, through the tower a few together."""
         if not images:
             return []
-        grids = [image.grid for image in images]
-        out = self(torch.cat([image.patches for image in images]), grids)
-        return list(out.split([t * h * w // self.config.merge_unit for t, h, w in grids]))
+        rows = []
+        for group in image_groups([image.patches.shape[0] for image in images]):  # a few images per pass: see `vision`
+            grids = [images[i].grid for i in group]
+            out = self(torch.cat([images[i].patches for i in group]), grids)
+            rows += out.split([t * h * w // self.config.merge_unit for t, h, w in grids])
+        return rows
 
     def embed(self, images: list[Image.Image]) -> list[Tensor]:
         """PIL images → one [num_tokens, hidden_size] tensor each."""
