@@ -148,6 +148,22 @@ class ClipVisionConfig:
         return self.hidden_size // self.num_attention_heads
 
 
+def patch_embed(pixel_values: torch.Tensor, conv: nn.Conv2d, config: ClipVisionConfig) -> torch.Tensor:
+    """The stride-P, P×P patch convolution of a config-sized image as one GEMM: [B, C, H, W] → [B, N, D].
+
+    The non-overlapping patches, each flattened in the weight's (C, P, P) order, go through the
+    same linear kernel as the rest of the tower (on par with oneDNN's conv when measured here,
+    and no layout conversion of the pixels).
+    """
+    B, C, H, W = pixel_values.shape
+    P, g, D = config.patch_size, config.grid, config.hidden_size
+    if (C, H, W) != (config.num_channels, config.image_size, config.image_size):
+        raise InvalidInput(f"pixel_values must be [B, {config.num_channels}, {config.image_size}, {config.image_size}], got {list(pixel_values.shape)}")
+    weight = conv.weight  # [D, C, P, P]
+    patches = pixel_values.to(weight.dtype).view(B, C, g, P, g, P).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, C * P * P)
+    return linear(patches, weight.view(D, C * P * P), conv.bias)  # [B, N, D]
+
+
 class ClipEmbeddings(nn.Module):
     def __init__(self, config: ClipVisionConfig):
         super().__init__()
@@ -159,16 +175,8 @@ class ClipEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # pixel_values: [B, C, H, W] → [B, 1 + N, D]
-        B, C, H, W = pixel_values.shape
-        P, g, D = self.config.patch_size, self.config.grid, self.config.hidden_size
-        if (C, H, W) != (self.config.num_channels, self.config.image_size, self.config.image_size):
-            raise InvalidInput(f"pixel_values must be [B, {self.config.num_channels}, {self.config.image_size}, {self.config.image_size}], got {list(pixel_values.shape)}")
-        weight = self.patch_embedding.weight  # [D, C, P, P]
-        # A P×P convolution with stride P is one GEMM over the non-overlapping patches, each flattened
-        # in the weight's (C, P, P) order: the same linear kernel as the rest of the tower (on par with
-        # oneDNN's conv when measured here, and no layout conversion of the pixels).
-        patches = pixel_values.to(weight.dtype).view(B, C, g, P, g, P).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, C * P * P)
-        x = linear(patches, weight.view(D, C * P * P), None)  # [B, N, D]
+        B, D = pixel_values.shape[0], self.config.hidden_size
+        x = patch_embed(pixel_values, self.patch_embedding, self.config)  # [B, N, D]
         cls = self.class_embedding.view(1, 1, D).expand(B, 1, D)
         return torch.cat([cls, x], dim=1) + self.position_embedding.weight  # [B, 1 + N, D]
 

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from embedder_service.models.clip import ClipEncoder, ClipVisionConfig, linear
-from shared.errors import InvalidInput
+from embedder_service.models.clip import ClipEncoder, ClipVisionConfig, patch_embed
 
 
 @dataclass(frozen=True)
@@ -40,16 +39,8 @@ class SiglipEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(config.num_patches, D)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        # pixel_values: [B, C, H, W] → [B, N, D]
-        B, C, H, W = pixel_values.shape
-        P, g, D = self.config.patch_size, self.config.grid, self.config.hidden_size
-        if (C, H, W) != (self.config.num_channels, self.config.image_size, self.config.image_size):
-            raise InvalidInput(f"pixel_values must be [B, {self.config.num_channels}, {self.config.image_size}, {self.config.image_size}], got {list(pixel_values.shape)}")
-        weight = self.patch_embedding.weight  # [D, C, P, P]
-        # The stride-P convolution as one GEMM over the flattened (C, P, P) patches, as in CLIP's stem.
-        patches = pixel_values.to(weight.dtype).view(B, C, g, P, g, P).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, C * P * P)
-        x = linear(patches, weight.view(D, C * P * P), self.patch_embedding.bias)  # [B, N, D]
-        return x + self.position_embedding.weight  # [B, N, D]
+        # pixel_values: [B, C, H, W] → [B, N, D]: patches (with the conv's bias) + one learned position each
+        return patch_embed(pixel_values, self.patch_embedding, self.config) + self.position_embedding.weight
 
 
 class SiglipVisionTower(nn.Module):
