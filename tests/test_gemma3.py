@@ -124,6 +124,27 @@ def test_checkpoint_in_transformers_5_module_layout_loads_the_same(s, tmp_path):
     assert torch.equal(moved_lm.prefill(ids, moved_lm.new_cache(1, 8), 0), s.lm.prefill(ids, s.lm.new_cache(1, 8), 0))
 
 
+def test_a_published_style_config_reads_the_same(s, tmp_path):
+    """google/gemma-3-*-it configs predate per-layer-type RoPE: `rope_theta`, `rope_scaling` (global layers only),
+    `rope_local_base_freq`, and a `sliding_window_pattern` instead of `layer_types`. Both readings must agree."""
+    shutil.copytree(s.path, tmp_path / "ckpt")
+    config_file = tmp_path / "ckpt" / "config.json"
+    config = json.loads(config_file.read_text())
+    text = config["text_config"]
+    assert text.pop("layer_types") == ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    rope = text.pop("rope_parameters")
+    text |= {"sliding_window_pattern": 3, "rope_theta": rope["full_attention"]["rope_theta"],
+             "rope_local_base_freq": rope["sliding_attention"]["rope_theta"],
+             "rope_scaling": {"rope_type": "linear", "factor": rope["full_attention"]["factor"]}}
+    config_file.write_text(json.dumps(config))
+    old = Gemma3ForCausalLM.from_checkpoint(tmp_path / "ckpt")
+    assert old.config == s.lm.config
+    prompt = "Look:\n<start_of_image>\nWhat is it?"
+    cs = containers(s, images(SIZES[:1]))
+    expected = reference_logits(s, prompt, images(SIZES[:1]), load_gemma3_reference(tmp_path / "ckpt"))
+    assert (prefill_logits(old, encode(s, prompt, cs), cs) - expected).abs().max() <= ATOL
+
+
 def test_unexpected_vision_tensor_is_named(s, tmp_path):
     shutil.copytree(s.path, tmp_path / "ckpt")
     tensors = load_file(tmp_path / "ckpt" / "model.safetensors")
