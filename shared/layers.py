@@ -12,8 +12,10 @@ sharing an input are fused (QKV, gate/up), the RoPE rows of Q and K are
 interleaved so rotation is one complex multiply, and on the CPU the weights are
 reordered into oneDNN's blocked layout, which reads memory at close to the
 machine's bandwidth where MKL's sgemm reaches about half of it for the
-matrix-vector products of decoding. After `prepare()` the state dict no longer
-mirrors the checkpoint: these modules are inference-only.
+matrix-vector products of decoding; where the CPU decode kernels (`cuda_ext.decode`)
+run the decode steps, the weights stay row-major, the layout those read. After
+`prepare()` the state dict no longer mirrors the checkpoint: these modules are
+inference-only.
 
 Token tensors are flat, `[N, D]` with N the tokens of this forward (one per row
 when decoding, one sequence's tokens when prefilling); `ForwardBatch` says where
@@ -550,15 +552,16 @@ class DecoderLayer(nn.Module):
         for module in self.children():
             if isinstance(module, RMSNorm):
                 module.prepare()
+        if ops is not None:  # gathered once: each submodule attribute read is an nn.Module.__getattr__, ~1 µs a step
+            attn, mlp = self.self_attn, self.mlp
+            self.fused_weights = (self.input_layernorm.weight, attn.wqkv, attn.bqkv, attn.wo,
+                                  self.post_attention_layernorm.weight, mlp.w_gate_up, mlp.w_down)
+            self.fused_eps = attn.config.rms_norm_eps
 
     def forward(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, batch: ForwardBatch) -> Tensor:
         if batch.decode and self.fused_decode is not None:
-            attn, mlp = self.self_attn, self.mlp
-            return self.fused_decode(
-                x, self.input_layernorm.weight, attn.wqkv, attn.bqkv, attn.wo, self.post_attention_layernorm.weight,
-                mlp.w_gate_up, mlp.w_down, k_cache, v_cache, batch.rotations, batch.write_index, batch.kv_len, batch.mask,
-                attn.config.rms_norm_eps,
-            )
+            return self.fused_decode(x, *self.fused_weights, k_cache, v_cache, batch.rotations, batch.write_index, batch.kv_len,
+                                     batch.mask, self.fused_eps)
         # .forward() directly: per-layer module-call overhead is a measurable share of a CPU decode step.
         if not self.post_norms:
             x = self.self_attn.forward(self.input_layernorm.forward(x), x, k_cache, v_cache, batch)
