@@ -7,7 +7,7 @@ over each patch's (row, column) with the projection's Q and K rows interleaved
 (`shared.layers.interleave_rope_rows`), and both have a gated MLP (Qwen2.5-VL's,
 Pixtral's).
 
-Where the CPU time goes, and so the shape of this code: the GEMMs run at the
+Where the CPU time goes, and so the shape of this code: the GEMMs run close to the
 matmul roofline; attention through the CPU SDPA kernel is the slowest part, about
 10% faster when each head's rows are contiguous, so the RoPE writes Q and K
 straight into that layout (`rotate_into_heads`); element-wise passes over the
