@@ -1,15 +1,16 @@
 """Vision models of the embedder: one file per family, chosen by `shared.registry` from `config.json`.
 
-Every family's model has the same surface: `from_checkpoint(ckpt, device, dtype)`,
+Every family's model is a `VisionModel` with the same surface: `from_checkpoint(ckpt, device, dtype)`,
 `preprocessor` (PIL image → what the model takes, "pixels"; its size may vary by image),
 `embed_batch(list of pixels) -> list[[N_i, hidden]]`, `embed(images) -> list[[N_i, hidden]]`,
-`fingerprint`, `hidden_size`, and per image `layout_for(pixels)`, `grid_for(pixels)`,
+`fingerprint`, `hidden_size`, `device`, `dtype`, and per image `layout_for(pixels)`, `grid_for(pixels)`,
 `processed_size(pixels) -> (height, width)`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -35,6 +36,41 @@ def open_checkpoint(
     if family.vision_model != f"{model_class.__module__}:{model_class.__name__}":
         raise CheckpointError(f"{ckpt.path}: a {family.name} checkpoint is served by {family.vision_model}, not {model_class.__name__}")
     return ckpt, resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
+
+
+class VisionModel(torch.nn.Module):
+    """The surface every family's vision model shares; a family defines `from_checkpoint` (which sets
+    `preprocessor` and `_fingerprint`), `embed_batch`, `hidden_size` and `layout_for`, and overrides
+    `grid_for` / `processed_size` where its images need them."""
+
+    preprocessor: Any
+    _fingerprint: str | None = None
+
+    def embed(self, images: list[Image.Image]) -> list[torch.Tensor]:
+        """PIL images → one [num_tokens, hidden_size] tensor each (token counts may differ by image)."""
+        return self.embed_batch([self.preprocessor(image) for image in images])
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            raise RuntimeError("fingerprint is known only for a model loaded with from_checkpoint")
+        return self._fingerprint
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def grid_for(self, pixels: Any) -> tuple[int, int, int] | None:
+        """The merged (t, h, w) grid a container records; None for a family that needs none (no M-RoPE, no row layout)."""
+        return None
+
+    def processed_size(self, pixels: Any) -> tuple[int, int]:
+        """(height, width) of a preprocessed image."""
+        return pixels.shape[-2], pixels.shape[-1]
 
 
 def embed_images(model: torch.nn.Module, images: list[Image.Image]) -> list[torch.Tensor]:

@@ -21,10 +21,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
-from embedder_service.models import open_checkpoint
+from embedder_service.models import VisionModel, open_checkpoint
 from embedder_service.models.clip import linear
 from embedder_service.models.siglip import SiglipVisionConfig, SiglipVisionTower
 from embedder_service.preprocess.gemma3 import Gemma3Preprocessor
@@ -97,7 +96,7 @@ class Gemma3Projector(nn.Module):
         return linear(self.mm_soft_emb_norm(pooled), self.w, None)
 
 
-class Gemma3VisionModel(nn.Module):
+class Gemma3VisionModel(VisionModel):
     """Pixels [B, 3, H, W] → projected image embeddings [B, mm_tokens_per_image, hidden_size]."""
 
     def __init__(self, config: Gemma3VisionConfig):
@@ -106,7 +105,6 @@ class Gemma3VisionModel(nn.Module):
         self.vision_tower = SiglipVisionTower(config.vision)
         self.multi_modal_projector = Gemma3Projector(config)
         self.preprocessor: Gemma3Preprocessor | None = None  # set by from_checkpoint
-        self._fingerprint: str | None = None
 
     @classmethod
     def from_checkpoint(
@@ -148,10 +146,6 @@ class Gemma3VisionModel(nn.Module):
             return []
         return list(self(torch.stack(pixels).to(self.device, self.dtype)).unbind(0))
 
-    def embed(self, images: list[Image.Image]) -> list[torch.Tensor]:
-        """PIL images → one [tokens_per_image, hidden_size] tensor each."""
-        return self.embed_batch([self.preprocessor(image) for image in images])
-
     @property
     def tokens_per_image(self) -> int:
         return self.config.tokens_per_image
@@ -161,34 +155,12 @@ class Gemma3VisionModel(nn.Module):
         """The language model's hidden size: the width of every embedding row."""
         return self.config.lm_hidden_size
 
-    @property
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            raise RuntimeError("fingerprint is known only for a model loaded with from_checkpoint")
-        return self._fingerprint
-
-    @property
-    def device(self) -> torch.device:
-        return self.multi_modal_projector.mm_input_projection_weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.multi_modal_projector.mm_input_projection_weight.dtype
-
     def layout_for(self, pixel_values: torch.Tensor) -> Layout:
         """`Gemma3Processor`'s expansion, the same for every image (see the module docstring)."""
         return Layout(
             before=(self.config.boi_token_id,), after=(self.config.eoi_token_id,),
             text_before=IMAGE_TEXT_AROUND, text_after=IMAGE_TEXT_AROUND,
         )
-
-    def grid_for(self, pixel_values: torch.Tensor) -> None:
-        """Gemma 3 needs no grid (no M-RoPE, no row layout)."""
-        return None
-
-    def processed_size(self, pixel_values: torch.Tensor) -> tuple[int, int]:
-        """(height, width) of the preprocessed image."""
-        return pixel_values.shape[-2], pixel_values.shape[-1]
 
 
 def _check_vision_names(ckpt: Checkpoint, tower: SiglipVisionTower) -> None:

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import nn
 
-from embedder_service.models import open_checkpoint
+from embedder_service.models import VisionModel, open_checkpoint
 from embedder_service.models.clip import ClipVisionConfig, ClipVisionTower, activation, linear
 from embedder_service.preprocess.clip import ClipPreprocessor
 from shared.checkpoint import Checkpoint
@@ -81,7 +80,7 @@ class LlavaProjector(nn.Module):
         return linear(h, self.linear_2.weight, self.linear_2.bias)
 
 
-class LlavaVisionModel(nn.Module):
+class LlavaVisionModel(VisionModel):
     """Pixels [B, 3, H, W] → projected image embeddings [B, tokens_per_image, hidden_size]."""
 
     def __init__(self, config: LlavaVisionConfig):
@@ -92,7 +91,6 @@ class LlavaVisionModel(nn.Module):
             config.vision.hidden_size * len(config.feature_layers), config.lm_hidden_size, config.projector_act, config.projector_bias
         )
         self.preprocessor: ClipPreprocessor | None = None  # set by from_checkpoint
-        self._fingerprint: str | None = None
 
     @classmethod
     def from_checkpoint(
@@ -140,10 +138,6 @@ class LlavaVisionModel(nn.Module):
             return []
         return list(self(torch.stack(pixels).to(self.device, self.dtype)).unbind(0))
 
-    def embed(self, images: list[Image.Image]) -> list[torch.Tensor]:
-        """PIL images → one [tokens_per_image, hidden_size] tensor each, batched through the model."""
-        return self.embed_batch([self.preprocessor(image) for image in images])
-
     @property
     def tokens_per_image(self) -> int:
         return self.config.vision.num_patches + (1 if self.config.select_strategy == "full" else 0)
@@ -154,20 +148,6 @@ class LlavaVisionModel(nn.Module):
         return self.config.lm_hidden_size
 
     @property
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            raise RuntimeError("fingerprint is known only for a model loaded with from_checkpoint")
-        return self._fingerprint
-
-    @property
-    def device(self) -> torch.device:
-        return self.multi_modal_projector.linear_1.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.multi_modal_projector.linear_1.weight.dtype
-
-    @property
     def layout(self) -> Layout:
         """LLaVA-1.5's processor expands `<image>` into image tokens only: nothing before, after or between rows."""
         return Layout()
@@ -175,14 +155,6 @@ class LlavaVisionModel(nn.Module):
     def layout_for(self, pixel_values: torch.Tensor) -> Layout:
         """The same for every image."""
         return self.layout
-
-    def grid_for(self, pixel_values: torch.Tensor) -> None:
-        """LLaVA needs no grid (no M-RoPE, no row layout)."""
-        return None
-
-    def processed_size(self, pixel_values: torch.Tensor) -> tuple[int, int]:
-        """(height, width) of the preprocessed image."""
-        return pixel_values.shape[-2], pixel_values.shape[-1]
 
 
 def _check_preprocessor(preprocessor: ClipPreprocessor, vision: ClipVisionConfig, path: Path) -> None:

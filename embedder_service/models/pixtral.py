@@ -31,10 +31,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import Tensor, nn
 
-from embedder_service.models import open_checkpoint
+from embedder_service.models import VisionModel, open_checkpoint
 from embedder_service.models.clip import activation
 from embedder_service.models.clip import linear as clip_linear
 from embedder_service.models.llava import LlavaProjector
@@ -284,7 +283,7 @@ class Mistral3Projector(LlavaProjector):
 # The model the embedder runs
 
 
-class PixtralVisionModel(nn.Module):
+class PixtralVisionModel(VisionModel):
     """Preprocessed images [3, H_i, W_i] → projected rows, (H_i / block) · (W_i / block) per image."""
 
     def __init__(self, config: PixtralModelConfig, break_id: int = 0, end_id: int = 0):
@@ -301,7 +300,6 @@ class PixtralVisionModel(nn.Module):
             )
         self.break_id, self.end_id = break_id, end_id  # [IMG_BREAK], [IMG_END]
         self.preprocessor: PixtralPreprocessor | None = None  # set by from_checkpoint
-        self._fingerprint: str | None = None
 
     @classmethod
     def from_checkpoint(
@@ -359,10 +357,6 @@ class PixtralVisionModel(nn.Module):
             rows += self([pixels[i].to(self.device, self.dtype) for i in group])
         return rows
 
-    def embed(self, images: list[Image.Image]) -> list[Tensor]:
-        """PIL images → one [rows · cols, hidden_size] tensor each."""
-        return self.embed_batch([self.preprocessor(image) for image in images])
-
     def grid_size(self, pixels: Tensor) -> tuple[int, int]:
         """(rows, cols) of language-model tokens of a preprocessed image: after merging."""
         return pixels.shape[-2] // self.config.block, pixels.shape[-1] // self.config.block
@@ -379,28 +373,10 @@ class PixtralVisionModel(nn.Module):
         """`[IMG]`×cols `[IMG_BREAK]` per row, the last break an `[IMG_END]` (PixtralProcessor.replace_image_token)."""
         return Layout(after=(self.end_id,), row_length=self.grid_size(pixels)[1], row_break_id=self.break_id)
 
-    def processed_size(self, pixels: Tensor) -> tuple[int, int]:
-        """(height, width) of the resized image."""
-        return pixels.shape[-2], pixels.shape[-1]
-
     @property
     def hidden_size(self) -> int:
         """The language model's hidden size: the width of every embedding row."""
         return self.config.lm_hidden_size
-
-    @property
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            raise RuntimeError("fingerprint is known only for a model loaded with from_checkpoint")
-        return self._fingerprint
-
-    @property
-    def device(self) -> torch.device:
-        return self.multi_modal_projector.linear_1.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.multi_modal_projector.linear_1.weight.dtype
 
 
 def _layout_token_ids(ckpt: Checkpoint) -> tuple[int, int]:

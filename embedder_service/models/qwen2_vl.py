@@ -29,10 +29,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 
-from embedder_service.models import open_checkpoint
+from embedder_service.models import VisionModel, open_checkpoint
 from embedder_service.models.clip import ClipMLP, ClipVisionConfig, activation, linear
 from embedder_service.models.vision import GatedVisionMLP, Segments, image_groups, rotate_into_heads
 from embedder_service.preprocess.qwen2_vl import PatchedImage, Qwen2VLPreprocessor
@@ -272,7 +271,7 @@ class Qwen2VisionTower(nn.Module):
 # --- the embedder's model -------------------------------------------------------------------------------
 
 
-class Qwen2VLVisionModel(nn.Module):
+class Qwen2VLVisionModel(VisionModel):
     """Images → rows for the language model: t·(h/m)·(w/m) of them per image, `out_hidden_size` wide."""
 
     def __init__(self, config: Qwen2VLVisionConfig, layout: Layout = Layout()):
@@ -281,7 +280,6 @@ class Qwen2VLVisionModel(nn.Module):
         self.visual = Qwen2VisionTower(config)
         self._layout = layout
         self.preprocessor: Qwen2VLPreprocessor | None = None  # set by from_checkpoint
-        self._fingerprint: str | None = None
 
     @classmethod
     def from_checkpoint(
@@ -324,10 +322,6 @@ class Qwen2VLVisionModel(nn.Module):
             rows += out.split([t * h * w // self.config.merge_unit for t, h, w in grids])
         return rows
 
-    def embed(self, images: list[Image.Image]) -> list[Tensor]:
-        """PIL images → one [num_tokens, hidden_size] tensor each."""
-        return self.embed_batch([self.preprocessor(image) for image in images])
-
     def layout_for(self, image: PatchedImage) -> Layout:
         """The same for every image: <|vision_start|> rows <|vision_end|>."""
         return self._layout
@@ -349,17 +343,3 @@ class Qwen2VLVisionModel(nn.Module):
     @property
     def layout(self) -> Layout:
         return self._layout
-
-    @property
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            raise RuntimeError("fingerprint is known only for a model loaded with from_checkpoint")
-        return self._fingerprint
-
-    @property
-    def device(self) -> torch.device:
-        return self.visual.merger.mlp[0].weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.visual.merger.mlp[0].weight.dtype
