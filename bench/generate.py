@@ -13,9 +13,9 @@ prompt is token IDs: text around one image of 196 rows (a container for vlmq,
 Decode rates exclude the prefill: (N - 1) tokens ÷ (time for N tokens - time for 1),
 both sides measured the same way (transformers with min_new_tokens so it makes N).
 Times are best-of-R, run round-robin (the machine is shared; see `best_times`).
-The roofline's bandwidth: a 1 GiB float32 tensor summed back to back for about as
-long as a decode run takes, best-of-R like the rest (the best single sum is printed
-beside it).
+The roofline's bandwidth: a 1 GiB float32 tensor summed back to back until the sums
+have read as many bytes as a decode run reads weights, best-of-R like the rest (the
+best single sum is printed beside it).
 
 `--family qwen2_vl`: a Qwen2-VL-shaped bench-small instead — the same LM shape
 with Qwen2's Q/K/V biases and M-RoPE (mrope_section 8, 12, 12), and a 448×448
@@ -304,12 +304,12 @@ def main() -> None:
 
         # 1 GiB of random floats: summing it measures read bandwidth under the same load as the rest. Random,
         # not constant: identical pages can be merged by the host (KSM), and then a sum reads from cache.
-        # Timed as back-to-back sums lasting about as long as a decode run: on a shared machine the best of
-        # a few 40 ms windows is a quieter moment than the best of a few 2 s ones, which would set the
-        # roofline by luck (the single sums' best is reported too).
+        # Timed as back-to-back sums reading as many bytes as a decode run reads weights, so both are timed
+        # over windows of one length: on a shared machine the best of a few 40 ms windows is a quieter
+        # moment than the best of a few 2 s ones, which would set the roofline by luck (the single sums'
+        # best is reported too).
         big = torch.rand(1 << 28, generator=g).to(device)
-        sum_once = (lambda: (big.sum(), sync())) if sync is not None else big.sum
-        sums = max(1, round(_seconds(lambda: run_ours(1, new)) / _seconds(sum_once)))
+        sums = max(1, round(new * weight_bytes / (big.numel() * big.element_size())))
         t = best_times({
             "sum_1gib": big.sum, "sum_window": lambda: [big.sum() for _ in range(sums)],
             "ours_1": lambda: run_ours(1, 1), "ours_n": lambda: run_ours(1, new),
