@@ -63,6 +63,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cuda_ext.decode import set_decode_kernel  # noqa: E402
 from generator_service.engine import Engine, GenerationRequest  # noqa: E402
 from generator_service.models.gemma3 import Gemma3ForCausalLM  # noqa: E402
 from generator_service.models.llama import LlamaForCausalLM  # noqa: E402
@@ -262,6 +263,7 @@ def best_times(fns: dict, repeats: int, sync=None) -> dict[str, float]:
 
 
 def main() -> None:
+    set_decode_kernel("auto")  # the CPU decode kernels (opt-in in the services: VLMQ_DECODE_KERNEL=auto)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=64)
