@@ -61,8 +61,8 @@ _MAX_LAYOUT_TEXT = 64
 
 
 def _is_int(value: object) -> bool:
-    # msgpack booleans are Python bools, which are ints too: a flag is not an ID.
-    return isinstance(value, int) and not isinstance(value, bool)
+    # Exactly int: msgpack booleans are Python bools, which are ints too, and a flag is not an ID.
+    return type(value) is int
 
 
 def _is_text_token_id(value: object) -> bool:
@@ -298,14 +298,17 @@ def decode_container(blob: bytes | bytearray | memoryview, *, max_bytes: int | N
 def _tensor_from_buffer(data: memoryview, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
     if not len(data):  # frombuffer refuses empty buffers
         return torch.empty(shape, dtype=dtype)
-    with warnings.catch_warnings():
-        # frombuffer warns that bytes are not writable; the tensor is used read-only.
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        raw = torch.frombuffer(data, dtype=torch.uint8)
-    if raw.data_ptr() % dtype.itemsize:
+    if data.readonly:
+        with warnings.catch_warnings():
+            # frombuffer warns that bytes are not writable; the tensor is used read-only.
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            flat = torch.frombuffer(data, dtype=dtype)
+    else:  # the store's blobs arrive in a bytearray: nothing to warn about, and the warnings machinery is not free
+        flat = torch.frombuffer(data, dtype=dtype)
+    if flat.data_ptr() % dtype.itemsize:
         # Misaligned elements would break vectorized kernels: one aligned copy.
-        raw = raw.clone()
-    return raw.view(dtype).view(shape)
+        flat = flat.clone()
+    return flat.view(shape)
 
 
 # -- the top-level map, read so that "data" stays a view into the blob -------------------------------
@@ -435,19 +438,23 @@ def _describe(value: object) -> str:
 
 
 def _is_finite_number(value: object) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+    return (type(value) is int or type(value) is float) and math.isfinite(value)
 
 
 def _is_json_like(value: object, depth: int = 0) -> bool:
-    # metadata() goes out as JSON: only plain JSON values, finite floats, bounded nesting.
-    if depth > 32:
-        return False
-    if value is None or isinstance(value, (bool, str)) or _is_finite_number(value):
+    # metadata() goes out as JSON: only plain JSON values, finite floats, bounded nesting. Exact
+    # types, as msgpack decodes them (a bool is not an int here, and is allowed as itself).
+    kind = type(value)
+    if value is None or kind is str or kind is bool or kind is int:
         return True
-    if isinstance(value, list):
+    if kind is float:
+        return math.isfinite(value)
+    if depth >= 32:
+        return False
+    if kind is list:
         return all(_is_json_like(item, depth + 1) for item in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_json_like(v, depth + 1) for k, v in value.items())
+    if kind is dict:
+        return all(type(k) is str and _is_json_like(v, depth + 1) for k, v in value.items())
     return False
 
 

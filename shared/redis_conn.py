@@ -11,6 +11,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 from shared.errors import StoreUnavailable
+from shared.resp import ReplyReader, idle_socket
 
 # Blocking reads in vlmq (job waits) block for at most ~1 s per call, so a read that
 # takes longer than this means the server is gone or wedged.
@@ -96,13 +97,21 @@ def pipelined(client: redis.Redis, *commands: tuple) -> list:
 
 def _round_trip(client: redis.Redis, pack: Callable[[Connection], list], replies: int) -> list:
     """Send what ``pack`` makes on one pooled connection, read ``replies`` replies; retried and
-    reconnected like any client command."""
+    reconnected like any client command. Replies are read off the socket by `ReplyReader` where
+    the connection allows it (bulk strings then come back as ``bytearray``, received once)."""
     pool = client.connection_pool
     connection = pool.get_connection()
 
     def send() -> list:
         connection.send_packed_command(pack(connection))
-        return [connection.read_response() for _ in range(replies)]
+        sock = idle_socket(connection)
+        if sock is None:
+            return [connection.read_response() for _ in range(replies)]
+        reader = ReplyReader(sock, connection)
+        answers = [reader.read() for _ in range(replies)]
+        if reader.has_unread():  # a RESP3 push right behind the replies: never leave a connection out of step
+            connection.disconnect()
+        return answers
 
     try:
         return connection.retry.call_with_retry(send, lambda error: connection.disconnect())

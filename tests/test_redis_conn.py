@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import redis
 
 from shared.errors import StoreUnavailable
 from shared.redis_conn import connect, endpoint, pipelined, set_buffers, translate_connection_errors
 from shared.redis_server import EmbeddedRedis
+from shared.resp import idle_socket
 
 
 def test_connect_with_password_and_acl_user_urls():
@@ -83,3 +86,42 @@ def test_an_error_reply_in_a_pipelined_call_raises_and_leaves_the_client_usable(
     # The replies after the error were never read: the connection they were on must not be reused as is.
     assert pipelined(redis_client, ("GET", number)) == [b"7"]
     assert redis_client.get(text) == b"not a number"
+
+
+def _reads_directly(client: redis.Redis) -> bool:
+    connection = client.connection_pool.get_connection()
+    try:
+        return idle_socket(connection) is not None
+    finally:
+        client.connection_pool.release(connection)
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_pipelined_reads_big_replies_off_the_socket_in_both_protocols(redis_server, key_prefix, protocol):
+    client = redis.Redis.from_url(f"{redis_server.url}?protocol={protocol}")
+    assert _reads_directly(client), "the direct reader should apply to redis-py's own reader with nothing buffered"
+    big, key = random.randbytes(5_000_000), f"{key_prefix}big{protocol}"  # many socket reads' worth
+    client.set(key, big)
+    [[value, missing], ttl, ok] = pipelined(client, ("MGET", key, f"{key}-none"), ("PTTL", key), ("PING",))
+    assert type(value) is bytearray and value == big  # received into its own writable buffer
+    assert missing is None and ttl == -1 and ok == b"PONG"
+
+
+def test_a_resp3_push_next_to_replies_is_read_past(redis_server, key_prefix):
+    client = redis.Redis.from_url(f"{redis_server.url}?protocol=3")
+    tracked = f"{key_prefix}tracked"
+    client.set(tracked, b"1")
+    # Tracking makes Redis push an invalidation to this connection when it writes the key it read.
+    assert pipelined(client, ("CLIENT", "TRACKING", "ON"), ("GET", tracked)) == [b"OK", b"1"]
+    assert pipelined(client, ("SET", tracked, b"2"), ("GET", tracked)) == [b"OK", b"2"]
+    assert pipelined(client, ("GET", tracked)) == [b"2"]
+
+
+def test_a_connection_with_buffered_bytes_is_read_by_redis_py():
+    class Buffered:
+        def unread_bytes(self) -> int:
+            return 3
+
+    connection = redis.Connection()
+    connection._sock, connection._parser._buffer = object(), Buffered()
+    assert idle_socket(connection) is None
