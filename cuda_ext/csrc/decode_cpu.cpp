@@ -26,8 +26,18 @@ namespace {
 
 // Rows of a product per unit of work split between threads: 16 floats of y, one cache line.
 constexpr int64_t kRowUnit = 16;
-// Below ~8 units (128 rows) a second thread costs more than it saves.
-constexpr int64_t kGrainUnits = 8;
+// The least work worth a thread hand-off, in bytes streamed (weights; the KV cache for
+// attention). at::parallel_for hands work to a second thread only when the whole exceeds one
+// grain, so each thread streams at least half of it. A grain of rows instead sent every product
+// of a tiny model to both threads, a few µs of work per hand-off; where busy threads outnumber
+// cores (two workers of 2 threads on 2 cores) a hand-off waits for a descheduled thread, and
+// demo-size decode steps took 64 ms at the 99th percentile instead of 0.1 ms.
+constexpr int64_t kGrainBytes = 256 * 1024;
+
+// The grain for at::parallel_for over units of unit_bytes each.
+int64_t grain(int64_t unit_bytes) {
+  return unit_bytes <= 0 ? 1 : std::max<int64_t>(1, (kGrainBytes + unit_bytes - 1) / unit_bytes);
+}
 
 const DecodeKernels* best_kernels() {
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) return &decode_kernels_avx512();
@@ -43,17 +53,17 @@ const DecodeKernels& kernels() {
 }
 
 // Rows [0, M) of a product split into per-thread contiguous ranges (each thread streams one
-// region of the weight); body(m0, m1).
+// region of the weight), row_bytes of weight per row; body(m0, m1).
 template <class Body>
-void parallel_rows(int64_t m, const Body& body) {
-  at::parallel_for(0, (m + kRowUnit - 1) / kRowUnit, kGrainUnits, [&](int64_t u0, int64_t u1) {
+void parallel_rows(int64_t m, int64_t row_bytes, const Body& body) {
+  at::parallel_for(0, (m + kRowUnit - 1) / kRowUnit, grain(kRowUnit * row_bytes), [&](int64_t u0, int64_t u1) {
     body(u0 * kRowUnit, std::min(u1 * kRowUnit, m));
   });
 }
 
 void matvec_parallel(const MatvecArgs& args, int64_t m) {
   const DecodeKernels& k = kernels();
-  parallel_rows(m, [&](int64_t m0, int64_t m1) { k.matvec(args, m0, m1); });
+  parallel_rows(m, args.k * static_cast<int64_t>(sizeof(float)), [&](int64_t m0, int64_t m1) { k.matvec(args, m0, m1); });
 }
 
 // y[n] = x[n] / rms(x[n]) · w, as F.rms_norm (the sum of squares in double: no order to match).
@@ -183,8 +193,8 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
   }
 
   const float* mask_data = mask ? mask->data_ptr<float>() : nullptr;
-  // One token's heads stay on this thread: a few µs of work, less than handing half of it to another.
-  at::parallel_for(0, rows * hkv, hkv + 1, [&](int64_t i0, int64_t i1) {
+  // One unit: one KV head of one token, reading kv_len keys and values.
+  at::parallel_for(0, rows * hkv, grain(2 * kv_len * hd * static_cast<int64_t>(sizeof(float))), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t n = i / hkv, g = i % hkv;
       const int64_t cache_row = (n * hkv + g) * seq * hd;  // cache row n, KV head g
@@ -198,7 +208,7 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
   rms_norm(mid, post_norm.data_ptr<float>(), rows, d, eps, h);
   // Each thread computes its gate rows and the matching up rows, then their product: no pass in between.
   const MatvecArgs gate_up_args{w_gate_up.data_ptr<float>(), d, h, rows, nullptr, nullptr, gate_up, 2 * inter};
-  parallel_rows(inter, [&](int64_t m0, int64_t m1) {
+  parallel_rows(inter, 2 * d * static_cast<int64_t>(sizeof(float)), [&](int64_t m0, int64_t m1) {  // a gate row and an up row
     k.matvec(gate_up_args, m0, m1);
     k.matvec(gate_up_args, inter + m0, inter + m1);
     for (int64_t n = 0; n < rows; ++n) {
