@@ -263,7 +263,7 @@ def best_times(fns: dict, repeats: int, sync=None) -> dict[str, float]:
 
 
 def main() -> None:
-    set_decode_kernel("auto")  # the CPU decode kernels (opt-in in the services: VLMQ_DECODE_KERNEL=auto)
+    set_decode_kernel("auto")  # the CPU decode kernels, whatever VLMQ_DECODE_KERNEL says
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=64)

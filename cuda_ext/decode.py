@@ -15,13 +15,14 @@ that uses them keeps its weights in that layout (`shared.layers.prepare_weight`)
 
 Which path runs (`VLMQ_DECODE_KERNEL`, or `set_decode_kernel` before a model is prepared):
 
-- `reference` (default): the torch path (oneDNN-blocked weights, eager ops). The kernels are
-  opt-in until a worker under load no longer stalls in them (a generate worker with 4 Celery
-  threads beside an embed worker on 2 cores missed a 30 s wait in
-  tests/test_reliability_redis_restart.py with them, and passed in 14 s without);
-- `auto`: the kernels for CPU float32 models, built on first use; where they
+- `auto` (default): the kernels for CPU float32 models, built on first use; where they
   cannot be built (no compiler, no ninja, a CPU without AVX2) the torch path, with one
   logged warning;
+- `reference`: the torch path (oneDNN-blocked weights, eager ops).
+
+A product or attention is split between torch's threads only where each thread streams at
+least 128 KB, so a tiny model's steps run in the calling thread: with more busy threads than
+cores (two workers of 2 threads on 2 cores) every hand-off would wait for a descheduled thread.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ MATVEC_MAX_ROWS = 8
 
 
 def _mode_from_env() -> str:
-    mode = os.environ.get("VLMQ_DECODE_KERNEL", "reference").strip().lower()
+    mode = os.environ.get("VLMQ_DECODE_KERNEL", "auto").strip().lower()
     if mode not in DECODE_MODES:
         raise ValueError(f"VLMQ_DECODE_KERNEL={mode!r}: expected one of {', '.join(DECODE_MODES)}")
     return mode

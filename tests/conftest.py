@@ -1,4 +1,5 @@
-"""Fixtures shared by all tests: one real redis-server per session, a fresh key prefix per test."""
+"""Fixtures shared by all tests: one real redis-server per session, a fresh key prefix per test,
+the CPU decode kernels built before any test runs."""
 
 from __future__ import annotations
 
@@ -8,10 +9,20 @@ from pathlib import Path
 
 import pytest
 import redis
+import torch
 
+from cuda_ext.decode import cpu_decode_ops
 from shared.redis_conn import connect
 from shared.redis_server import EmbeddedRedis
 from shared.settings import Settings
+
+
+@pytest.fixture(scope="session", autouse=True)
+def decode_kernels_built() -> None:
+    """Build (or load from the cache) the CPU decode kernels once, up front: on a fresh machine the
+    first build takes ~20 s, which would otherwise land in some worker's first job, past its test's wait.
+    Where they cannot be built the models run the torch path (one logged warning), as in production."""
+    cpu_decode_ops("cpu", torch.float32)
 
 
 @pytest.fixture(scope="session")

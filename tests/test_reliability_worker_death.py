@@ -22,13 +22,17 @@ import time
 from shared.celery_app import create_celery_app
 from shared.jobs import JobStore
 from shared.redis_conn import connect
-from tests.reliability import Chain, FaultFigures, deliveries, finish_markers, submit_chain, unacked_task_ids, wait_finished
+from tests.reliability import CAPTION_PAYLOAD, Chain, FaultFigures, deliveries, finish_markers, submit_chain, unacked_task_ids, wait_finished
 from tests.services import worker_processes
 from tests.test_embedder_e2e import png_bytes
 
 JOBS = 100
 VISIBILITY_TIMEOUT_S = 6
 DEADLINE_S = 50
+# Captions long enough that generate jobs queue up behind the generators (3 tokens, the caption
+# default, decode in a few ms with the CPU decode kernels: the generators keep up with the embedders
+# and a kill would find no generate job reserved).
+PAYLOAD = {**CAPTION_PAYLOAD, "sampling": {"max_tokens": 32, "temperature": 0.0}}
 
 
 def test_sigkilled_workers_jobs_are_redelivered_and_finish_exactly_once(demo_model, settings):
@@ -43,7 +47,7 @@ def test_sigkilled_workers_jobs_are_redelivered_and_finish_exactly_once(demo_mod
         started = time.monotonic()  # the run's clock starts with every worker up
         chains: list[Chain] = []
         submitter = threading.Thread(target=lambda: chains.extend(
-            submit_chain(celery, jobs, png_bytes(1000 + i, size=(40, 32))) for i in range(JOBS)))
+            submit_chain(celery, jobs, png_bytes(1000 + i, size=(40, 32)), payload=PAYLOAD) for i in range(JOBS)))
         submitter.start()
         restored: dict[str, set[str]] = {}
         timers: list[threading.Timer] = []
