@@ -95,8 +95,7 @@ class ReplyReader:
         self._pos += buffered
         view = memoryview(out)
         while buffered < length:  # the rest straight from the socket into its place
-            received = self._recv(lambda: self._sock.recv_into(view[buffered:]))
-            buffered += received
+            buffered += self._recv(lambda: self._sock.recv_into(view[buffered:]))
         while len(self._buffer) - self._pos < 2:
             self._receive()
         if self._buffer[self._pos : self._pos + 2] != _CRLF:

@@ -20,7 +20,8 @@ from shared.settings import Settings
 @pytest.fixture(scope="session", autouse=True)
 def decode_kernels_built() -> None:
     """Build (or load from the cache) the CPU decode kernels once, up front: on a fresh machine the
-    first build takes ~20 s, which would otherwise land in some worker's first job, past its test's wait.
+    first build takes ~20 s, which would otherwise land in a generate worker's model load, inside the
+    60 s that `tests.services.worker_processes` gives workers starting side by side to report in.
     Where they cannot be built the models run the torch path (one logged warning), as in production."""
     cpu_decode_ops("cpu", torch.float32)
 
