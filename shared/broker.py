@@ -17,6 +17,9 @@ moment in its queue or in ``unacked``, and ``restore_visible`` brings back any
 whose worker died. When several workers wait on one queue, all wake for a
 message and one takes it; the others find nothing and wait again.
 
+``close`` also survives a Redis that went away while a BLMOVE was waiting (kombu's
+own would end the worker then; see ``Channel.close``).
+
 Used for consumers of a single queue without priorities (how vlmq's workers
 consume); anything else falls back to kombu's BRPOP. Selected in
 ``create_celery_app`` with ``broker_transport``.
@@ -94,6 +97,20 @@ class Channel(kombu_redis.Channel):
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
+
+
+    def close(self):
+        # kombu's close first reads the reply of a BLMOVE still waiting; with Redis gone that raises
+        # before the channel is marked closed. Celery then drops the transport (collect) and closes
+        # again, and that close restores the unacked messages through a transport without a client:
+        # AttributeError, which ends the worker ("Unrecoverable error"). Without Redis there is no
+        # reply to read; the rest of the close goes on (the messages stay in ``unacked``).
+        if self._in_poll:
+            try:
+                self._brpop_read()
+            except (Empty, *self.connection_errors):
+                pass
+        super().close()
 
 
 class Transport(kombu_redis.Transport):

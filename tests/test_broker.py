@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import time
 
 import pytest
@@ -10,6 +12,7 @@ from kombu import Connection, Consumer, Exchange, Producer, Queue
 
 from shared.broker import _TAKE, TRANSPORT, Channel
 from shared.redis_conn import connect
+from shared.redis_server import EmbeddedRedis
 
 
 @pytest.fixture
@@ -71,3 +74,34 @@ def test_a_consumer_takes_with_blmove_and_acks(broker_url):
 
 def _calls(client, command: str) -> int:
     return client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0)
+
+
+def test_closing_a_consumer_after_redis_died_mid_wait_does_not_crash_and_keeps_its_message(tmp_path):
+    """What Celery's consumer does when the broker goes away: ``collect()`` (drops the transport),
+    then ``close()``. A channel whose BLMOVE was still waiting for its reply used to raise out of the
+    first close before it was marked closed; the second one then restored its unacked message
+    through a transport without a client — AttributeError, the worker's "Unrecoverable error"."""
+    with EmbeddedRedis(appendonly=True) as server:
+        url = server.url
+        publish(url, {"n": 3})
+        held = []
+        queue = Queue("work", Exchange("work", type="direct"), routing_key="work")
+        connection = Connection(url, transport=TRANSPORT, transport_options={"priority_steps": [0]})
+        consumer = Consumer(connection.default_channel, [queue], callbacks=[lambda body, message: held.append(body)],
+                            accept=["json"])
+        consumer.consume()
+        # A second channel as Celery's remote-control one: a fanout queue deleted when its channel
+        # closes — with Redis down that close raises, and the transport's close stops there.
+        control = Queue("control", Exchange("control", type="fanout"), auto_delete=True)
+        Consumer(connection.channel(), [control], callbacks=[lambda body, message: None], accept=["json"]).consume()
+        with contextlib.suppress(socket.timeout):
+            while True:  # until the message is delivered (not acked), and the next BLMOVE waits
+                connection.drain_events(timeout=0.5)
+        assert connection.default_channel._in_poll is not None
+        server.stop()
+        connection.collect(socket_timeout=1)
+        connection.close()  # raised AttributeError("'NoneType' object has no attribute 'hostname'")
+        server.start()
+        client = connect(url)
+        # Nothing lost: the message is still recorded as taken, so the visibility sweep brings it back.
+        assert held == [{"n": 3}] and client.llen("work") == 0 and client.hlen("unacked") == 1
