@@ -5,9 +5,10 @@ the matrix-vector products stream the weights, plus whatever the steps between t
 `torch.ops.vlmq_decode_cpu` (built from `csrc/decode_cpu.cpp` on first use, see
 `cuda_ext.build`) has two ops:
 
-- `decode_layer`: a whole decode step of a pre-norm Llama layer (Llama, Qwen2, Mistral),
-  one call instead of ~35 eager ops; `shared.layers.DecoderLayer` uses it for decode
-  forwards, and its own torch decode path is the reference the tests hold it to;
+- `decode_layer`: a whole decode step of a pre-norm Llama layer (Llama, Qwen2, Mistral;
+  Gemma 3's with its QK-norm, output norms and GeGLU), one call instead of ~35 eager ops;
+  `shared.layers.DecoderLayer` uses it for decode forwards, and its own torch decode path
+  is the reference the tests hold it to;
 - `linear`: x wᵀ for a few rows of x (the LM head of a decode step).
 
 Both read row-major float32 weights ([out, in], as checkpoints store them), so a model
@@ -82,13 +83,6 @@ def cpu_decode_ops(device: torch.device | str, dtype: torch.dtype) -> Any | None
         _warn_fallback("this CPU has neither AVX2 + FMA nor AVX-512")
         return None
     return ops
-
-
-def fused_layer_supported(config) -> bool:
-    """Whether `decode_layer` computes layers of this `shared.layers.DecoderConfig`: Llama's pre-norm SwiGLU block,
-    with or without QKV biases (Qwen2) and sliding windows (Mistral); not Gemma's extra norms and GeGLU."""
-    return (not config.post_norms and not config.qk_norm and config.norm_offset == 0
-            and config.hidden_act in ("silu", "swish"))
 
 
 def _warn_fallback(reason: str) -> None:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cuda_ext.decode import cpu_decode_ops, fused_layer_supported
+from cuda_ext.decode import cpu_decode_ops
 
 # ---------------------------------------------------------------------------
 # Configuration
@@ -202,8 +202,13 @@ class RMSNorm(nn.Module):
         if self.offset:
             self.scale = (self.weight.detach().float() + self.offset).to(self.weight.device)  # [dim] float32, as Gemma's
 
+    @property
+    def effective_weight(self) -> Tensor:
+        """The [dim] scale applied after normalising (after `prepare()`): 1 + weight for Gemma's."""
+        return self.scale if self.offset else self.weight
+
     def forward(self, x: Tensor) -> Tensor:
-        scale = self.scale if self.offset else self.weight
+        scale = self.effective_weight
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), scale, self.eps)  # one op: it runs twice per layer
         if self.offset:  # Gemma: normalised and scaled in float32, then cast
@@ -542,10 +547,10 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = norm()
 
     def prepare(self) -> None:
-        """Prepare the blocks; on the CPU in float32 decode steps go to one fused kernel (`cuda_ext.decode`)
-        where it computes this block, which reads the weights row-major."""
+        """Prepare the blocks; on the CPU in float32 decode steps go to one fused kernel (`cuda_ext.decode`),
+        which reads the weights row-major."""
         weight = self.input_layernorm.weight
-        ops = cpu_decode_ops(weight.device, weight.dtype) if fused_layer_supported(self.self_attn.config) else None
+        ops = cpu_decode_ops(weight.device, weight.dtype)
         self.fused_decode = None if ops is None else ops.decode_layer.default
         self.self_attn.prepare(row_major=ops is not None)
         self.mlp.prepare(row_major=ops is not None)
@@ -553,15 +558,21 @@ class DecoderLayer(nn.Module):
             if isinstance(module, RMSNorm):
                 module.prepare()
         if ops is not None:  # gathered once: each submodule attribute read is an nn.Module.__getattr__, ~1 µs a step
-            attn, mlp = self.self_attn, self.mlp
-            self.fused_weights = (self.input_layernorm.weight, attn.wqkv, attn.bqkv, attn.wo,
-                                  self.post_attention_layernorm.weight, mlp.w_gate_up, mlp.w_down)
-            self.fused_eps = attn.config.rms_norm_eps
+            attn, mlp, c = self.self_attn, self.mlp, self.self_attn.config
+            if self.post_norms:  # Gemma 3: the MLP's input norm, and a norm after each block's output
+                mlp_norm, out_norms = self.pre_feedforward_layernorm, (self.post_attention_layernorm, self.post_feedforward_layernorm)
+            else:
+                mlp_norm, out_norms = self.post_attention_layernorm, (None, None)
+            self.fused_weights = (self.input_layernorm.effective_weight, attn.wqkv, attn.bqkv, attn.wo,
+                                  mlp_norm.effective_weight, mlp.w_gate_up, mlp.w_down)
+            self.fused_options = (attn.qk_scale, *(None if n is None else n.effective_weight for n in out_norms),
+                                  "gelu_tanh" if c.hidden_act == "gelu_pytorch_tanh" else "silu")
+            self.fused_eps = c.rms_norm_eps
 
     def forward(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, batch: ForwardBatch) -> Tensor:
         if batch.decode and self.fused_decode is not None:
             return self.fused_decode(x, *self.fused_weights, k_cache, v_cache, batch.rotations, batch.write_index, batch.kv_len,
-                                     batch.mask, self.fused_eps)
+                                     batch.mask, self.fused_eps, *self.fused_options)
         # .forward() directly: per-layer module-call overhead is a measurable share of a CPU decode step.
         if not self.post_norms:
             x = self.self_attn.forward(self.input_layernorm.forward(x), x, k_cache, v_cache, batch)

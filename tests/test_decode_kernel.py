@@ -3,8 +3,8 @@
 The reference is `shared.layers.DecoderLayer`'s own torch code, prepared in "reference"
 mode (oneDNN-blocked weights, eager ops) from the same weights; the kernel's layer must
 match its output and the KV-cache entries it writes, for one token and for batches whose
-rows sit at different positions (a mask), with QKV biases (Qwen2) and a sliding window
-(Mistral), at sizes with and without a vector tail, on every instruction set the CPU has
+rows sit at different positions (a mask), with QKV biases (Qwen2), a sliding window
+(Mistral) and Gemma 3's layer (QK-norm, output norms, GeGLU), at sizes with and without a vector tail, on every instruction set the CPU has
 (the AVX2 kernels run on an AVX-512 CPU too). Without a compiler the tests skip saying so.
 """
 
@@ -28,6 +28,10 @@ CONFIGS = {
     "mistral_window": dataclasses.replace(LLAMA, sliding_window=5),
     # Widths that leave a tail in every vector loop (hidden 40, head 10, intermediate 36), one query head per KV head.
     "odd_sizes": dataclasses.replace(LLAMA, hidden_size=40, intermediate_size=36, num_heads=3, num_kv_heads=3, head_dim=10),
+    # Gemma 3: QK-norm, norms after attention and MLP, (1 + w) norms, GeGLU, its query scale, a window;
+    # an intermediate size with a vector tail.
+    "gemma3": dataclasses.replace(LLAMA, intermediate_size=36, post_norms=True, qk_norm=True, norm_offset=1.0,
+                                  hidden_act="gelu_pytorch_tanh", query_scale=24**-0.5, sliding_window=5),
 }
 
 
@@ -112,13 +116,18 @@ def test_linear_matches_torch(ops, isa, rows, k, m):
     torch.testing.assert_close(ops.linear(x, w), x @ w.t(), rtol=1e-5, atol=1e-4)
 
 
-def test_a_model_decodes_the_same_tokens_with_and_without_the_kernels(ops, mode, demo_model):
+@pytest.mark.parametrize("family", ["llava", "gemma3"])
+def test_a_model_decodes_the_same_tokens_with_and_without_the_kernels(ops, mode, demo_model, tmp_path, family):
+    from generator_service.models.gemma3 import Gemma3ForCausalLM
     from generator_service.models.llama import LlamaForCausalLM
+    from tests.tiny_models import build_tiny_gemma3
 
+    model_class, path = {"llava": (LlamaForCausalLM, demo_model), "gemma3": (Gemma3ForCausalLM, None)}[family]
+    path = path or build_tiny_gemma3(tmp_path)
     models = []
     for name in ("auto", "reference"):
         mode(name)
-        models.append(LlamaForCausalLM.from_checkpoint(demo_model))
+        models.append(model_class.from_checkpoint(path))
     assert models[0].model.layers[0].fused_decode is not None and models[0].head_ops is not None
     assert models[1].model.layers[0].fused_decode is None and models[1].head_ops is None
     logits, tokens = [], []
@@ -136,17 +145,6 @@ def test_a_model_decodes_the_same_tokens_with_and_without_the_kernels(ops, mode,
         tokens.append(torch.stack(steps).argmax(-1))
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
     assert torch.equal(tokens[0], tokens[1])
-
-
-def test_configs_the_layer_kernel_does_not_compute_keep_the_torch_path(ops, mode):
-    gemma = dataclasses.replace(LLAMA, post_norms=True, qk_norm=True, norm_offset=1.0, hidden_act="gelu_pytorch_tanh")
-    assert not decode.fused_layer_supported(gemma) and decode.fused_layer_supported(CONFIGS["mistral_window"])
-    mode("auto")
-    layer = DecoderLayer(gemma)
-    for p in layer.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    layer.requires_grad_(False).prepare()
-    assert layer.fused_decode is None and layer.mlp.w_down.is_mkldnn  # blocked weights, as before
 
 
 def test_cuda_tensors_and_other_dtypes_keep_the_torch_path(mode):

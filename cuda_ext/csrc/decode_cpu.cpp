@@ -77,6 +77,12 @@ void rms_norm(const float* x, const float* w, int64_t rows, int64_t d, double ep
   }
 }
 
+// y = residual + rms_norm(z) · w, row by row; z is normed in place.
+void add_norm(const float* residual, float* z, const float* w, int64_t rows, int64_t d, double eps, float* y) {
+  rms_norm(z, w, rows, d, eps, z);
+  for (int64_t i = 0; i < rows * d; ++i) y[i] = residual[i] + z[i];
+}
+
 void check_float(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == dim, name,
               " must be a contiguous float32 CPU tensor of ", dim, " dimensions, got ", t.scalar_type(), " ", t.sizes(),
@@ -100,6 +106,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w) {
 
 // One decode step of a pre-norm Llama layer for N tokens, token n in cache row n:
 //   x += o(attention(rope(qkv(norm1(x))))), then x += down(silu(gate(h)) · up(h)), h = norm2(x).
+// Gemma 3's layer is the same with three options: qk_scale ([H + Hkv, hd]: an RMSNorm over each
+// head of Q and K before RoPE, scaled by these rows, the softmax scale in Q's), attn_out_norm and
+// mlp_out_norm (each output normed before its residual add), and act "gelu_tanh" (GeGLU).
 // x: [N, D]; wqkv: [(H + 2 Hkv) hd, D] (Q rows scaled and RoPE-interleaved), bqkv: [(H + 2 Hkv) hd] or None;
 // wo: [D, H hd]; w_gate_up: [2I, D] (gate rows, then up rows); w_down: [D, I]; k/v_cache: [B, Hkv, S, hd],
 // written at write_index (Long[N · Hkv], flat rows of the cache viewed as [B · Hkv · S, hd]);
@@ -109,7 +118,9 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
                         const std::optional<at::Tensor>& bqkv, const at::Tensor& wo, const at::Tensor& post_norm,
                         const at::Tensor& w_gate_up, const at::Tensor& w_down, at::Tensor& k_cache, at::Tensor& v_cache,
                         const at::Tensor& rotations, const at::Tensor& write_index, int64_t kv_len,
-                        const std::optional<at::Tensor>& mask, double eps) {
+                        const std::optional<at::Tensor>& mask, double eps, const std::optional<at::Tensor>& qk_scale,
+                        const std::optional<at::Tensor>& attn_out_norm, const std::optional<at::Tensor>& mlp_out_norm,
+                        const std::string& act) {
   check_float(x, "x", 2);
   check_float(k_cache, "k_cache", 4);
   check_float(v_cache, "v_cache", 4);
@@ -129,6 +140,13 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
   check_float(input_norm, "input_norm", 1);
   check_float(post_norm, "post_norm", 1);
   TORCH_CHECK(input_norm.size(0) == d && post_norm.size(0) == d, "norm weights must be [", d, "]");
+  for (const auto* norm : {&attn_out_norm, &mlp_out_norm}) {
+    if (norm->has_value()) {
+      check_float(**norm, "attn_out_norm and mlp_out_norm", 1);
+      TORCH_CHECK((*norm)->size(0) == d, "attn_out_norm and mlp_out_norm must be [", d, "], got ", (*norm)->sizes());
+    }
+  }
+  TORCH_CHECK(act == "silu" || act == "gelu_tanh", "act must be \"silu\" or \"gelu_tanh\", got \"", act, "\"");
   if (bqkv.has_value()) {
     check_float(*bqkv, "bqkv", 1);
     TORCH_CHECK(bqkv->size(0) == qkv_size, "bqkv must be [", qkv_size, "], got ", bqkv->sizes());
@@ -148,6 +166,9 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
     TORCH_CHECK(0 <= where[i] && where[i] < batch * hkv * seq, "write_index ", where[i], " outside the cache");
   }
 
+  if (qk_scale.has_value()) {
+    check_weight(*qk_scale, "qk_scale", heads + hkv, hd);
+  }
   const int64_t group = heads / hkv;
   // One scratch buffer per calling thread (the engine's), reused across layers and steps.
   thread_local std::vector<float> scratch;
@@ -161,8 +182,8 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
   float* attn = qkv + sizes[1];        // [N, H hd]
   float* mid = attn + sizes[2];        // [N, D] x after attention
   float* gate_up = mid + sizes[3];     // [N, 2I]
-  float* act = gate_up + sizes[4];     // [N, I]
-  float* scores = act + sizes[5];      // [N · Hkv, group, kv_len]
+  float* hidden = gate_up + sizes[4];  // [N, I]
+  float* scores = hidden + sizes[5];   // [N · Hkv, group, kv_len]
   at::Tensor out = at::empty({rows, d}, x.options());
   const DecodeKernels& k = kernels();
 
@@ -170,15 +191,17 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
   matvec_parallel({wqkv.data_ptr<float>(), d, h, rows, bqkv ? bqkv->data_ptr<float>() : nullptr, nullptr, qkv, qkv_size},
                   qkv_size);
 
-  // RoPE on Q and K (adjacent pairs rotate as complex numbers), then K and V into the cache.
+  // QK-norm if any, RoPE on Q and K (adjacent pairs rotate as complex numbers), then K and V into the cache.
   const float* rot = reinterpret_cast<const float*>(rotations.data_ptr());  // [N, hd/2, (cos, sin)]
   float* kc = k_cache.data_ptr<float>();
   float* vc = v_cache.data_ptr<float>();
+  const float* head_scale = qk_scale ? qk_scale->data_ptr<float>() : nullptr;
   for (int64_t n = 0; n < rows; ++n) {
     float* row = qkv + n * qkv_size;
     const float* rn = rot + n * hd;
     for (int64_t j = 0; j < heads + hkv; ++j) {
       float* head = row + j * hd;
+      if (head_scale != nullptr) rms_norm(head, head_scale + j * hd, 1, hd, eps, head);
       for (int64_t p = 0; p < hd / 2; ++p) {
         const float a = head[2 * p], b = head[2 * p + 1], c = rn[2 * p], s = rn[2 * p + 1];
         head[2 * p] = a * c - b * s;
@@ -203,20 +226,32 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
                 attn + n * q_size + g * group * hd});
     }
   });
-  matvec_parallel({wo.data_ptr<float>(), q_size, attn, rows, nullptr, x.data_ptr<float>(), mid, d}, d);
+  const float* x_data = x.data_ptr<float>();
+  if (attn_out_norm) {  // mid = x + norm(o(attention)), through h (free until the MLP's input norm)
+    matvec_parallel({wo.data_ptr<float>(), q_size, attn, rows, nullptr, nullptr, h, d}, d);
+    add_norm(x_data, h, attn_out_norm->data_ptr<float>(), rows, d, eps, mid);
+  } else {
+    matvec_parallel({wo.data_ptr<float>(), q_size, attn, rows, nullptr, x_data, mid, d}, d);
+  }
 
   rms_norm(mid, post_norm.data_ptr<float>(), rows, d, eps, h);
   // Each thread computes its gate rows and the matching up rows, then their product: no pass in between.
+  const auto act_mul = act == "silu" ? k.silu_mul : k.gelu_tanh_mul;
   const MatvecArgs gate_up_args{w_gate_up.data_ptr<float>(), d, h, rows, nullptr, nullptr, gate_up, 2 * inter};
   parallel_rows(inter, 2 * d * static_cast<int64_t>(sizeof(float)), [&](int64_t m0, int64_t m1) {  // a gate row and an up row
     k.matvec(gate_up_args, m0, m1);
     k.matvec(gate_up_args, inter + m0, inter + m1);
     for (int64_t n = 0; n < rows; ++n) {
       const float* gn = gate_up + n * 2 * inter;
-      k.silu_mul(gn + m0, gn + inter + m0, act + n * inter + m0, m1 - m0);
+      act_mul(gn + m0, gn + inter + m0, hidden + n * inter + m0, m1 - m0);
     }
   });
-  matvec_parallel({w_down.data_ptr<float>(), inter, act, rows, nullptr, mid, out.data_ptr<float>(), d}, d);
+  if (mlp_out_norm) {  // out = mid + norm(down(…)), through h
+    matvec_parallel({w_down.data_ptr<float>(), inter, hidden, rows, nullptr, nullptr, h, d}, d);
+    add_norm(mid, h, mlp_out_norm->data_ptr<float>(), rows, d, eps, out.data_ptr<float>());
+  } else {
+    matvec_parallel({w_down.data_ptr<float>(), inter, hidden, rows, nullptr, mid, out.data_ptr<float>(), d}, d);
+  }
   return out;
 }
 
@@ -245,7 +280,7 @@ TORCH_LIBRARY(vlmq_decode_cpu, m) {
   m.def(
       "decode_layer(Tensor x, Tensor input_norm, Tensor wqkv, Tensor? bqkv, Tensor wo, Tensor post_norm, Tensor w_gate_up, "
       "Tensor w_down, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rotations, Tensor write_index, int kv_len, Tensor? mask, "
-      "float eps) -> Tensor");
+      "float eps, Tensor? qk_scale=None, Tensor? attn_out_norm=None, Tensor? mlp_out_norm=None, str act=\"silu\") -> Tensor");
   m.def("isa() -> str", &vlmq::isa);  // no tensor arguments: one kernel for every dispatch key
   m.def("use_isa(str name) -> str", &vlmq::use_isa);
 }

@@ -21,7 +21,9 @@ struct Kernels {
   static constexpr int kTokens = 4;      // tokens per pass over a block; more tokens reread it from L1
   static constexpr int64_t kAhead = 1024;  // floats: prefetch distance, 4 KiB ahead in each row
 
-  static DecodeKernels table(const char* isa) { return {isa, &matvec, &silu_mul, &attend}; }
+  static DecodeKernels table(const char* isa) {
+    return {isa, &matvec, &act_mul<&Kernels::silu_mul>, &act_mul<&Kernels::gelu_tanh_mul>, &attend};
+  }
 
   // out[r][n] = w[r, :] · x[n, :] for R rows of w and NB tokens of x.
   template <int R, int NB>
@@ -105,10 +107,19 @@ struct Kernels {
 
   static V silu_mul(V g, V u) { return g / (V::set1(1.0f) + exp(V::zero() - g)) * u; }
 
-  static void silu_mul(const float* gate, const float* up, float* out, int64_t count) {
+  // tanh-approximated GELU, ½g(1 + tanh(z)) with z = √(2/π)(g + 0.044715 g³), written as
+  // g / (1 + e^(-2z)): the same value, one exp and no tanh.
+  static V gelu_tanh_mul(V g, V u) {
+    const V z2 = g * V::fma(g * g, V::set1(2.0f * 0.7978845608028654f * 0.044715f), V::set1(2.0f * 0.7978845608028654f));
+    return g / (V::set1(1.0f) + exp(V::zero() - z2)) * u;
+  }
+
+  // out[i] = act(gate[i]) · up[i] for i < count.
+  template <V (*Act)(V, V)>
+  static void act_mul(const float* gate, const float* up, float* out, int64_t count) {
     int64_t i = 0;
-    for (; i + L <= count; i += L) silu_mul(V::load(gate + i), V::load(up + i)).store(out + i);
-    if (i < count) silu_mul(V::load_first(gate + i, count - i), V::load_first(up + i, count - i)).store_first(out + i, count - i);
+    for (; i + L <= count; i += L) Act(V::load(gate + i), V::load(up + i)).store(out + i);
+    if (i < count) Act(V::load_first(gate + i, count - i), V::load_first(up + i, count - i)).store_first(out + i, count - i);
   }
 
   static float dot(const float* a, const float* b, int64_t n) {
