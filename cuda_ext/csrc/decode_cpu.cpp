@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -81,6 +82,63 @@ void rms_norm(const float* x, const float* w, int64_t rows, int64_t d, double ep
 void add_norm(const float* residual, float* z, const float* w, int64_t rows, int64_t d, double eps, float* y) {
   rms_norm(z, w, rows, d, eps, z);
   for (int64_t i = 0; i < rows * d; ++i) y[i] = residual[i] + z[i];
+}
+
+// Keys per unit of attention work: a KV head's cache is split into chunks of this many positions,
+// attended separately (on any thread) and merged, so that one sequence's few KV heads keep both
+// threads streaming (three heads on two threads left one idle a third of the time). 128 keys of K
+// and V at hd 64 are 64 KB: they stay in L1/L2 while the group's query heads reread them.
+constexpr int64_t kKeysPerChunk = 128;
+
+// attn[n, heads of KV head g] = softmax(q kᵀ + mask) v over cache row n's first kv_len positions,
+// for N tokens × Hkv KV heads, each head's keys in chunks. chunk_out holds, per chunk and query
+// head, the chunk's softmax-weighted values [hd], then its max score and Σ e^(score - max);
+// a chunk whose keys are all masked (another row's longer prefix, a sliding window) is skipped.
+void attend_cache(const DecodeKernels& k, const float* qkv, int64_t qkv_size, const float* kc, const float* vc,
+                  const float* mask, int64_t rows, int64_t hkv, int64_t group, int64_t seq, int64_t hd, int64_t kv_len,
+                  float* scores, float* chunk_out, float* attn) {
+  const int64_t chunks = (kv_len + kKeysPerChunk - 1) / kKeysPerChunk, q_size = hkv * group * hd;
+  const int64_t stride = group * (hd + 2);  // chunk_out floats per chunk
+  const int64_t chunk_bytes = 2 * std::min(kv_len, kKeysPerChunk) * hd * static_cast<int64_t>(sizeof(float));
+  at::parallel_for(0, rows * hkv * chunks, grain(chunk_bytes), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t head = i / chunks, c = i % chunks, n = head / hkv, g = head % hkv;
+      const int64_t first = c * kKeysPerChunk, keys = std::min(kKeysPerChunk, kv_len - first);
+      const float* m = mask != nullptr ? mask + n * kv_len + first : nullptr;
+      float* part = chunk_out + i * stride;
+      float* sums = part + group * (hd + 1);
+      if (m != nullptr && std::all_of(m, m + keys, [](float v) { return std::isinf(v); })) {
+        std::fill_n(sums, group, 0.0f);
+        continue;
+      }
+      const int64_t cache_at = ((n * hkv + g) * seq + first) * hd;  // cache row n, KV head g, position first
+      k.attend({qkv + n * qkv_size + g * group * hd, kc + cache_at, vc + cache_at, m, keys, group, hd,
+                scores + head * group * kv_len + first * group, part, part + group * hd, sums});
+    }
+  });
+  // Merge each head's chunks: Σ_c w_c out_c / Σ_c w_c, w_c = sum_c · e^(max_c - max).
+  for (int64_t head = 0; head < rows * hkv; ++head) {
+    const float* base = chunk_out + head * chunks * stride;
+    for (int64_t j = 0; j < group; ++j) {
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t c = 0; c < chunks; ++c) {
+        const float* maxes = base + c * stride + group * hd;
+        if (maxes[group + j] > 0) top = std::max(top, maxes[j]);
+      }
+      float* out = attn + (head / hkv) * q_size + ((head % hkv) * group + j) * hd;
+      std::fill_n(out, hd, 0.0f);
+      float total = 0;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const float* part = base + c * stride;
+        const float sum = part[group * hd + group + j];
+        if (sum <= 0) continue;
+        const float w = sum * std::exp(part[group * hd + j] - top);
+        total += w;
+        for (int64_t e = 0; e < hd; ++e) out[e] += w * part[j * hd + e];
+      }
+      for (int64_t e = 0; e < hd; ++e) out[e] /= total;
+    }
+  }
 }
 
 void check_float(const at::Tensor& t, const char* name, int64_t dim) {
@@ -172,8 +230,9 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
   const int64_t group = heads / hkv;
   // One scratch buffer per calling thread (the engine's), reused across layers and steps.
   thread_local std::vector<float> scratch;
+  const int64_t chunks = (kv_len + kKeysPerChunk - 1) / kKeysPerChunk;
   const int64_t sizes[] = {rows * d, rows * qkv_size, rows * q_size, rows * d, rows * 2 * inter, rows * inter,
-                           rows * hkv * group * kv_len};
+                           rows * hkv * group * kv_len, rows * hkv * chunks * group * (hd + 2)};
   int64_t total = 0;
   for (int64_t s : sizes) total += s;
   if (static_cast<int64_t>(scratch.size()) < total) scratch.resize(total);
@@ -184,6 +243,7 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
   float* gate_up = mid + sizes[3];     // [N, 2I]
   float* hidden = gate_up + sizes[4];  // [N, I]
   float* scores = hidden + sizes[5];   // [N · Hkv, group, kv_len]
+  float* chunk_out = scores + sizes[6];  // [N · Hkv · chunks, group, hd + 2]: see attend_cache
   at::Tensor out = at::empty({rows, d}, x.options());
   const DecodeKernels& k = kernels();
 
@@ -215,17 +275,8 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
     }
   }
 
-  const float* mask_data = mask ? mask->data_ptr<float>() : nullptr;
-  // One unit: one KV head of one token, reading kv_len keys and values.
-  at::parallel_for(0, rows * hkv, grain(2 * kv_len * hd * static_cast<int64_t>(sizeof(float))), [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t n = i / hkv, g = i % hkv;
-      const int64_t cache_row = (n * hkv + g) * seq * hd;  // cache row n, KV head g
-      k.attend({qkv + n * qkv_size + g * group * hd, kc + cache_row, vc + cache_row,
-                mask_data ? mask_data + n * kv_len : nullptr, kv_len, group, hd, scores + i * group * kv_len,
-                attn + n * q_size + g * group * hd});
-    }
-  });
+  attend_cache(k, qkv, qkv_size, kc, vc, mask ? mask->data_ptr<float>() : nullptr, rows, hkv, group, seq, hd, kv_len, scores,
+               chunk_out, attn);
   const float* x_data = x.data_ptr<float>();
   if (attn_out_norm) {  // mid = x + norm(o(attention)), through h (free until the MLP's input norm)
     matvec_parallel({wo.data_ptr<float>(), q_size, attn, rows, nullptr, nullptr, h, d}, d);

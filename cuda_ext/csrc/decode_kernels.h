@@ -130,8 +130,8 @@ struct Kernels {
     return acc.sum();
   }
 
-  // s[0 … T-1] → softmax(s) in place.
-  static void softmax(float* s, int64_t t) {
+  // s[0 … T-1] → softmax(s) in place; *max_out = max(s), *sum_out = Σ e^(s - max).
+  static void softmax(float* s, int64_t t, float* max_out, float* sum_out) {
     V top = V::set1(-3.0e38f);
     int64_t i = 0;
     for (; i + L <= t; i += L) top = V::max(top, V::load(s + i));
@@ -149,7 +149,9 @@ struct Kernels {
       e.store_first(s + i, t - i);
       total = total + V::load_first(s + i, t - i);  // e's lanes past t are e^(0 - max), not 0
     }
-    const V inv = V::set1(1.0f / total.sum());
+    *max_out = m;
+    *sum_out = total.sum();
+    const V inv = V::set1(1.0f / *sum_out);
     for (i = 0; i + L <= t; i += L) (V::load(s + i) * inv).store(s + i);
     if (i < t) (V::load_first(s + i, t - i) * inv).store_first(s + i, t - i);
   }
@@ -159,7 +161,7 @@ struct Kernels {
     for (int64_t j = 0; j < a.group; ++j) {
       float* s = a.scores + j * t;
       for (int64_t p = 0; p < t; ++p) s[p] = dot(a.q + j * hd, a.k + p * hd, hd) + (a.mask != nullptr ? a.mask[p] : 0.0f);
-      softmax(s, t);
+      softmax(s, t, a.max + j, a.sum + j);
     }
     // out[j] = Σ_p s[j, p] · v[p], 4 vectors of the head at a time in registers.
     for (int64_t j = 0; j < a.group; ++j) {

@@ -21,11 +21,13 @@ struct MatvecArgs {
   int64_t ld;             // row stride of y and residual
 };
 
-// One KV head of one sequence: softmax(q kᵀ + mask) v for the `group` query heads sharing it.
-// The softmax scale is already in q (folded into the Q weights).
+// One KV head of one sequence over T of its keys: softmax(q kᵀ + mask) v for the `group` query
+// heads sharing it, and for each head the softmax's max score and Σ e^(score - max), by which
+// results over different key ranges of one head merge (decode_cpu.cpp). The softmax scale is
+// already in q (folded into the Q weights).
 struct AttendArgs {
   const float* q;       // [group, hd]
-  const float* k;       // [T, hd]: the cache row's keys, positions 0 … T-1
+  const float* k;       // [T, hd]: keys at consecutive cache positions
   const float* v;       // [T, hd]
   const float* mask;    // [T] additive (0 / -inf), or null: every key is seen
   int64_t keys;         // T
@@ -33,6 +35,8 @@ struct AttendArgs {
   int64_t head_dim;     // hd
   float* scores;        // [group, T] scratch
   float* out;           // [group, hd]
+  float* max;           // [group]
+  float* sum;           // [group]
 };
 
 struct DecodeKernels {
