@@ -19,6 +19,10 @@ struct Kernels {
   static constexpr int L = V::kLanes;
   static constexpr int kRows = 4;        // weight rows per block: 4 streams, 4 × tokens accumulators
   static constexpr int kTokens = 4;      // tokens per pass over a block; more tokens reread it from L1
+  // With 32 vector registers (AVX-512), 5 to 8 tokens go in one pass over blocks of 2 rows (16
+  // accumulators): a second pass over a block reads it from L1, and while it computes no weight
+  // streams from memory.
+  static constexpr int kWideTokens = L == 16 ? 8 : kTokens;
   static constexpr int64_t kAhead = 1024;  // floats: prefetch distance, 4 KiB ahead in each row
 
   static DecodeKernels table(const char* isa) {
@@ -27,7 +31,7 @@ struct Kernels {
 
   // out[r][n] = w[r, :] · x[n, :] for R rows of w and NB tokens of x.
   template <int R, int NB>
-  static void dot_block(const float* w, int64_t k, const float* x, float out[kRows][kTokens]) {
+  static void dot_block(const float* w, int64_t k, const float* x, float out[kRows][kWideTokens]) {
     V acc[R][NB];
     for (int r = 0; r < R; ++r)
       for (int n = 0; n < NB; ++n) acc[r][n] = V::zero();
@@ -55,20 +59,23 @@ struct Kernels {
       for (int n = 0; n < NB; ++n) out[r][n] = acc[r][n].sum();
   }
 
-  // Rows m … m+R-1 of y for every token, kTokens at a time.
-  template <int R>
+  // dot_block<R, nb> for the nb ≤ T tokens left in a pass.
+  template <int R, int T>
+  static void dot_tokens(int64_t nb, const float* w, int64_t k, const float* x, float out[kRows][kWideTokens]) {
+    if constexpr (T > 1) {
+      if (nb < T) return dot_tokens<R, T - 1>(nb, w, k, x, out);
+    }
+    dot_block<R, T>(w, k, x, out);
+  }
+
+  // Rows m … m+R-1 of y for every token, T at a time.
+  template <int R, int T>
   static void row_block(const MatvecArgs& a, int64_t m) {
     const float* w = a.w + m * a.k;
-    for (int64_t n0 = 0; n0 < a.rows; n0 += kTokens) {
-      const float* x = a.x + n0 * a.k;
-      float out[kRows][kTokens];
-      const int64_t nb = a.rows - n0 < kTokens ? a.rows - n0 : kTokens;
-      switch (nb) {
-        case 1: dot_block<R, 1>(w, a.k, x, out); break;
-        case 2: dot_block<R, 2>(w, a.k, x, out); break;
-        case 3: dot_block<R, 3>(w, a.k, x, out); break;
-        default: dot_block<R, kTokens>(w, a.k, x, out); break;
-      }
+    for (int64_t n0 = 0; n0 < a.rows; n0 += T) {
+      float out[kRows][kWideTokens];
+      const int64_t nb = a.rows - n0 < T ? a.rows - n0 : T;
+      dot_tokens<R, T>(nb, w, a.k, a.x + n0 * a.k, out);
       for (int64_t n = 0; n < nb; ++n) {
         for (int r = 0; r < R; ++r) {
           const int64_t at = (n0 + n) * a.ld + m + r;
@@ -81,10 +88,16 @@ struct Kernels {
     }
   }
 
-  static void matvec(const MatvecArgs& a, int64_t m0, int64_t m1) {
+  template <int R, int T>
+  static void rows_in_blocks(const MatvecArgs& a, int64_t m0, int64_t m1) {
     int64_t m = m0;
-    for (; m + kRows <= m1; m += kRows) row_block<kRows>(a, m);
-    for (; m < m1; ++m) row_block<1>(a, m);
+    for (; m + R <= m1; m += R) row_block<R, T>(a, m);
+    for (; m < m1; ++m) row_block<1, T>(a, m);
+  }
+
+  static void matvec(const MatvecArgs& a, int64_t m0, int64_t m1) {
+    if (a.rows > kTokens && kWideTokens > kTokens) return rows_in_blocks<2, kWideTokens>(a, m0, m1);
+    rows_in_blocks<kRows, kTokens>(a, m0, m1);
   }
 
   // e^x to about 1 ulp (Cephes' expf: e^x = 2^n · e^r, |r| ≤ ln2/2, a degree-6 polynomial).
