@@ -122,17 +122,17 @@ void attend_cache(const DecodeKernels& k, const float* qkv, int64_t qkv_size, co
     for (int64_t j = 0; j < group; ++j) {
       float top = -std::numeric_limits<float>::infinity();
       for (int64_t c = 0; c < chunks; ++c) {
-        const float* maxes = base + c * stride + group * hd;
-        if (maxes[group + j] > 0) top = std::max(top, maxes[j]);
+        const float* stats = base + c * stride + group * hd;  // [group] maxima, then [group] sums
+        if (stats[group + j] > 0) top = std::max(top, stats[j]);
       }
       float* out = attn + (head / hkv) * q_size + ((head % hkv) * group + j) * hd;
       std::fill_n(out, hd, 0.0f);
       float total = 0;
       for (int64_t c = 0; c < chunks; ++c) {
         const float* part = base + c * stride;
-        const float sum = part[group * hd + group + j];
-        if (sum <= 0) continue;
-        const float w = sum * std::exp(part[group * hd + j] - top);
+        const float* stats = part + group * hd;
+        if (stats[group + j] <= 0) continue;  // skipped: every key masked
+        const float w = stats[group + j] * std::exp(stats[j] - top);
         total += w;
         for (int64_t e = 0; e < hd; ++e) out[e] += w * part[j * hd + e];
       }
