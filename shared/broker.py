@@ -98,7 +98,6 @@ class Channel(kombu_redis.Channel):
             self._in_poll = None
             self._flush_brpop_reauth()
 
-
     def close(self):
         # kombu's close first reads the reply of a BLMOVE still waiting; with Redis gone that raises
         # before the channel is marked closed. Celery then drops the transport (collect) and closes

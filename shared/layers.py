@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cuda_ext.decode import cpu_decode_ops
+from cuda_ext.decode import KERNEL_ACTIVATIONS, cpu_decode_ops
 
 # ---------------------------------------------------------------------------
 # Configuration
@@ -566,7 +566,7 @@ class DecoderLayer(nn.Module):
             self.fused_weights = (self.input_layernorm.effective_weight, attn.wqkv, attn.bqkv, attn.wo,
                                   mlp_norm.effective_weight, mlp.w_gate_up, mlp.w_down)
             self.fused_options = (attn.qk_scale, *(None if n is None else n.effective_weight for n in out_norms),
-                                  "gelu_tanh" if c.hidden_act == "gelu_pytorch_tanh" else "silu")
+                                  KERNEL_ACTIVATIONS[c.hidden_act])
             self.fused_eps = c.rms_norm_eps
 
     def forward(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, batch: ForwardBatch) -> Tensor:

@@ -76,7 +76,7 @@ def _calls(client, command: str) -> int:
     return client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0)
 
 
-def test_closing_a_consumer_after_redis_died_mid_wait_does_not_crash_and_keeps_its_message(tmp_path):
+def test_closing_a_consumer_after_redis_died_mid_wait_does_not_crash_and_keeps_its_message():
     """What Celery's consumer does when the broker goes away: ``collect()`` (drops the transport),
     then ``close()``. A channel whose BLMOVE was still waiting for its reply used to raise out of the
     first close before it was marked closed; the second one then restored its unacked message

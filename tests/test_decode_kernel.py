@@ -18,7 +18,7 @@ import torch
 
 from cuda_ext import build, decode
 from cuda_ext.decode import set_decode_kernel
-from shared.layers import DecoderConfig, DecoderLayer, ForwardBatch, KVCache, rope_table
+from shared.layers import GATE_ACTIVATIONS, DecoderConfig, DecoderLayer, ForwardBatch, KVCache, rope_table
 
 LLAMA = DecoderConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_layers=1, num_heads=4, num_kv_heads=2,
                       head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-5)
@@ -148,6 +148,11 @@ def test_a_model_decodes_the_same_tokens_with_and_without_the_kernels(ops, mode,
         tokens.append(torch.stack(steps).argmax(-1))
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
     assert torch.equal(tokens[0], tokens[1])
+
+
+def test_every_gated_mlp_activation_has_its_kernel_activation():
+    # A new entry in GATE_ACTIVATIONS without one would fail model preparation, not decode silently with silu.
+    assert set(GATE_ACTIVATIONS) <= set(decode.KERNEL_ACTIVATIONS)
 
 
 def test_cuda_tensors_and_other_dtypes_keep_the_torch_path(mode):

@@ -90,6 +90,8 @@ void add_norm(const float* residual, float* z, const float* w, int64_t rows, int
 // and V at hd 64 are 64 KB: they stay in L1/L2 while the group's query heads reread them.
 constexpr int64_t kKeysPerChunk = 128;
 
+int64_t key_chunks(int64_t kv_len) { return (kv_len + kKeysPerChunk - 1) / kKeysPerChunk; }
+
 // attn[n, heads of KV head g] = softmax(q kᵀ + mask) v over cache row n's first kv_len positions,
 // for N tokens × Hkv KV heads, each head's keys in chunks. chunk_out holds, per chunk and query
 // head, the chunk's softmax-weighted values [hd], then its max score and Σ e^(score - max);
@@ -97,7 +99,7 @@ constexpr int64_t kKeysPerChunk = 128;
 void attend_cache(const DecodeKernels& k, const float* qkv, int64_t qkv_size, const float* kc, const float* vc,
                   const float* mask, int64_t rows, int64_t hkv, int64_t group, int64_t seq, int64_t hd, int64_t kv_len,
                   float* scores, float* chunk_out, float* attn) {
-  const int64_t chunks = (kv_len + kKeysPerChunk - 1) / kKeysPerChunk, q_size = hkv * group * hd;
+  const int64_t chunks = key_chunks(kv_len), q_size = hkv * group * hd;
   const int64_t stride = group * (hd + 2);  // chunk_out floats per chunk
   const int64_t chunk_bytes = 2 * std::min(kv_len, kKeysPerChunk) * hd * static_cast<int64_t>(sizeof(float));
   at::parallel_for(0, rows * hkv * chunks, grain(chunk_bytes), [&](int64_t i0, int64_t i1) {
@@ -230,9 +232,8 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
   const int64_t group = heads / hkv;
   // One scratch buffer per calling thread (the engine's), reused across layers and steps.
   thread_local std::vector<float> scratch;
-  const int64_t chunks = (kv_len + kKeysPerChunk - 1) / kKeysPerChunk;
   const int64_t sizes[] = {rows * d, rows * qkv_size, rows * q_size, rows * d, rows * 2 * inter, rows * inter,
-                           rows * hkv * group * kv_len, rows * hkv * chunks * group * (hd + 2)};
+                           rows * hkv * group * kv_len, rows * hkv * key_chunks(kv_len) * group * (hd + 2)};
   int64_t total = 0;
   for (int64_t s : sizes) total += s;
   if (static_cast<int64_t>(scratch.size()) < total) scratch.resize(total);
