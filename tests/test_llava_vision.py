@@ -68,15 +68,18 @@ def pixels(batch: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 3, 56, 56, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize("gemms", ["as-deployed", "mkl-packed"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("variant", VARIANTS, ids=[variant_id(v) for v in VARIANTS])
-def test_matches_get_image_features(checkpoint, reference, variant, batch):
+def test_matches_get_image_features(checkpoint, reference, variant, batch, gemms, request):
     layer, strategy = variant
     model = LlavaVisionModel.from_checkpoint(checkpoint(layer, strategy))
     x = pixels(batch)
     expected = reference_features(reference(layer, strategy), x, layer, strategy)
+    packed = request.getfixturevalue("every_gemm_mkl_packed") if gemms == "mkl-packed" else None
     with torch.inference_mode():
         got = model(x)
+    assert packed is None or packed[0] > 0
     assert got.shape == expected.shape == (batch, model.tokens_per_image, model.hidden_size)
     assert (got - expected).abs().max() <= ATOL
 
@@ -88,7 +91,7 @@ def test_torch_op_path_matches_too(checkpoint, reference, monkeypatch):
     expected = reference_features(reference(-2, "default"), x, -2, "default")
     with torch.inference_mode():
         fast = model(x)
-        monkeypatch.setattr(clip, "USE_ONEDNN", False)
+        monkeypatch.setattr(clip, "CPU_GEMMS", False)
         plain = model(x)
     assert (plain - expected).abs().max() <= ATOL
     assert (fast - expected).abs().max() <= ATOL
@@ -102,7 +105,7 @@ def test_linear_paths_agree(act, residual, monkeypatch):
     x, w, b, r = torch.randn(2, 7, 16, generator=g), torch.randn(24, 16, generator=g), torch.randn(24, generator=g), torch.randn(2, 7, 24, generator=g)
     kwargs = {"act": act, "residual": r if residual else None}
     fast = clip.linear(x, w, b, **kwargs)
-    monkeypatch.setattr(clip, "USE_ONEDNN", False)
+    monkeypatch.setattr(clip, "CPU_GEMMS", False)
     plain = clip.linear(x, w, b, **kwargs)
     expected = torch.nn.functional.linear(x.double(), w.double(), b.double())
     expected = expected + r.double() if residual else clip.apply_activation(expected, act) if act else expected

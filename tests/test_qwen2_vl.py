@@ -62,13 +62,16 @@ def containers(vision: Qwen2VLVisionModel, pre, rows: list[torch.Tensor]) -> lis
 # --- vision -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("gemms", ["as-deployed", "mkl-packed"])
 @pytest.mark.parametrize("count", [1, 3])
-def test_vision_and_merger_match_get_image_features(setup, count, monkeypatch):
+def test_vision_and_merger_match_get_image_features(setup, count, gemms, monkeypatch, request):
     _, _, ref, vision, _, _ = setup
+    packed = request.getfixturevalue("every_gemm_mkl_packed") if gemms == "mkl-packed" else None
     pre = [vision.preprocessor(im) for im in images(SIZES[:count])]
     expected = reference_features(ref, pre)
     fast = vision.embed_batch(pre)
-    monkeypatch.setattr(clip, "USE_ONEDNN", False)  # the torch-op path every non-CPU device takes
+    assert packed is None or packed[0] > 0
+    monkeypatch.setattr(clip, "CPU_GEMMS", False)  # the torch-op path every non-CPU device takes
     plain = vision.embed_batch(pre)
     for got in (fast, plain):
         assert [g.shape for g in got] == [e.shape for e in expected]

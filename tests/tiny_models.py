@@ -25,6 +25,18 @@ from shared.demo_model import (
 )
 
 
+@torch.no_grad()
+def randomize_(model: torch.nn.Module) -> None:
+    """Random init of this size gives near-uniform logits: widen the weights so greedy decoding is
+    decisive and the comparisons are meaningful, and move every 1-D parameter (biases, norm weights)
+    off its init of zeros or ones, so that one read wrongly or left out shows in the outputs."""
+    for name, param in model.named_parameters():
+        if param.dim() >= 2:
+            param.normal_(0.0, 0.2 if "embed" not in name else 1.0)
+        else:
+            param.add_(torch.randn_like(param) * 0.2)
+
+
 def build_tiny_llava(
     path: str | Path,
     *,
@@ -69,12 +81,7 @@ def build_tiny_llava(
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
-    # Random init of this size gives near-uniform logits; widen the weights so greedy
-    # decoding is decisive and the comparisons are meaningful.
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, 0.2 if "embed" not in name else 1.0)
+    randomize_(model)
     model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
 
     fast = PreTrainedTokenizerFast(
@@ -137,10 +144,7 @@ def build_tiny_pixtral(
         raise ValueError(f"unknown family {family!r}")
     torch.manual_seed(seed)
     model = model_class(config).eval()
-    with torch.no_grad():  # decisive logits, as in build_tiny_llava
-        for name, param in model.named_parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, 0.2 if "embed" not in name else 1.0)
+    randomize_(model)
     model.save_pretrained(path)
 
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
@@ -207,10 +211,7 @@ def build_tiny_qwen2_vl(
             vision_config=vision, text_config=text, tie_word_embeddings=tie_word_embeddings, **tokens)
     torch.manual_seed(seed)
     model = model_class(config).eval()
-    with torch.no_grad():  # widened, as in build_tiny_llava, so greedy decoding is decisive
-        for name, param in model.named_parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, 0.2 if "embed" not in name else 1.0)
+    randomize_(model)
     model.save_pretrained(path)
 
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
@@ -277,12 +278,7 @@ def build_tiny_gemma3(
                           image_token_index=ids["<image_soft_token>"])
     torch.manual_seed(seed)
     model = Gemma3ForConditionalGeneration(config).eval()
-    with torch.no_grad():  # decisive logits, as in build_tiny_llava; 1-D parameters moved off their init
-        for name, param in model.named_parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, 0.2 if "embed" not in name else 1.0)
-            else:
-                param.add_(torch.randn_like(param) * 0.2)
+    randomize_(model)
     model.save_pretrained(path)
     fast.save_pretrained(path)
     Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(path)

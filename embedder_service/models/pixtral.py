@@ -18,11 +18,11 @@ The container layout is what `PixtralProcessor` writes for an image of
 rows × cols tokens: `[IMG]`×cols `[IMG_BREAK]` per row, the last break
 replaced by `[IMG_END]`; only the `[IMG]` positions are container rows.
 
-Attention reuses `shared.layers` (RMSNorm, RoPE helpers, oneDNN `linear`): after
-loading, Q/K/V are fused with their RoPE rows interleaved and the softmax scale
-folded into Q, and the weights are reordered for oneDNN on the CPU (`prepare()`),
-as in the language model. The per-image attention, the MLP and the batching are
-`embedder_service.models.vision`'s, shared with Qwen2-VL.
+Attention reuses `shared.layers`' RMSNorm and RoPE helpers: after loading, Q/K/V
+are fused with their RoPE rows interleaved and the softmax scale folded into Q
+(`prepare()`), as in the language model; every GEMM is the towers' `linear`. The
+per-image attention, the MLP and the batching are `embedder_service.models.vision`'s,
+shared with Qwen2-VL.
 """
 
 from __future__ import annotations
@@ -34,15 +34,14 @@ import torch
 from torch import Tensor, nn
 
 from embedder_service.models import VisionModel, open_checkpoint
-from embedder_service.models.clip import activation
-from embedder_service.models.clip import linear as clip_linear
+from embedder_service.models.clip import activation, linear
 from embedder_service.models.llava import LlavaProjector
 from embedder_service.models.vision import GatedVisionMLP, Segments, image_groups, rotate_into_heads
 from embedder_service.preprocess.pixtral import PixtralPreprocessor
 from shared.checkpoint import Checkpoint
 from shared.container import Layout
 from shared.errors import CheckpointError, InvalidInput
-from shared.layers import RMSNorm, interleave_rope_rows, linear, linear_add, prepare_weight
+from shared.layers import RMSNorm, interleave_rope_rows
 
 VISION_PREFIX = "vision_tower."
 PROJECTOR_PREFIX = "multi_modal_projector."
@@ -159,15 +158,15 @@ class PixtralAttention(nn.Module):
             interleave_rope_rows(self.k_proj.weight, h, hd),
             self.v_proj.weight,
         ]
-        self.wqkv = prepare_weight(torch.cat(weights))
-        self.wo = prepare_weight(self.o_proj.weight)
+        self.wqkv = torch.cat(weights)  # [3D, D]
+        self.wo = self.o_proj.weight.detach()
         del self.q_proj, self.k_proj, self.v_proj, self.o_proj
 
     def forward(self, x: Tensor, residual: Tensor, rotations: Tensor, images: Segments) -> Tensor:
         """x: [N, D] normed, residual: [N, D], rotations: [N, 1, hd/2] complex → residual + attention: [N, D]."""
-        qkv = rotate_into_heads(linear(x, self.wqkv), rotations, self.config.num_attention_heads)  # [3, H, N, hd]
+        qkv = rotate_into_heads(linear(x, self.wqkv, None), rotations, self.config.num_attention_heads)  # [3, H, N, hd]
         out = images.attention(qkv, scale=1.0)  # [N, D]; 1/√hd is in Q's weights
-        return linear_add(out, self.wo, residual)
+        return linear(out, self.wo, None, residual=residual)
 
 
 class PixtralBlock(nn.Module):
@@ -207,7 +206,7 @@ class PixtralVisionTower(nn.Module):
     def prepare(self) -> None:
         c = self.config
         # A P×P, stride-P convolution is one GEMM over the flattened (C, P, P) patches.
-        self.w_patch = prepare_weight(self.patch_conv.weight.reshape(c.hidden_size, -1))  # [D, C·P·P]
+        self.w_patch = self.patch_conv.weight.detach().reshape(c.hidden_size, -1)  # [D, C·P·P]
         for layer in self.transformer.layers:
             layer.attention.prepare()
         hd = c.head_dim
@@ -232,7 +231,7 @@ class PixtralVisionTower(nn.Module):
             p.view(c.num_channels, h, P, w, P).permute(1, 3, 0, 2, 4).reshape(h * w, -1)  # [h·w, C·P·P], row-major
             for p, (h, w) in zip(pixels, grids)
         ])
-        x = self.ln_pre(linear(patches, self.w_patch))  # [N, D]
+        x = self.ln_pre(linear(patches, self.w_patch, None))  # [N, D]
         rotations = self.rotations(grids, x.device)
         images = Segments(lengths=[h * w for h, w in grids])  # each image attends within itself
         states = {0: x} if 0 in keep else {}
@@ -263,7 +262,7 @@ class PatchMerger(nn.Module):
             # [h, w, D] → [h/m, w/m, D, m, m]: per merged cell, channel-major then the m×m offsets (unfold's order)
             cells = image.view(h // m, m, w // m, m, D).permute(0, 2, 4, 1, 3)
             blocks.append(cells.reshape((h // m) * (w // m), D * m * m))
-        return clip_linear(torch.cat(blocks), self.merging_layer.weight, None)
+        return linear(torch.cat(blocks), self.merging_layer.weight, None)
 
 
 class Mistral3Projector(LlavaProjector):

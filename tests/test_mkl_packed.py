@@ -1,0 +1,75 @@
+"""GEMMs on MKL-packed weights (embedder_service.models.mkl_packed) against float64 products."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from embedder_service.models import mkl_packed
+
+pytestmark = pytest.mark.skipif(not mkl_packed.available(), reason="optional path: this torch build has no MKL packed GEMM")
+
+K, M = 48, 40
+
+
+def weights(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(M, K, generator=g), torch.randn(M, generator=g)
+
+
+def exact(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x.double(), w.double(), None if b is None else b.double())
+
+
+@pytest.fixture(autouse=True)
+def small_weights_packed(monkeypatch):
+    monkeypatch.setattr(mkl_packed, "MIN_PACKED_ELEMENTS", M * K)
+    monkeypatch.setattr(mkl_packed, "BLOCK_ROWS", 16)
+
+
+@pytest.mark.parametrize("shape", [(3, 7, K), (16, K), (16 * 2 + 5, K)], ids=["images", "one-block", "blocks-and-a-remainder"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_blocks_of_rows_compute_the_product(shape, with_bias):
+    w, b = weights()
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    b = b if with_bias else None
+    got = mkl_packed.linear(x, w, b)
+    assert got.shape == (*shape[:-1], M)
+    torch.testing.assert_close(got.double(), exact(x, w, b), atol=1e-5, rtol=1e-5)
+
+
+def test_a_weight_changed_in_place_is_packed_again():
+    w, b = weights()
+    x = torch.randn(16, K)
+    mkl_packed.linear(x, w, b)
+    w.mul_(2)
+    torch.testing.assert_close(mkl_packed.linear(x, w, b).double(), exact(x, w, b), atol=1e-5, rtol=1e-5)
+
+
+def test_a_pack_is_made_once_per_weight_and_block_size(monkeypatch):
+    w, b = weights()
+    packs = []
+    reorder = torch.ops.mkl._mkl_reorder_linear_weight
+    monkeypatch.setattr(mkl_packed, "_reorder", lambda weight, rows: packs.append(rows) or reorder(weight, rows))
+    for x in (torch.randn(16, K), torch.randn(40, K), torch.randn(2, 5, K), torch.randn(4, 5, K)):
+        mkl_packed.linear(x, w, b)
+    assert packs == [16, 5]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["fewer rows than a block", "small weight", "view of a weight", "bfloat16"],
+)
+def test_what_it_does_not_take_is_left_to_the_caller(case, monkeypatch):
+    w, b = weights()
+    x = torch.randn(16, K)
+    if case == "fewer rows than a block":
+        x = x[:15]
+    elif case == "small weight":
+        monkeypatch.setattr(mkl_packed, "MIN_PACKED_ELEMENTS", M * K + 1)
+    elif case == "view of a weight":
+        w = torch.randn(M * K).view(M, K)  # contiguous, but a view: made per call, it would be packed per call
+    else:
+        x, w, b = x.bfloat16(), w.bfloat16(), b.bfloat16()
+    assert mkl_packed.linear(x, w, b) is None
