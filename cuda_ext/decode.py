@@ -3,13 +3,15 @@
 Decoding one token reads every weight once, so on the CPU its speed is the rate at which
 the matrix-vector products stream the weights, plus whatever the steps between them cost.
 `torch.ops.vlmq_decode_cpu` (built from `csrc/decode_cpu.cpp` on first use, see
-`cuda_ext.build`) has two ops:
+`cuda_ext.build`) has these ops:
 
 - `decode_layer`: a whole decode step of a pre-norm Llama layer (Llama, Qwen2, Mistral;
   Gemma 3's with its QK-norm, output norms and GeGLU), one call instead of ~35 eager ops;
   `shared.layers.DecoderLayer` uses it for decode forwards, and its own torch decode path
   is the reference the tests hold it to;
-- `linear`: x wᵀ for a few rows of x (the LM head of a decode step).
+- `linear`: x wᵀ for a few rows of x (the LM head of a decode step);
+- `activation_`: silu or tanh GELU over a tensor in place, times a second one if given
+  (the vision towers' MLPs, `embedder_service.models.clip`).
 
 Both read row-major float32 weights ([out, in], as checkpoints store them), so a model
 that uses them keeps its weights in that layout (`shared.layers.prepare_weight`).
@@ -19,7 +21,8 @@ Which path runs (`VLMQ_DECODE_KERNEL`, or `set_decode_kernel` before a model is 
 - `auto` (default): the kernels for CPU float32 models, built on first use; where they
   cannot be built (no compiler, no ninja, a CPU without AVX2) the torch path, with one
   logged warning;
-- `reference`: the torch path (oneDNN-blocked weights, eager ops).
+- `reference`: the torch path (oneDNN-blocked weights, eager ops); the vision towers'
+  activations then run as torch's.
 
 A product or attention is split between torch's threads only where each thread streams at
 least 128 KB, so a tiny model's steps run in the calling thread: with more busy threads than

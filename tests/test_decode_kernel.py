@@ -15,6 +15,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cuda_ext import build, decode
 from cuda_ext.decode import set_decode_kernel
@@ -119,6 +120,18 @@ def test_linear_matches_torch(ops, isa, rows, k, m):
     torch.testing.assert_close(ops.linear(x, w), x @ w.t(), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("count", [5, 2 * 4096 + 7], ids=["under-a-vector", "units-and-a-tail"])
+@pytest.mark.parametrize("gated", [False, True], ids=["act", "act-times-up"])
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_activation_in_place_matches_torch(ops, isa, act, gated, count):
+    g = torch.Generator().manual_seed(5)
+    x, up = torch.randn(count, generator=g) * 4, torch.randn(count, generator=g)
+    expected = (F.silu(x) if act == "silu" else F.gelu(x, approximate="tanh")) * (up if gated else 1)
+    out = ops.activation_(x, up if gated else None, act)
+    assert out.data_ptr() == x.data_ptr()  # in place
+    torch.testing.assert_close(x, expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", ["llava", "gemma3"])
 def test_a_model_decodes_the_same_tokens_with_and_without_the_kernels(ops, mode, demo_model, tmp_path, family):
     from generator_service.models.gemma3 import Gemma3ForCausalLM
@@ -198,3 +211,7 @@ def test_the_kernel_refuses_inputs_it_would_misread(ops):
         ops.linear(x, torch.randn(4, 9))
     with pytest.raises(RuntimeError, match="contiguous float32"):
         ops.linear(x, w.t().contiguous().t())
+    with pytest.raises(RuntimeError, match='unknown activation "gelu"'):
+        ops.activation_(x, None, "gelu")
+    with pytest.raises(RuntimeError, match="up must be contiguous float32 of x's shape"):
+        ops.activation_(x, torch.randn(2, 7), "silu")

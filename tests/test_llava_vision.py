@@ -91,7 +91,7 @@ def test_torch_op_path_matches_too(checkpoint, reference, monkeypatch):
     expected = reference_features(reference(-2, "default"), x, -2, "default")
     with torch.inference_mode():
         fast = model(x)
-        monkeypatch.setattr(clip, "CPU_GEMMS", False)
+        monkeypatch.setattr(clip, "CPU_FAST_PATHS", False)
         plain = model(x)
     assert (plain - expected).abs().max() <= ATOL
     assert (fast - expected).abs().max() <= ATOL
@@ -105,7 +105,7 @@ def test_linear_paths_agree(act, residual, monkeypatch):
     x, w, b, r = torch.randn(2, 7, 16, generator=g), torch.randn(24, 16, generator=g), torch.randn(24, generator=g), torch.randn(2, 7, 24, generator=g)
     kwargs = {"act": act, "residual": r if residual else None}
     fast = clip.linear(x, w, b, **kwargs)
-    monkeypatch.setattr(clip, "CPU_GEMMS", False)
+    monkeypatch.setattr(clip, "CPU_FAST_PATHS", False)
     plain = clip.linear(x, w, b, **kwargs)
     expected = torch.nn.functional.linear(x.double(), w.double(), b.double())
     expected = expected + r.double() if residual else clip.apply_activation(expected, act) if act else expected

@@ -71,7 +71,7 @@ def test_vision_and_merger_match_get_image_features(setup, count, gemms, monkeyp
     expected = reference_features(ref, pre)
     fast = vision.embed_batch(pre)
     assert packed is None or packed[0] > 0
-    monkeypatch.setattr(clip, "CPU_GEMMS", False)  # the torch-op path every non-CPU device takes
+    monkeypatch.setattr(clip, "CPU_FAST_PATHS", False)  # the torch-op path every non-CPU device takes
     plain = vision.embed_batch(pre)
     for got in (fast, plain):
         assert [g.shape for g in got] == [e.shape for e in expected]

@@ -60,7 +60,7 @@ def test_gated_mlp_fused_and_torch_op_paths_match(bias, monkeypatch):
     with torch.inference_mode():
         expected = residual + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
         fast = mlp(x, residual)
-        monkeypatch.setattr(clip, "CPU_GEMMS", False)
+        monkeypatch.setattr(clip, "CPU_FAST_PATHS", False)
         plain = mlp(x, residual)
     torch.testing.assert_close(fast, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(plain, expected, atol=1e-5, rtol=1e-5)

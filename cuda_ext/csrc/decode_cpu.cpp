@@ -1,5 +1,5 @@
-// The CPU decode step of a Llama-style layer as one torch op, and the matrix-vector
-// product alone (the LM head). Batch-1 decoding reads every weight once per token, so its
+// The CPU decode step of a Llama-style layer as one torch op, the matrix-vector product
+// alone (the LM head), and the gated activation in place (the vision towers' MLPs). Batch-1 decoding reads every weight once per token, so its
 // speed is memory bandwidth; eager PyTorch spends ~35 ops per layer around the four
 // weight reads, each with dispatch overhead while memory idles. Here a layer is the four
 // products (decode_kernels.h, split over torch's threads) with the small steps between
@@ -164,6 +164,33 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
+using ActMul = void (*)(const float* gate, const float* up, float* out, int64_t count);
+
+ActMul act_mul_kernel(const DecodeKernels& k, const std::string& act) {
+  if (act == "silu") return k.silu_mul;
+  if (act == "gelu_tanh") return k.gelu_tanh_mul;
+  TORCH_CHECK(false, "unknown activation \"", act, "\": expected \"silu\" or \"gelu_tanh\"");
+}
+
+// x = act(x) · up (act(x) without up), in place: the activation after a vision tower's GEMM
+// (embedder_service.models.clip), one pass where torch's silu and tanh GELU take one and a product another.
+at::Tensor& activation_(at::Tensor& x, const std::optional<at::Tensor>& up, const std::string& act) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "activation_: x must be contiguous float32");
+  TORCH_CHECK(!up || (up->scalar_type() == at::kFloat && up->is_contiguous() && up->sizes() == x.sizes()),
+              "activation_: up must be contiguous float32 of x's shape");
+  const ActMul act_mul = act_mul_kernel(kernels(), act);
+  float* data = x.data_ptr<float>();
+  const float* up_data = up ? up->data_ptr<float>() : nullptr;
+  constexpr int64_t kUnit = 4096;  // floats per unit of work: 16 KB
+  const int64_t count = x.numel();
+  const int64_t unit_bytes = kUnit * static_cast<int64_t>(sizeof(float)) * (up ? 2 : 1);
+  at::parallel_for(0, (count + kUnit - 1) / kUnit, grain(unit_bytes), [&](int64_t u0, int64_t u1) {
+    const int64_t i0 = u0 * kUnit, i1 = std::min(u1 * kUnit, count);
+    act_mul(data + i0, up_data != nullptr ? up_data + i0 : nullptr, data + i0, i1 - i0);
+  });
+  return x;
+}
+
 // One decode step of a pre-norm Llama layer for N tokens, token n in cache row n:
 //   x += o(attention(rope(qkv(norm1(x))))), then x += down(silu(gate(h)) · up(h)), h = norm2(x).
 // Gemma 3's layer is the same with three options: qk_scale ([H + Hkv, hd]: an RMSNorm over each
@@ -288,7 +315,7 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
 
   rms_norm(mid, post_norm.data_ptr<float>(), rows, d, eps, h);
   // Each thread computes its gate rows and the matching up rows, then their product: no pass in between.
-  const auto act_mul = act == "silu" ? k.silu_mul : k.gelu_tanh_mul;
+  const auto act_mul = act_mul_kernel(k, act);
   const MatvecArgs gate_up_args{w_gate_up.data_ptr<float>(), d, h, rows, nullptr, nullptr, gate_up, 2 * inter};
   parallel_rows(inter, 2 * d * static_cast<int64_t>(sizeof(float)), [&](int64_t m0, int64_t m1) {  // a gate row and an up row
     k.matvec(gate_up_args, m0, m1);
@@ -333,6 +360,7 @@ TORCH_LIBRARY(vlmq_decode_cpu, m) {
       "decode_layer(Tensor x, Tensor input_norm, Tensor wqkv, Tensor? bqkv, Tensor wo, Tensor post_norm, Tensor w_gate_up, "
       "Tensor w_down, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rotations, Tensor write_index, int kv_len, Tensor? mask, "
       "float eps, Tensor? qk_scale=None, Tensor? attn_out_norm=None, Tensor? mlp_out_norm=None, str act=\"silu\") -> Tensor");
+  m.def("activation_(Tensor(a!) x, Tensor? up, str act) -> Tensor(a!)");
   m.def("isa() -> str", &vlmq::isa);  // no tensor arguments: one kernel for every dispatch key
   m.def("use_isa(str name) -> str", &vlmq::use_isa);
 }
@@ -340,4 +368,5 @@ TORCH_LIBRARY(vlmq_decode_cpu, m) {
 TORCH_LIBRARY_IMPL(vlmq_decode_cpu, CPU, m) {
   m.impl("linear", &vlmq::linear);
   m.impl("decode_layer", &vlmq::decode_layer);
+  m.impl("activation_", &vlmq::activation_);
 }

@@ -127,12 +127,16 @@ struct Kernels {
     return g / (V::set1(1.0f) + exp(V::zero() - z2)) * u;
   }
 
-  // out[i] = act(gate[i]) · up[i] for i < count.
+  // out[i] = act(gate[i]) · up[i] for i < count; act(gate[i]) where up is null.
   template <V (*Act)(V, V)>
   static void act_mul(const float* gate, const float* up, float* out, int64_t count) {
+    const V one = V::set1(1.0f);
     int64_t i = 0;
-    for (; i + L <= count; i += L) Act(V::load(gate + i), V::load(up + i)).store(out + i);
-    if (i < count) Act(V::load_first(gate + i, count - i), V::load_first(up + i, count - i)).store_first(out + i, count - i);
+    for (; i + L <= count; i += L) Act(V::load(gate + i), up != nullptr ? V::load(up + i) : one).store(out + i);
+    if (i < count) {
+      const V u = up != nullptr ? V::load_first(up + i, count - i) : one;
+      Act(V::load_first(gate + i, count - i), u).store_first(out + i, count - i);
+    }
   }
 
   static float dot(const float* a, const float* b, int64_t n) {

@@ -42,7 +42,8 @@ struct AttendArgs {
 struct DecodeKernels {
   const char* isa;
   void (*matvec)(const MatvecArgs& args, int64_t m0, int64_t m1);
-  // out[i] = act(gate[i]) · up[i] for i < count: SwiGLU's silu, GeGLU's tanh-approximated GELU.
+  // out[i] = act(gate[i]) · up[i] for i < count (act(gate[i]) where up is null): SwiGLU's silu,
+  // GeGLU's tanh-approximated GELU. out may be gate.
   void (*silu_mul)(const float* gate, const float* up, float* out, int64_t count);
   void (*gelu_tanh_mul)(const float* gate, const float* up, float* out, int64_t count);
   void (*attend)(const AttendArgs& args);

@@ -9,8 +9,8 @@ built, loaded or run.
 After loading, `fuse_()` rewrites the weights for speed (same function):
 q/k/v become one [3D, D] GEMM, and quick_gelu's 1.702 is folded into fc1/fc2
 so the activation is one `silu` kernel instead of three element-wise passes.
-On the CPU every linear goes through oneDNN with the activation or the
-residual add fused into it (see `linear`).
+On the CPU the linears run on MKL-packed weights or through oneDNN, with the
+activation or the residual add applied in place (see `linear`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cuda_ext.decode import cpu_decode_ops
 from embedder_service.models import mkl_packed
 from shared.errors import CheckpointError, InvalidInput
 
@@ -49,7 +50,9 @@ def activation(name: str) -> str:
 
 
 def apply_activation(x: torch.Tensor, act: str, inplace: bool = False) -> torch.Tensor:
-    """act(x); `inplace` overwrites x where torch has an in-place kernel (silu, relu)."""
+    """act(x); `inplace` overwrites x where a kernel does it in place (the CPU kernels' silu and tanh GELU, torch's relu)."""
+    if inplace and act in KERNEL_ACTIVATIONS and (kernels := _cpu_kernels(x)) is not None:
+        return kernels.activation_(x, None, act)
     if act == "gelu":
         return F.gelu(x)
     if act == "gelu_tanh":
@@ -63,10 +66,28 @@ def apply_activation(x: torch.Tensor, act: str, inplace: bool = False) -> torch.
     raise ValueError(f"unknown activation {act!r}")
 
 
+def gated_activation_(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
+    """act(gate) · up, written over gate (a gated MLP's hidden state): one pass with the CPU kernels."""
+    if act in KERNEL_ACTIVATIONS and up.is_contiguous() and (kernels := _cpu_kernels(gate)) is not None:
+        return kernels.activation_(gate, up, act)
+    return apply_activation(gate, act, inplace=True).mul_(up)
+
+
+# Activations the CPU kernels compute (`torch.ops.vlmq_decode_cpu.activation_`, one pass, in place).
+KERNEL_ACTIVATIONS = ("silu", "gelu_tanh")
+
+
+def _cpu_kernels(x: torch.Tensor):
+    """The CPU kernels' ops for a contiguous float32 CPU tensor, where they run (see cuda_ext.decode), else None."""
+    if not (CPU_FAST_PATHS and x.is_contiguous()):
+        return None
+    return cpu_decode_ops(x.device, x.dtype)
+
+
 # --- linear layers: MKL-packed weights or oneDNN on the CPU, torch ops elsewhere (the reference) --------
 #
 # On the CPU, float32 GEMMs of at least a block of rows run on weights MKL packed once (`mkl_packed`: the
-# fastest measured here, the activation or residual applied after it, in place). The others go through
+# fastest measured here), the activation (the CPU kernels' for silu and tanh GELU) or residual after it, in place. The others go through
 # oneDNN, which fuses the activation or the residual add into the GEMM's epilogue; on some CPUs (AMD EPYC)
 # aten's sgemm runs an AVX2 code path where oneDNN's JIT uses AVX-512, ~2× faster on the same shapes.
 # Both are ops inductor emits for frozen CPU linears; numerics are ordinary float32 (tests compare paths).
@@ -90,22 +111,19 @@ def onednn_linear_available(dtype: torch.dtype = torch.float32) -> bool:
         return False
 
 
-CPU_GEMMS = True  # tests switch it off to compare against the torch-op path
+CPU_FAST_PATHS = True  # MKL / oneDNN GEMMs and the activation kernels; tests switch it off to compare with torch ops
 
 
 def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, act: str | None = None, residual: torch.Tensor | None = None,
-    multiply: torch.Tensor | None = None,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, act: str | None = None, residual: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """x @ weight.T + bias, then `act`, `+ residual` or `· multiply` (one of them). x: [..., K], weight: [M, K] → [..., M]."""
+    """x @ weight.T + bias, then `act` or `+ residual` (one of them). x: [..., K], weight: [M, K] → [..., M]."""
     out = None
-    if CPU_GEMMS and x.device.type == "cpu":
+    if CPU_FAST_PATHS and x.device.type == "cpu":
         out = mkl_packed.linear(x, weight, bias)
         if out is None and x.dtype in (torch.float32, torch.bfloat16) and onednn_linear_available(x.dtype):
             if residual is not None:
                 return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
-            if multiply is not None:
-                return torch.ops.mkldnn._linear_pointwise.binary(x, multiply, weight, bias, "mul")
             if act in _ONEDNN_ACTS:
                 attr, algorithm = _ONEDNN_ACTS[act]
                 return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
@@ -115,8 +133,6 @@ def linear(
     # `out` is this call's own tensor: the rest may overwrite it.
     if residual is not None:
         return out.add_(residual)
-    if multiply is not None:
-        return out.mul_(multiply)
     return apply_activation(out, act, inplace=True) if act is not None else out
 
 
@@ -233,7 +249,7 @@ class ClipMLP(nn.Module):
     @torch.no_grad()
     def fuse_(self) -> None:
         """quick_gelu(h) = silu(1.702 h) / 1.702: scale fc1 by 1.702 and fc2 by 1/1.702, and the
-        activation becomes silu, one kernel (fused into fc1's GEMM on the CPU) instead of three passes.
+        activation becomes silu, one in-place pass (the CPU kernels') instead of three.
 
         float32 only: in bfloat16/float16 rescaling the weights would round them a second time.
         """
@@ -258,7 +274,7 @@ class ClipEncoderLayer(nn.Module):
         self.mlp = ClipMLP(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [B, N, D], pre-norm residual blocks; the residual adds are fused into out_proj and fc2
+        # x: [B, N, D], pre-norm residual blocks; the residual adds are out_proj's and fc2's (`linear`)
         x = self.self_attn(self.layer_norm1(x), residual=x)
         return self.mlp(self.layer_norm2(x), residual=x)
 

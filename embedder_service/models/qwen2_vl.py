@@ -211,7 +211,7 @@ class VisionBlock(nn.Module):
             self.mlp = ClipMLP(ClipVisionConfig(hidden_size=config.embed_dim, intermediate_size=config.intermediate_size, hidden_act=config.hidden_act))
 
     def forward(self, x: Tensor, rotations: Tensor, segments: Segments) -> Tensor:
-        # x: [N, D], pre-norm residual blocks; the residual adds are fused into proj and the MLP's last GEMM
+        # x: [N, D], pre-norm residual blocks; the residual adds are proj's and the MLP's last GEMM's (`linear`)
         x = self.attn(self.norm1(x), x, rotations, segments)
         return self.mlp(self.norm2(x), residual=x)
 

@@ -4,8 +4,8 @@ A SigLIP ViT is CLIP's encoder — the same pre-norm blocks, parameter names and
 attention — with a different stem and end: the patch convolution has a bias,
 position embeddings are learned per patch with no CLS token, there is no
 pre-encoder LayerNorm, and `post_layernorm` closes the tower (its output is
-`last_hidden_state`). The blocks are `ClipEncoderLayer`s (fused QKV, oneDNN
-linears with the tanh GELU fused in). The attention-pooling `head`, which Gemma 3
+`last_hidden_state`). The blocks are `ClipEncoderLayer`s (fused QKV, the CPU's
+packed GEMMs and tanh-GELU kernel). The attention-pooling `head`, which Gemma 3
 does not use, is neither built nor read.
 
 Parameter names are those under `vision_tower.vision_model.` of a checkpoint.

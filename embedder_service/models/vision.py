@@ -10,8 +10,8 @@ Pixtral's).
 Where the CPU time goes, and so the shape of this code: the GEMMs run close to the
 matmul roofline; attention through the CPU SDPA kernel is the slowest part, about
 10% faster when each head's rows are contiguous, so the RoPE writes Q and K
-straight into that layout (`rotate_into_heads`); element-wise passes over the
-[N, intermediate] activations are fused into the GEMMs (`GatedVisionMLP`); and a
+straight into that layout (`rotate_into_heads`); the gated MLP's activation and
+product over the [N, intermediate] activations are one in-place pass (`GatedVisionMLP`); and a
 large batch runs through the tower a few whole images at a time (`image_groups`),
 so activations stay cache-sized instead of being fresh, page-faulted allocations
 of hundreds of MB.
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from embedder_service.models.clip import activation, linear
+from embedder_service.models.clip import activation, gated_activation_, linear
 
 # Tokens one pass through a tower takes at most (a larger image goes alone): enough rows for the GEMMs
 # to run at full speed, few enough that a block's activations (~16 MB at ViT-B width) stay in cache.
@@ -96,8 +96,9 @@ class Segments:
             for length in self.lengths:
                 group = slice(start, start + length)
                 start += length
-                attended = F.scaled_dot_product_attention(q[:, group], k[:, group], v[:, group], scale=scale)  # [H, L, hd]
-                out[group] = attended.transpose(0, 1)
+                # [1, H, L, hd]: the CPU's flash kernel takes only 4-D inputs (3-D ones ran 4× slower, in the math kernel)
+                attended = F.scaled_dot_product_attention(q[None, :, group], k[None, :, group], v[None, :, group], scale=scale)
+                out[group] = attended[0].transpose(0, 1)
             return out.view(n, h * hd)
         S, L = self.num_groups, self.length
         q, k, v = (t[:, self.index].transpose(0, 1) for t in (q, k, v))  # [S, H, L, hd]
@@ -109,10 +110,10 @@ class Segments:
 class GatedVisionMLP(nn.Module):
     """down(act(gate(x)) · up(x)): Qwen2.5-VL's (with biases) and Pixtral's (without), the checkpoints' names.
 
-    Two GEMMs for gate and up rather than one over their concatenated weights: on the
-    CPU the activation runs in gate's epilogue and the product in up's, so no pass over
-    the [N, I] activations is left outside a GEMM. (The language model's decode, one
-    row at a time, prefers the single fused GEMM: `shared.layers.GatedMLP`.)
+    Two GEMMs for gate and up rather than one over their concatenated weights, each
+    output contiguous for the one pass (the CPU kernels' `activation_`) that writes
+    act(gate) · up over gate. (The language model's decode, one row at a time, runs the
+    single fused GEMM: `shared.layers.GatedMLP`.)
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool):
@@ -124,6 +125,6 @@ class GatedVisionMLP(nn.Module):
 
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
         # x: [N, D] normed → gate, up: [N, I] → residual + [N, D]
-        gate = linear(x, self.gate_proj.weight, self.gate_proj.bias, act=self.act)
-        hidden = linear(x, self.up_proj.weight, self.up_proj.bias, multiply=gate)
+        gate = linear(x, self.gate_proj.weight, self.gate_proj.bias)
+        hidden = gated_activation_(gate, linear(x, self.up_proj.weight, self.up_proj.bias), self.act)  # act(gate) · up
         return linear(hidden, self.down_proj.weight, self.down_proj.bias, residual=residual)
