@@ -59,7 +59,7 @@ def test_a_pack_is_made_once_per_weight_and_block_size(monkeypatch):
 
 @pytest.mark.parametrize(
     "case",
-    ["fewer rows than a block", "small weight", "view of a weight", "bfloat16"],
+    ["fewer rows than a block", "small weight", "view of a weight", "bfloat16", "switched off"],
 )
 def test_what_it_does_not_take_is_left_to_the_caller(case, monkeypatch):
     w, b = weights()
@@ -68,8 +68,20 @@ def test_what_it_does_not_take_is_left_to_the_caller(case, monkeypatch):
         x = x[:15]
     elif case == "small weight":
         monkeypatch.setattr(mkl_packed, "MIN_PACKED_ELEMENTS", M * K + 1)
+    elif case == "switched off":
+        monkeypatch.setattr(mkl_packed, "ENABLED", False)
     elif case == "view of a weight":
         w = torch.randn(M * K).view(M, K)  # contiguous, but a view: made per call, it would be packed per call
     else:
         x, w, b = x.bfloat16(), w.bfloat16(), b.bfloat16()
     assert mkl_packed.linear(x, w, b) is None
+
+
+def test_the_switch_comes_from_the_environment_and_bad_values_are_refused(monkeypatch):
+    monkeypatch.delenv("VLMQ_PACKED_WEIGHTS", raising=False)
+    assert mkl_packed.enabled_from_env()
+    monkeypatch.setenv("VLMQ_PACKED_WEIGHTS", " OFF ")
+    assert not mkl_packed.enabled_from_env()
+    monkeypatch.setenv("VLMQ_PACKED_WEIGHTS", "no")
+    with pytest.raises(ValueError, match="VLMQ_PACKED_WEIGHTS='no': expected on or off"):
+        mkl_packed.enabled_from_env()

@@ -16,11 +16,15 @@ Two properties of it shape this module:
   `MIN_PACKED_ELEMENTS` or more are packed: once per block size, at first use, kept
   while the weight lives (keyed weakly by it), and packed again if the weight was
   modified in place. Views are not packed: a view made per call would be packed per call.
+
+`VLMQ_PACKED_WEIGHTS=off` keeps every GEMM on the caller's path (oneDNN), for a CPU
+worker that cannot spare the memory.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch import Tensor
@@ -30,6 +34,17 @@ BLOCK_ROWS = 256  # rows per GEMM of a packed sequence: past ~200 rows the packe
 MIN_PACKED_ELEMENTS = 512 * 512  # smaller GEMMs gain little, and the pack would dwarf the weight
 
 _packs: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight → (its _version when packed, {rows: pack})
+
+
+def enabled_from_env() -> bool:
+    """`VLMQ_PACKED_WEIGHTS`: on (default) or off; ValueError for anything else."""
+    value = os.environ.get("VLMQ_PACKED_WEIGHTS", "on").strip().lower()
+    if value not in ("on", "off"):
+        raise ValueError(f"VLMQ_PACKED_WEIGHTS={value!r}: expected on or off")
+    return value == "on"
+
+
+ENABLED = enabled_from_env()
 
 
 @functools.cache
@@ -71,7 +86,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
     if not (
         x.dtype == weight.dtype == torch.float32 and x.device.type == weight.device.type == "cpu"
         and weight.dim() == 2 and weight.is_contiguous() and weight._base is None
-        and weight.numel() >= MIN_PACKED_ELEMENTS and available()
+        and weight.numel() >= MIN_PACKED_ELEMENTS and ENABLED and available()
     ):
         return None
     rows = x.shape[-2] if x.dim() == 3 else BLOCK_ROWS
