@@ -213,7 +213,10 @@ def build_gemma3_checkpoint(path: Path) -> None:
     config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=GEMMA_TOKENS, boi_token_index=GEMMA_BOI,
                           eoi_token_index=GEMMA_EOI, image_token_index=GEMMA_IMAGE)
     torch.manual_seed(0)
-    Gemma3ForConditionalGeneration(config).save_pretrained(path)
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():  # transformers initialises it to zeros: the image's rows would all be 0
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.02)
+    model.save_pretrained(path)
 
 
 def gemma3_setup(tmp: str, g: torch.Generator, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
