@@ -92,6 +92,17 @@ class VisionModel(torch.nn.Module):
         return pixels.shape[-2], pixels.shape[-1]
 
 
+class FixedSizeVisionModel(VisionModel):
+    """A family whose images all come at its tower's one size (LLaVA's CLIP, Gemma 3's SigLIP): a batch is one stacked tensor."""
+
+    @torch.inference_mode()
+    def embed_batch(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Preprocessed images, B × [3, H, W] → one [tokens_per_image, hidden_size] tensor each, batched through the model."""
+        if not pixels:
+            return []
+        return list(self(torch.stack(pixels).to(self.device, self.dtype)).unbind(0))
+
+
 def embed_images(model: torch.nn.Module, images: list[Image.Image]) -> list[torch.Tensor]:
     """Decoded RGB images → one [num_tokens, hidden] tensor per image (token counts may differ by family)."""
     return model.embed(images)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embedder_service.models import VisionModel, one_image_per_pass_on_cpu, open_checkpoint
+from embedder_service.models import FixedSizeVisionModel, one_image_per_pass_on_cpu, open_checkpoint
 from embedder_service.models.clip import linear
 from embedder_service.models.siglip import SiglipVisionConfig, SiglipVisionTower
 from embedder_service.preprocess.gemma3 import Gemma3Preprocessor
@@ -96,7 +96,7 @@ class Gemma3Projector(nn.Module):
         return linear(self.mm_soft_emb_norm(pooled), self.w, None)
 
 
-class Gemma3VisionModel(VisionModel):
+class Gemma3VisionModel(FixedSizeVisionModel):
     """Pixels [B, 3, H, W] → projected image embeddings [B, mm_tokens_per_image, hidden_size]."""
 
     def __init__(self, config: Gemma3VisionConfig):
@@ -139,13 +139,6 @@ class Gemma3VisionModel(VisionModel):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # pixel_values: [B, 3, H, W] → [B, tokens, hidden]
         return self.multi_modal_projector(self.vision_tower(pixel_values))
-
-    @torch.inference_mode()
-    def embed_batch(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Preprocessed images, B × [3, H, W] → one [tokens_per_image, hidden_size] tensor each, batched through the model."""
-        if not pixels:
-            return []
-        return list(self(torch.stack(pixels).to(self.device, self.dtype)).unbind(0))
 
     @property
     def tokens_per_image(self) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from embedder_service.models import VisionModel, one_image_per_pass_on_cpu, open_checkpoint
+from embedder_service.models import FixedSizeVisionModel, one_image_per_pass_on_cpu, open_checkpoint
 from embedder_service.models.clip import ClipVisionConfig, ClipVisionTower, activation, linear
 from embedder_service.preprocess.clip import ClipPreprocessor
 from shared.checkpoint import Checkpoint
@@ -80,7 +80,7 @@ class LlavaProjector(nn.Module):
         return linear(h, self.linear_2.weight, self.linear_2.bias)
 
 
-class LlavaVisionModel(VisionModel):
+class LlavaVisionModel(FixedSizeVisionModel):
     """Pixels [B, 3, H, W] → projected image embeddings [B, tokens_per_image, hidden_size]."""
 
     def __init__(self, config: LlavaVisionConfig):
@@ -131,13 +131,6 @@ class LlavaVisionModel(VisionModel):
         selected = [states[k][:, start:] for k in layers]
         features = selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)  # [B, N, D·k]
         return self.multi_modal_projector(features)
-
-    @torch.inference_mode()
-    def embed_batch(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Preprocessed images, B × [3, H, W] → one [tokens_per_image, hidden_size] tensor each, batched through the model."""
-        if not pixels:
-            return []
-        return list(self(torch.stack(pixels).to(self.device, self.dtype)).unbind(0))
 
     @property
     def tokens_per_image(self) -> int:
