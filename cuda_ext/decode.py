@@ -43,7 +43,8 @@ DECODE_MODES = ("auto", "reference")
 # The kernel's register blocking is for the few rows of a decode step; a prompt's logits
 # (prefill with all_logits) are a matrix product, for oneDNN / MKL.
 MATVEC_MAX_ROWS = 8
-# `decode_layer`'s gated-MLP activation for each `DecoderConfig.hidden_act` (shared.layers.GATE_ACTIVATIONS).
+# The kernels' activation (`decode_layer`'s `act`, `activation_`'s) for each `DecoderConfig.hidden_act`
+# (shared.layers.GATE_ACTIVATIONS); the values are the names the vision towers use too (clip.ACTIVATIONS).
 KERNEL_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 

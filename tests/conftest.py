@@ -110,3 +110,9 @@ def every_gemm_mkl_packed(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(mkl_packed, "linear", counted)
     return calls
+
+
+@pytest.fixture(params=["as-deployed", "mkl-packed"])
+def gemm_paths(request) -> list[int] | None:
+    """Runs a test twice: with the GEMMs as deployed (None), and with `every_gemm_mkl_packed` (its call count)."""
+    return request.getfixturevalue("every_gemm_mkl_packed") if request.param == "mkl-packed" else None

@@ -92,14 +92,12 @@ def test_registry_maps_gemma3_with_siglip(s):
     assert isinstance(load_vision_model(s.path, dtype="float32"), Gemma3VisionModel)
 
 
-@pytest.mark.parametrize("gemms", ["as-deployed", "mkl-packed"])
 @pytest.mark.parametrize("count", [1, 3])
-def test_vision_and_projector_match_get_image_features(s, count, gemms, request):
+def test_vision_and_projector_match_get_image_features(s, count, gemm_paths):
     imgs = images(SIZES[:count])
     expected = reference_features(s, imgs)
-    packed = request.getfixturevalue("every_gemm_mkl_packed") if gemms == "mkl-packed" else None
     got = s.vision.embed(imgs)
-    assert packed is None or packed[0] > 0
+    assert gemm_paths is None or gemm_paths[0] > 0  # the packed run packed
     assert [g.shape for g in got] == [e.shape for e in expected] == [(16, 64)] * count
     assert max((g - e).abs().max().item() for g, e in zip(got, expected)) <= ATOL
 

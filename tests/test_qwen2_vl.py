@@ -62,15 +62,13 @@ def containers(vision: Qwen2VLVisionModel, pre, rows: list[torch.Tensor]) -> lis
 # --- vision -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("gemms", ["as-deployed", "mkl-packed"])
 @pytest.mark.parametrize("count", [1, 3])
-def test_vision_and_merger_match_get_image_features(setup, count, gemms, monkeypatch, request):
+def test_vision_and_merger_match_get_image_features(setup, count, gemm_paths, monkeypatch):
     _, _, ref, vision, _, _ = setup
-    packed = request.getfixturevalue("every_gemm_mkl_packed") if gemms == "mkl-packed" else None
     pre = [vision.preprocessor(im) for im in images(SIZES[:count])]
     expected = reference_features(ref, pre)
     fast = vision.embed_batch(pre)
-    assert packed is None or packed[0] > 0
+    assert gemm_paths is None or gemm_paths[0] > 0  # the packed run packed
     monkeypatch.setattr(clip, "CPU_FAST_PATHS", False)  # the torch-op path every non-CPU device takes
     plain = vision.embed_batch(pre)
     for got in (fast, plain):

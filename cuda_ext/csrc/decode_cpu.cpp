@@ -1,5 +1,6 @@
 // The CPU decode step of a Llama-style layer as one torch op, the matrix-vector product
-// alone (the LM head), and the gated activation in place (the vision towers' MLPs). Batch-1 decoding reads every weight once per token, so its
+// alone (the LM head), and the gated activation in place (the vision towers' MLPs).
+// Batch-1 decoding reads every weight once per token, so its
 // speed is memory bandwidth; eager PyTorch spends ~35 ops per layer around the four
 // weight reads, each with dispatch overhead while memory idles. Here a layer is the four
 // products (decode_kernels.h, split over torch's threads) with the small steps between
@@ -233,7 +234,6 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
       TORCH_CHECK((*norm)->size(0) == d, "attn_out_norm and mlp_out_norm must be [", d, "], got ", (*norm)->sizes());
     }
   }
-  TORCH_CHECK(act == "silu" || act == "gelu_tanh", "act must be \"silu\" or \"gelu_tanh\", got \"", act, "\"");
   if (bqkv.has_value()) {
     check_float(*bqkv, "bqkv", 1);
     TORCH_CHECK(bqkv->size(0) == qkv_size, "bqkv must be [", qkv_size, "], got ", bqkv->sizes());
@@ -274,6 +274,7 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
   float* chunk_out = scores + sizes[6];  // [N · Hkv · chunks, group, hd + 2]: see attend_cache
   at::Tensor out = at::empty({rows, d}, x.options());
   const DecodeKernels& k = kernels();
+  const ActMul act_mul = act_mul_kernel(k, act);  // an unknown act fails here, before the cache is written
 
   rms_norm(x.data_ptr<float>(), input_norm.data_ptr<float>(), rows, d, eps, h);
   matvec_parallel({wqkv.data_ptr<float>(), d, h, rows, bqkv ? bqkv->data_ptr<float>() : nullptr, nullptr, qkv, qkv_size},
@@ -315,7 +316,6 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
 
   rms_norm(mid, post_norm.data_ptr<float>(), rows, d, eps, h);
   // Each thread computes its gate rows and the matching up rows, then their product: no pass in between.
-  const auto act_mul = act_mul_kernel(k, act);
   const MatvecArgs gate_up_args{w_gate_up.data_ptr<float>(), d, h, rows, nullptr, nullptr, gate_up, 2 * inter};
   parallel_rows(inter, 2 * d * static_cast<int64_t>(sizeof(float)), [&](int64_t m0, int64_t m1) {  // a gate row and an up row
     k.matvec(gate_up_args, m0, m1);

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cuda_ext.decode import cpu_decode_ops
+from cuda_ext.decode import KERNEL_ACTIVATIONS, cpu_decode_ops
 from embedder_service.models import mkl_packed
 from shared.errors import CheckpointError, InvalidInput
 
@@ -51,7 +51,7 @@ def activation(name: str) -> str:
 
 def apply_activation(x: torch.Tensor, act: str, inplace: bool = False) -> torch.Tensor:
     """act(x); `inplace` overwrites x where a kernel does it in place (the CPU kernels' silu and tanh GELU, torch's relu)."""
-    if inplace and act in KERNEL_ACTIVATIONS and (kernels := _cpu_kernels(x)) is not None:
+    if inplace and act in KERNEL_ACTIVATIONS.values() and (kernels := _cpu_kernels(x)) is not None:
         return kernels.activation_(x, None, act)
     if act == "gelu":
         return F.gelu(x)
@@ -68,13 +68,9 @@ def apply_activation(x: torch.Tensor, act: str, inplace: bool = False) -> torch.
 
 def gated_activation_(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
     """act(gate) · up, written over gate (a gated MLP's hidden state): one pass with the CPU kernels."""
-    if act in KERNEL_ACTIVATIONS and up.is_contiguous() and (kernels := _cpu_kernels(gate)) is not None:
+    if act in KERNEL_ACTIVATIONS.values() and up.is_contiguous() and (kernels := _cpu_kernels(gate)) is not None:
         return kernels.activation_(gate, up, act)
     return apply_activation(gate, act, inplace=True).mul_(up)
-
-
-# Activations the CPU kernels compute (`torch.ops.vlmq_decode_cpu.activation_`, one pass, in place).
-KERNEL_ACTIVATIONS = ("silu", "gelu_tanh")
 
 
 def _cpu_kernels(x: torch.Tensor):
