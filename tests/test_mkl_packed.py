@@ -25,18 +25,28 @@ def exact(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Ten
 @pytest.fixture(autouse=True)
 def small_weights_packed(monkeypatch):
     monkeypatch.setattr(mkl_packed, "MIN_PACKED_ELEMENTS", M * K)
-    monkeypatch.setattr(mkl_packed, "BLOCK_ROWS", 16)
+    monkeypatch.setattr(mkl_packed, "MIN_PACKED_ROWS", 16)
 
 
-@pytest.mark.parametrize("shape", [(3, 7, K), (16, K), (16 * 2 + 5, K)], ids=["images", "one-block", "blocks-and-a-remainder"])
+@pytest.fixture
+def reorders(monkeypatch) -> list[int]:
+    """The row count of every pack made."""
+    packs = []
+    reorder = torch.ops.mkl._mkl_reorder_linear_weight
+    monkeypatch.setattr(mkl_packed, "_reorder", lambda weight, rows: packs.append(rows) or reorder(weight, rows))
+    return packs
+
+
+@pytest.mark.parametrize("shape", [(3, 7, K), (16, K), (37, K)], ids=["images", "fewest-rows", "a-sequence"])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_blocks_of_rows_compute_the_product(shape, with_bias):
+def test_the_packed_gemm_computes_the_product(shape, with_bias, reorders):
     w, b = weights()
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
     b = b if with_bias else None
     got = mkl_packed.linear(x, w, b)
     assert got.shape == (*shape[:-1], M)
     torch.testing.assert_close(got.double(), exact(x, w, b), atol=1e-5, rtol=1e-5)
+    assert reorders == [x.numel() // K]  # all rows in one packed GEMM, not a block and an unpacked rest
 
 
 def test_a_weight_changed_in_place_is_packed_again():
@@ -47,24 +57,21 @@ def test_a_weight_changed_in_place_is_packed_again():
     torch.testing.assert_close(mkl_packed.linear(x, w, b).double(), exact(x, w, b), atol=1e-5, rtol=1e-5)
 
 
-def test_a_pack_is_made_once_per_weight_and_block_size(monkeypatch):
+def test_a_weight_is_packed_again_only_when_the_row_count_changes(reorders):
     w, b = weights()
-    packs = []
-    reorder = torch.ops.mkl._mkl_reorder_linear_weight
-    monkeypatch.setattr(mkl_packed, "_reorder", lambda weight, rows: packs.append(rows) or reorder(weight, rows))
-    for x in (torch.randn(16, K), torch.randn(40, K), torch.randn(2, 5, K), torch.randn(4, 5, K)):
-        mkl_packed.linear(x, w, b)
-    assert packs == [16, 5]
+    for x in (torch.randn(16, K), torch.randn(16, K), torch.randn(4, 5, K), torch.randn(20, K), torch.randn(40, K)):
+        torch.testing.assert_close(mkl_packed.linear(x, w, b).double(), exact(x, w, b), atol=1e-5, rtol=1e-5)
+    assert reorders == [16, 20, 40]
 
 
 @pytest.mark.parametrize(
     "case",
-    ["fewer rows than a block", "small weight", "view of a weight", "bfloat16", "switched off"],
+    ["fewer rows than the least", "small weight", "view of a weight", "bfloat16", "switched off"],
 )
 def test_what_it_does_not_take_is_left_to_the_caller(case, monkeypatch):
     w, b = weights()
     x = torch.randn(16, K)
-    if case == "fewer rows than a block":
+    if case == "fewer rows than the least":
         x = x[:15]
     elif case == "small weight":
         monkeypatch.setattr(mkl_packed, "MIN_PACKED_ELEMENTS", M * K + 1)

@@ -82,8 +82,8 @@ def _cpu_kernels(x: torch.Tensor):
 
 # --- linear layers: MKL-packed weights or oneDNN on the CPU, torch ops elsewhere (the reference) --------
 #
-# On the CPU, float32 GEMMs of at least a block of rows run on weights MKL packed once (`mkl_packed`: the
-# fastest measured here), then the activation (the CPU kernels' for silu and tanh GELU) or the residual,
+# On the CPU, float32 GEMMs of enough rows run on weights MKL packed (`mkl_packed`: the fastest measured
+# here), then the activation (the CPU kernels' for silu and tanh GELU) or the residual,
 # in place. The others go through oneDNN, which fuses the activation or the residual add into the GEMM's
 # epilogue; on some CPUs (AMD EPYC) aten's sgemm runs an AVX2 code path where oneDNN's JIT uses AVX-512,
 # ~2× faster on the same shapes. Both are ops inductor emits for frozen CPU linears; numerics are ordinary

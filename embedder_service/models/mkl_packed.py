@@ -1,4 +1,4 @@
-"""float32 GEMMs against weights MKL has packed once: the vision towers' CPU linears.
+"""float32 GEMMs against weights MKL has packed: the vision towers' CPU linears.
 
 A plain sgemm (aten) or oneDNN matmul repacks the weight into its kernel's layout
 on every call; MKL can pack it once (`cblas_sgemm_pack`) and compute from the pack.
@@ -8,14 +8,19 @@ as in the tower) that measured 0.97–0.99 of a 2048³ matmul's GFLOP/s here, ag
 emits for frozen CPU linears (`torch.ops.mkl._mkl_linear`).
 
 Two properties of it shape this module:
-- it computes from the pack only for the row count the weight was packed for (other
-  counts run aten's unpacked GEMM), so rows go in blocks of one size: for x
-  [B, N, K] one image's N rows, for a packed sequence of images [N, K] `BLOCK_ROWS`;
-  a sequence shorter than a block is not ours (`None`: the caller's GEMM runs it);
+- it computes from the pack only for the row count the weight was packed for (any
+  other count runs aten's unpacked GEMM), so a weight is packed for the rows of the
+  GEMM at hand, all of them in one call, and packed again when a pass brings another
+  count (a batch of another size, an image of another resolution). Packing costs about
+  0.5 ms for a ViT-B weight, 3–6% of a 1024-row GEMM over it; blocks of a fixed row
+  count joined by `torch.cat` made a Pixtral image's 768 rows 13–15% slower through
+  the tower. GEMMs of fewer than `MIN_PACKED_ROWS` rows are not ours (`None`:
+  the caller's GEMM runs them): there, repacking would cost as much as it saves;
 - a pack takes 2–5× the weight's memory, 7.6 MB at the least, so only weights of
-  `MIN_PACKED_ELEMENTS` or more are packed: once per block size, at first use, kept
-  while the weight lives (keyed weakly by it), and packed again if the weight was
-  modified in place. Views are not packed: a view made per call would be packed per call.
+  `MIN_PACKED_ELEMENTS` or more are packed: at first use, one pack per weight (for the
+  row count it last ran), kept while the weight lives (keyed weakly by it), and packed
+  again if the weight was modified in place. Views are not packed: a view made per call
+  would be packed per call.
 
 `VLMQ_PACKED_WEIGHTS=off` keeps every GEMM on the caller's path (oneDNN), for a CPU
 worker that cannot spare the memory.
@@ -30,10 +35,10 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-BLOCK_ROWS = 256  # rows per GEMM of a packed sequence: past ~200 rows the packed GEMM runs at full speed
+MIN_PACKED_ROWS = 128  # fewer rows: the GEMM takes about as long as packing its weight again would
 MIN_PACKED_ELEMENTS = 512 * 512  # smaller GEMMs gain little, and the pack would dwarf the weight
 
-_packs: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight → (its _version when packed, {rows: pack})
+_packs: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight → (its _version, rows, pack) when packed
 
 
 def enabled_from_env() -> bool:
@@ -68,20 +73,19 @@ def _reorder(weight: Tensor, rows: int) -> Tensor:
 
 
 def _pack(weight: Tensor, rows: int) -> Tensor:
-    version, packs = _packs.get(weight, (None, {}))
-    if version != weight._version:  # first use, or the weight changed in place since it was packed
-        packs = {}
-        _packs[weight] = (weight._version, packs)
-    if rows not in packs:
-        packs[rows] = _reorder(weight, rows)
-    return packs[rows]
+    version, packed_rows, pack = _packs.get(weight, (None, None, None))
+    # First use, another row count, or the weight changed in place since it was packed.
+    if (version, packed_rows) != (weight._version, rows):
+        pack = _reorder(weight, rows)
+        _packs[weight] = (weight._version, rows, pack)
+    return pack
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
     """x @ weightᵀ + bias from a packed weight, or None where this does not apply.  x: [..., K], weight: [M, K] → [..., M].
 
     Applies to float32 CPU tensors, a contiguous weight that is not a view and has at least
-    `MIN_PACKED_ELEMENTS`, and at least one whole block of rows.
+    `MIN_PACKED_ELEMENTS`, and at least `MIN_PACKED_ROWS` rows of x.
     """
     if not (
         x.dtype == weight.dtype == torch.float32 and x.device.type == weight.device.type == "cpu"
@@ -89,12 +93,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
         and weight.numel() >= MIN_PACKED_ELEMENTS and ENABLED and available()
     ):
         return None
-    rows = x.shape[-2] if x.dim() == 3 else BLOCK_ROWS
     flat = x.reshape(-1, x.shape[-1])  # [R, K]
-    if flat.shape[0] < rows:
+    rows = flat.shape[0]
+    if rows < MIN_PACKED_ROWS:
         return None
-    pack = _pack(weight, rows)
-    # A last block shorter than `rows` runs unpacked inside the same op.
-    blocks = [torch.ops.mkl._mkl_linear(block, pack, weight, bias, rows) for block in flat.split(rows)]  # [≤rows, M] each
-    out = blocks[0] if len(blocks) == 1 else torch.cat(blocks)  # [R, M]
+    out = torch.ops.mkl._mkl_linear(flat, _pack(weight, rows), weight, bias, rows)  # [R, M]
     return out.view(*x.shape[:-1], weight.shape[0])
