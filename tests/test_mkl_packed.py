@@ -46,7 +46,7 @@ def test_the_packed_gemm_computes_the_product(shape, with_bias, reorders):
     got = mkl_packed.linear(x, w, b)
     assert got.shape == (*shape[:-1], M)
     torch.testing.assert_close(got.double(), exact(x, w, b), atol=1e-5, rtol=1e-5)
-    assert reorders == [x.numel() // K]  # all rows in one packed GEMM, not a block and an unpacked rest
+    assert reorders == [x.numel() // K]  # a first GEMM packs for all its rows
 
 
 def test_a_weight_changed_in_place_is_packed_again():
@@ -57,11 +57,23 @@ def test_a_weight_changed_in_place_is_packed_again():
     torch.testing.assert_close(mkl_packed.linear(x, w, b).double(), exact(x, w, b), atol=1e-5, rtol=1e-5)
 
 
-def test_a_weight_is_packed_again_only_when_the_row_count_changes(reorders):
+def test_a_weight_is_packed_again_for_a_row_count_that_comes_twice_in_a_row(reorders):
     w, b = weights()
-    for x in (torch.randn(16, K), torch.randn(16, K), torch.randn(4, 5, K), torch.randn(20, K), torch.randn(40, K)):
-        torch.testing.assert_close(mkl_packed.linear(x, w, b).double(), exact(x, w, b), atol=1e-5, rtol=1e-5)
-    assert reorders == [16, 20, 40]
+    counts = [16, 16, 20, 40, 16, 40, 40, 40, 17]
+    results = [mkl_packed.linear(torch.randn(n, K), w, b) for n in counts]
+    # 16 packed; 20, 40 and 40 seen once each run in blocks of 16; the second 40 in a row repacks;
+    # 17 is fewer rows than a block of 40: the caller's GEMM.
+    assert reorders == [16, 40]
+    assert results[-1] is None and all(r is not None for r in results[:-1])
+
+
+@pytest.mark.parametrize("rows", [20, 40, 37])
+def test_a_row_count_seen_once_runs_in_blocks_of_the_pack(rows, reorders):
+    w, b = weights()
+    mkl_packed.linear(torch.randn(16, K), w, b)
+    x = torch.randn(rows, K, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(mkl_packed.linear(x, w, b).double(), exact(x, w, b), atol=1e-5, rtol=1e-5)
+    assert reorders == [16]
 
 
 @pytest.mark.parametrize(

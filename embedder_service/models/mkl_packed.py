@@ -9,18 +9,20 @@ emits for frozen CPU linears (`torch.ops.mkl._mkl_linear`).
 
 Two properties of it shape this module:
 - it computes from the pack only for the row count the weight was packed for (any
-  other count runs aten's unpacked GEMM), so a weight is packed for the rows of the
-  GEMM at hand, all of them in one call, and packed again when a pass brings another
-  count (a batch of another size, an image of another resolution). Packing costs about
-  0.5 ms for a ViT-B weight, 3–6% of a 1024-row GEMM over it; blocks of a fixed row
-  count joined by `torch.cat` made a Pixtral image's 768 rows 13–15% slower through
-  the tower. GEMMs of fewer than `MIN_PACKED_ROWS` rows are not ours (`None`:
-  the caller's GEMM runs them): there, repacking would cost as much as it saves;
+  other count runs aten's unpacked GEMM). A weight is packed for the row count of its
+  first GEMM, and packed again for another count once that count comes twice in a row
+  (its tower's passes have settled on it: images of one resolution). A count seen once
+  (dynamic resolution: nearly every pass another) runs on the pack it has, in blocks of
+  the pack's rows joined by `torch.cat` with a shorter last block unpacked, or through
+  the caller's GEMM (`None`) when it is fewer rows than a block. Packing costs 0.5–1.5
+  ms for a ViT-B weight (~60 ms for the tower, a third of a one-image pass); blocks
+  made a Pixtral image's 768 rows 7–10% slower through the tower than one GEMM on a
+  pack for 768. GEMMs of fewer than `MIN_PACKED_ROWS` rows are never ours: there,
+  packing would cost as much as it saves;
 - a pack takes 2–5× the weight's memory, 7.6 MB at the least, so only weights of
-  `MIN_PACKED_ELEMENTS` or more are packed: at first use, one pack per weight (for the
-  row count it last ran), kept while the weight lives (keyed weakly by it), and packed
-  again if the weight was modified in place. Views are not packed: a view made per call
-  would be packed per call.
+  `MIN_PACKED_ELEMENTS` or more are packed, one pack per weight, kept while the weight
+  lives (keyed weakly by it), and packed again if the weight was modified in place.
+  Views are not packed: a view made per call would be packed per call.
 
 `VLMQ_PACKED_WEIGHTS=off` keeps every GEMM on the caller's path (oneDNN), for a CPU
 worker that cannot spare the memory.
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -38,7 +41,16 @@ from torch.utils.weak import WeakIdKeyDictionary
 MIN_PACKED_ROWS = 128  # fewer rows: the GEMM takes about as long as packing its weight again would
 MIN_PACKED_ELEMENTS = 512 * 512  # smaller GEMMs gain little, and the pack would dwarf the weight
 
-_packs: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight → (its _version, rows, pack) when packed
+
+@dataclass
+class _Packed:
+    version: int  # the weight's _version when packed
+    rows: int  # the row count the pack is for
+    pack: Tensor
+    last_rows: int  # the row count of the weight's last GEMM
+
+
+_packs: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight → _Packed
 
 
 def enabled_from_env() -> bool:
@@ -72,20 +84,23 @@ def _reorder(weight: Tensor, rows: int) -> Tensor:
     return torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
 
 
-def _pack(weight: Tensor, rows: int) -> Tensor:
-    version, packed_rows, pack = _packs.get(weight, (None, None, None))
-    # First use, another row count, or the weight changed in place since it was packed.
-    if (version, packed_rows) != (weight._version, rows):
-        pack = _reorder(weight, rows)
-        _packs[weight] = (weight._version, rows, pack)
-    return pack
+def _packed_for(weight: Tensor, rows: int) -> _Packed:
+    """The weight's pack, made on first use, again after an in-place change, and again for
+    `rows` when the weight's last GEMM had `rows` too (see the module docstring)."""
+    packed = _packs.get(weight)
+    if packed is None or packed.version != weight._version or (packed.rows != rows and packed.last_rows == rows):
+        packed = _Packed(weight._version, rows, _reorder(weight, rows), rows)
+        _packs[weight] = packed
+    packed.last_rows = rows
+    return packed
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
     """x @ weightᵀ + bias from a packed weight, or None where this does not apply.  x: [..., K], weight: [M, K] → [..., M].
 
     Applies to float32 CPU tensors, a contiguous weight that is not a view and has at least
-    `MIN_PACKED_ELEMENTS`, and at least `MIN_PACKED_ROWS` rows of x.
+    `MIN_PACKED_ELEMENTS`, and at least `MIN_PACKED_ROWS` rows of x, as many as the pack's
+    or more.
     """
     if not (
         x.dtype == weight.dtype == torch.float32 and x.device.type == weight.device.type == "cpu"
@@ -97,5 +112,10 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
     rows = flat.shape[0]
     if rows < MIN_PACKED_ROWS:
         return None
-    out = torch.ops.mkl._mkl_linear(flat, _pack(weight, rows), weight, bias, rows)  # [R, M]
+    packed = _packed_for(weight, rows)
+    if rows < packed.rows:
+        return None
+    # [R, M]: one GEMM on a pack for R rows, or blocks of the pack's rows (a shorter last one unpacked inside the op)
+    blocks = [torch.ops.mkl._mkl_linear(block, packed.pack, weight, bias, packed.rows) for block in flat.split(packed.rows)]
+    out = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
     return out.view(*x.shape[:-1], weight.shape[0])
