@@ -91,15 +91,16 @@ def service_workers(demo_model, redis_server) -> Iterator[Settings]:
 @pytest.fixture
 def every_gemm_mkl_packed(monkeypatch) -> list[int]:
     """Every float32 CPU linear of the vision towers on MKL-packed weights, however small (a tiny
-    model's weights are below `MIN_PACKED_ELEMENTS`, its GEMMs' rows below `MIN_PACKED_ROWS`).
-    Yields the number of packed GEMM calls, for the test to see that some ran.
+    model's weights are below `MIN_PACKED_ELEMENTS`), a count not settled on in blocks of 8 rows, so that
+    whole blocks and shorter last ones both run. Yields the number of packed GEMM calls, for the test
+    to see that some ran.
     Optional path: skipped where torch was built without MKL (then the oneDNN path runs everywhere)."""
     from embedder_service.models import mkl_packed
 
     if not mkl_packed.available():
         pytest.skip("this torch build has no MKL packed GEMM")
     monkeypatch.setattr(mkl_packed, "MIN_PACKED_ELEMENTS", 0)
-    monkeypatch.setattr(mkl_packed, "MIN_PACKED_ROWS", 1)
+    monkeypatch.setattr(mkl_packed, "BLOCK_ROWS", 8)
     calls = [0]
     packed_linear = mkl_packed.linear
 

@@ -25,7 +25,7 @@ def exact(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Ten
 @pytest.fixture(autouse=True)
 def small_weights_packed(monkeypatch):
     monkeypatch.setattr(mkl_packed, "MIN_PACKED_ELEMENTS", M * K)
-    monkeypatch.setattr(mkl_packed, "MIN_PACKED_ROWS", 16)
+    monkeypatch.setattr(mkl_packed, "BLOCK_ROWS", 16)
 
 
 @pytest.fixture
@@ -37,16 +37,18 @@ def reorders(monkeypatch) -> list[int]:
     return packs
 
 
-@pytest.mark.parametrize("shape", [(3, 7, K), (16, K), (37, K)], ids=["images", "fewest-rows", "a-sequence"])
+@pytest.mark.parametrize("shape", [(3, 7, K), (16, K), (37, K)], ids=["images", "one-block", "blocks-and-a-remainder"])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_the_packed_gemm_computes_the_product(shape, with_bias, reorders):
+def test_blocks_and_then_one_settled_gemm_compute_the_product(shape, with_bias, reorders):
     w, b = weights()
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
     b = b if with_bias else None
-    got = mkl_packed.linear(x, w, b)
-    assert got.shape == (*shape[:-1], M)
-    torch.testing.assert_close(got.double(), exact(x, w, b), atol=1e-5, rtol=1e-5)
-    assert reorders == [x.numel() // K]  # a first GEMM packs for all its rows
+    for _ in range(3):  # a first count in blocks of 16; the same count again is settled: one GEMM for all rows
+        got = mkl_packed.linear(x, w, b)
+        assert got.shape == (*shape[:-1], M)
+        torch.testing.assert_close(got.double(), exact(x, w, b), atol=1e-5, rtol=1e-5)
+    rows = x.numel() // K
+    assert reorders == ([16] if rows == 16 else [16, rows])
 
 
 def test_a_weight_changed_in_place_is_packed_again():
@@ -57,33 +59,24 @@ def test_a_weight_changed_in_place_is_packed_again():
     torch.testing.assert_close(mkl_packed.linear(x, w, b).double(), exact(x, w, b), atol=1e-5, rtol=1e-5)
 
 
-def test_a_weight_is_packed_again_for_a_row_count_that_comes_twice_in_a_row(reorders):
+def test_a_weight_is_packed_again_only_between_blocks_and_a_settled_count(reorders):
     w, b = weights()
-    counts = [16, 16, 20, 40, 16, 40, 40, 40, 17]
+    counts = [20, 20, 20, 40, 16, 40, 40, 17, 10, 10]
     results = [mkl_packed.linear(torch.randn(n, K), w, b) for n in counts]
-    # 16 packed; 20, 40 and 40 seen once each run in blocks of 16; the second 40 in a row repacks;
-    # 17 is fewer rows than a block of 40: the caller's GEMM.
-    assert reorders == [16, 40]
-    assert results[-1] is None and all(r is not None for r in results[:-1])
-
-
-@pytest.mark.parametrize("rows", [20, 40, 37])
-def test_a_row_count_seen_once_runs_in_blocks_of_the_pack(rows, reorders):
-    w, b = weights()
-    mkl_packed.linear(torch.randn(16, K), w, b)
-    x = torch.randn(rows, K, generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(mkl_packed.linear(x, w, b).double(), exact(x, w, b), atol=1e-5, rtol=1e-5)
-    assert reorders == [16]
+    # 20 in blocks, then settled on; 40 once: blocks again; 16 is the blocks' own count; 40 twice: settled;
+    # 17 once: blocks; 10 once is less than a block (the caller's GEMM), twice settled.
+    assert reorders == [16, 20, 16, 40, 16, 10]
+    assert [r is None for r in results] == [n == 10 for n in counts[:-1]] + [False]
 
 
 @pytest.mark.parametrize(
     "case",
-    ["fewer rows than the least", "small weight", "view of a weight", "bfloat16", "switched off"],
+    ["fewer rows than a block", "small weight", "view of a weight", "bfloat16", "switched off"],
 )
 def test_what_it_does_not_take_is_left_to_the_caller(case, monkeypatch):
     w, b = weights()
     x = torch.randn(16, K)
-    if case == "fewer rows than the least":
+    if case == "fewer rows than a block":
         x = x[:15]
     elif case == "small weight":
         monkeypatch.setattr(mkl_packed, "MIN_PACKED_ELEMENTS", M * K + 1)

@@ -9,16 +9,15 @@ emits for frozen CPU linears (`torch.ops.mkl._mkl_linear`).
 
 Two properties of it shape this module:
 - it computes from the pack only for the row count the weight was packed for (any
-  other count runs aten's unpacked GEMM). A weight is packed for the row count of its
-  first GEMM, and packed again for another count once that count comes twice in a row
-  (its tower's passes have settled on it: images of one resolution). A count seen once
-  (dynamic resolution: nearly every pass another) runs on the pack it has, in blocks of
-  the pack's rows joined by `torch.cat` with a shorter last block unpacked, or through
-  the caller's GEMM (`None`) when it is fewer rows than a block. Packing costs 0.5–1.5
-  ms for a ViT-B weight (~60 ms for the tower, a third of a one-image pass); blocks
-  made a Pixtral image's 768 rows 7–10% slower through the tower than one GEMM on a
-  pack for 768. GEMMs of fewer than `MIN_PACKED_ROWS` rows are never ours: there,
-  packing would cost as much as it saves;
+  other count runs aten's unpacked GEMM). When a weight's GEMM has the row count of
+  its last one (its tower's passes have settled on one image size), the weight is
+  packed for exactly that count and all the rows are one GEMM: a Pixtral image's 768
+  rows went through the tower 7–10% faster so than in blocks. Any other count
+  (dynamic resolution: nearly every pass another) runs in blocks of `BLOCK_ROWS` on a
+  pack for that many, joined by `torch.cat`, a shorter last block unpacked inside the
+  op, or through the caller's GEMM (`None`) when it is less than a block. So a weight
+  is packed again only when its passes go from one regime to the other: 0.5–1.5 ms
+  for a ViT-B weight, ~60 ms for the tower (a third of a one-image pass);
 - a pack takes 2–5× the weight's memory, 7.6 MB at the least, so only weights of
   `MIN_PACKED_ELEMENTS` or more are packed, one pack per weight, kept while the weight
   lives (keyed weakly by it), and packed again if the weight was modified in place.
@@ -38,16 +37,16 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-MIN_PACKED_ROWS = 128  # fewer rows: the GEMM takes about as long as packing its weight again would
+BLOCK_ROWS = 256  # rows per GEMM of a count not settled on: past ~200 rows the packed GEMM runs at full speed
 MIN_PACKED_ELEMENTS = 512 * 512  # smaller GEMMs gain little, and the pack would dwarf the weight
 
 
 @dataclass
 class _Packed:
-    version: int  # the weight's _version when packed
-    rows: int  # the row count the pack is for
-    pack: Tensor
     last_rows: int  # the row count of the weight's last GEMM
+    version: int | None = None  # the weight's _version when packed
+    rows: int | None = None  # the row count the pack is for
+    pack: Tensor | None = None
 
 
 _packs: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight → _Packed
@@ -84,23 +83,26 @@ def _reorder(weight: Tensor, rows: int) -> Tensor:
     return torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
 
 
-def _packed_for(weight: Tensor, rows: int) -> _Packed:
-    """The weight's pack, made on first use, again after an in-place change, and again for
-    `rows` when the weight's last GEMM had `rows` too (see the module docstring)."""
+def _pack(weight: Tensor, rows: int) -> tuple[Tensor, int] | None:
+    """(pack, its row count) for a GEMM of `rows` rows, packing as the module docstring says; None: not ours."""
     packed = _packs.get(weight)
-    if packed is None or packed.version != weight._version or (packed.rows != rows and packed.last_rows == rows):
-        packed = _Packed(weight._version, rows, _reorder(weight, rows), rows)
-        _packs[weight] = packed
+    settled = packed is not None and rows in (packed.last_rows, packed.rows)
+    if packed is None:
+        packed = _packs[weight] = _Packed(last_rows=rows)
     packed.last_rows = rows
-    return packed
+    want = rows if settled else BLOCK_ROWS
+    if rows < want:
+        return None
+    if (packed.version, packed.rows) != (weight._version, want):  # not packed yet, another count, or changed in place
+        packed.pack, packed.version, packed.rows = _reorder(weight, want), weight._version, want
+    return packed.pack, want
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
     """x @ weightᵀ + bias from a packed weight, or None where this does not apply.  x: [..., K], weight: [M, K] → [..., M].
 
-    Applies to float32 CPU tensors, a contiguous weight that is not a view and has at least
-    `MIN_PACKED_ELEMENTS`, and at least `MIN_PACKED_ROWS` rows of x, as many as the pack's
-    or more.
+    Applies to float32 CPU tensors and a contiguous weight that is not a view and has at
+    least `MIN_PACKED_ELEMENTS`, for a row count settled on or of at least `BLOCK_ROWS`.
     """
     if not (
         x.dtype == weight.dtype == torch.float32 and x.device.type == weight.device.type == "cpu"
@@ -109,13 +111,11 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
     ):
         return None
     flat = x.reshape(-1, x.shape[-1])  # [R, K]
-    rows = flat.shape[0]
-    if rows < MIN_PACKED_ROWS:
+    found = _pack(weight, flat.shape[0])
+    if found is None:
         return None
-    packed = _packed_for(weight, rows)
-    if rows < packed.rows:
-        return None
-    # [R, M]: one GEMM on a pack for R rows, or blocks of the pack's rows (a shorter last one unpacked inside the op)
-    blocks = [torch.ops.mkl._mkl_linear(block, packed.pack, weight, bias, packed.rows) for block in flat.split(packed.rows)]
+    pack, rows = found
+    # [R, M]: one GEMM on a pack for R rows, or blocks of `rows` (a shorter last one unpacked inside the op)
+    blocks = [torch.ops.mkl._mkl_linear(block, pack, weight, bias, rows) for block in flat.split(rows)]
     out = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
     return out.view(*x.shape[:-1], weight.shape[0])
