@@ -12,7 +12,7 @@ Two properties of it shape this module:
   other count runs aten's unpacked GEMM). When a weight's GEMM has the row count of
   its last one (its tower's passes have settled on one image size), the weight is
   packed for exactly that count and all the rows are one GEMM: a Pixtral image's 768
-  rows went through the tower 7–10% faster so than in blocks. Any other count
+  rows went through the tower 7–10% faster that way than in blocks. Any other count
   (dynamic resolution: nearly every pass another) runs in blocks of `BLOCK_ROWS` on a
   pack for that many, joined by `torch.cat`, a shorter last block unpacked inside the
   op, or through the caller's GEMM (`None`) when it is less than a block. So a weight
