@@ -9,8 +9,6 @@ Every family's model is a `VisionModel` with the same surface: `from_checkpoint(
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,24 +36,6 @@ def open_checkpoint(
     if family.vision_model != f"{model_class.__module__}:{model_class.__name__}":
         raise CheckpointError(f"{ckpt.path}: a {family.name} checkpoint is served by {family.vision_model}, not {model_class.__name__}")
     return ckpt, resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
-
-
-def one_image_per_pass_on_cpu(forward: Callable[[Any, torch.Tensor], torch.Tensor]) -> Callable[[Any, torch.Tensor], torch.Tensor]:
-    """For a fixed-size tower's forward, pixels [B, 3, H, W] → [B, ...]: on the CPU, each image alone.
-
-    A pass's row count is then the same whatever the batch size, so the GEMMs stay settled on
-    it (`mkl_packed`: one GEMM on a pack for exactly those rows), and no change of batch size
-    costs a repack (~60 ms for ViT-B, a third of a one-image pass); one pass of 8 images
-    measured only 1–7% faster than 8 passes of one. A GPU takes the whole batch.
-    """
-
-    @functools.wraps(forward)
-    def wrapped(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if pixel_values.device.type != "cpu" or pixel_values.shape[0] == 1:
-            return forward(self, pixel_values)
-        return torch.cat([forward(self, image[None]) for image in pixel_values])
-
-    return wrapped
 
 
 class VisionModel(torch.nn.Module):

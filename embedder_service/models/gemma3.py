@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embedder_service.models import FixedSizeVisionModel, one_image_per_pass_on_cpu, open_checkpoint
+from embedder_service.models import FixedSizeVisionModel, open_checkpoint
 from embedder_service.models.clip import linear
 from embedder_service.models.siglip import SiglipVisionConfig, SiglipVisionTower
 from embedder_service.preprocess.gemma3 import Gemma3Preprocessor
@@ -135,7 +135,6 @@ class Gemma3VisionModel(FixedSizeVisionModel):
         model._fingerprint = ckpt.fingerprint
         return model
 
-    @one_image_per_pass_on_cpu
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # pixel_values: [B, 3, H, W] → [B, tokens, hidden]
         return self.multi_modal_projector(self.vision_tower(pixel_values))

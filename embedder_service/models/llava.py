@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from embedder_service.models import FixedSizeVisionModel, one_image_per_pass_on_cpu, open_checkpoint
+from embedder_service.models import FixedSizeVisionModel, open_checkpoint
 from embedder_service.models.clip import ClipVisionConfig, ClipVisionTower, activation, linear
 from embedder_service.preprocess.clip import ClipPreprocessor
 from shared.checkpoint import Checkpoint
@@ -122,7 +122,6 @@ class LlavaVisionModel(FixedSizeVisionModel):
         model._fingerprint = ckpt.fingerprint
         return model
 
-    @one_image_per_pass_on_cpu
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # pixel_values: [B, 3, H, W] → [B, N, hidden]
         layers = self.config.feature_layers
