@@ -24,6 +24,7 @@ def exact(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Ten
 
 @pytest.fixture(autouse=True)
 def small_weights_packed(monkeypatch):
+    monkeypatch.setattr(mkl_packed, "MODE", "on")  # whichever GEMM is faster on this CPU
     monkeypatch.setattr(mkl_packed, "MIN_PACKED_ELEMENTS", M * K)
     monkeypatch.setattr(mkl_packed, "BLOCK_ROWS", 16)
 
@@ -71,7 +72,7 @@ def test_a_weight_is_packed_again_only_between_blocks_and_a_settled_count(reorde
 
 @pytest.mark.parametrize(
     "case",
-    ["fewer rows than a block", "small weight", "view of a weight", "bfloat16", "switched off"],
+    ["fewer rows than a block", "small weight", "view of a weight", "bfloat16", "switched off", "auto where oneDNN is faster"],
 )
 def test_what_it_does_not_take_is_left_to_the_caller(case, monkeypatch):
     w, b = weights()
@@ -81,7 +82,10 @@ def test_what_it_does_not_take_is_left_to_the_caller(case, monkeypatch):
     elif case == "small weight":
         monkeypatch.setattr(mkl_packed, "MIN_PACKED_ELEMENTS", M * K + 1)
     elif case == "switched off":
-        monkeypatch.setattr(mkl_packed, "ENABLED", False)
+        monkeypatch.setattr(mkl_packed, "MODE", "off")
+    elif case == "auto where oneDNN is faster":
+        monkeypatch.setattr(mkl_packed, "MODE", "auto")
+        monkeypatch.setattr(mkl_packed, "faster_than_onednn", lambda: False)
     elif case == "view of a weight":
         w = torch.randn(M * K).view(M, K)  # contiguous, but a view: made per call, it would be packed per call
     else:
@@ -91,9 +95,40 @@ def test_what_it_does_not_take_is_left_to_the_caller(case, monkeypatch):
 
 def test_the_switch_comes_from_the_environment_and_bad_values_are_refused(monkeypatch):
     monkeypatch.delenv("VLMQ_PACKED_WEIGHTS", raising=False)
-    assert mkl_packed.enabled_from_env()
+    assert mkl_packed.mode_from_env() == "auto"
     monkeypatch.setenv("VLMQ_PACKED_WEIGHTS", " OFF ")
-    assert not mkl_packed.enabled_from_env()
+    assert mkl_packed.mode_from_env() == "off"
     monkeypatch.setenv("VLMQ_PACKED_WEIGHTS", "no")
-    with pytest.raises(ValueError, match="VLMQ_PACKED_WEIGHTS='no': expected on or off"):
-        mkl_packed.enabled_from_env()
+    with pytest.raises(ValueError, match="VLMQ_PACKED_WEIGHTS='no': expected one of auto, on, off"):
+        mkl_packed.mode_from_env()
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_auto_packs_only_where_the_packed_gemm_was_timed_faster(faster, monkeypatch):
+    monkeypatch.setattr(mkl_packed, "MODE", "auto")
+    monkeypatch.setattr(mkl_packed, "faster_than_onednn", lambda: faster)
+    w, b = weights()
+    x = torch.randn(mkl_packed.BLOCK_ROWS, K)
+    out = mkl_packed.linear(x, w, b)
+    assert (out is not None) == faster
+    if faster:
+        torch.testing.assert_close(out.double(), exact(x, w, b), atol=1e-5, rtol=1e-5)
+
+
+def test_the_timing_compares_the_two_gemms_and_is_done_once(monkeypatch):
+    mkl_packed.faster_than_onednn.cache_clear()
+    calls = {"packed": 0, "onednn": 0}
+    packed_op, onednn_op = torch.ops.mkl._mkl_linear, torch.ops.mkldnn._linear_pointwise
+
+    def counting(kind, op):
+        def run(*args):
+            calls[kind] += 1
+            return op(*args)
+        return run
+
+    monkeypatch.setattr(torch.ops.mkl, "_mkl_linear", counting("packed", packed_op))
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", counting("onednn", onednn_op))
+    first = mkl_packed.faster_than_onednn(rounds=3)
+    assert isinstance(first, bool) and calls == {"packed": 3, "onednn": 3}
+    assert mkl_packed.faster_than_onednn(rounds=3) is first and calls == {"packed": 3, "onednn": 3}
+    mkl_packed.faster_than_onednn.cache_clear()
