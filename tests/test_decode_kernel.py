@@ -49,15 +49,21 @@ def _isas(ops) -> list[str]:
     return ["best"] + (["avx2"] if ops.isa() == "avx512" else [])
 
 
-@pytest.fixture(params=["best", "avx2"])
+@pytest.fixture(params=[("best", True), ("best", False), ("avx2", True), ("avx2", False)],
+                ids=["best", "best-no-prefetch", "avx2", "avx2-no-prefetch"])
 def isa(request, ops):
-    """Each instruction set this CPU can run, restored to the best afterwards."""
-    if request.param not in _isas(ops):
+    """Each instruction set this CPU can run, with and without the products' prefetching (chosen by
+    timing, so either may be the one in use), restored afterwards."""
+    name, prefetch = request.param
+    if name not in _isas(ops):
         pytest.skip(f"the CPU's best kernels are {ops.isa()}: no second instruction set to test")
-    used = ops.use_isa(request.param)
-    assert request.param == "best" or used == "avx2"
+    chosen = decode.choose_prefetch(ops)
+    used = ops.use_isa(name)
+    assert name == "best" or used == "avx2"
+    assert ops.use_prefetch(prefetch) is prefetch
     yield used
     ops.use_isa("best")
+    ops.use_prefetch(chosen)
 
 
 @pytest.fixture

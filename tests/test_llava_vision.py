@@ -111,6 +111,22 @@ def test_linear_paths_agree(act, residual, monkeypatch):
     torch.testing.assert_close(plain.double(), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_onednn_weight_is_reordered_once_per_weight_and_again_after_an_in_place_change():
+    if not clip.onednn_linear_available():
+        pytest.skip("optional path: this torch build has no oneDNN linear (the torch path runs)")
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(24, 16, generator=g), torch.randn(3, 16, generator=g)
+    first = clip.onednn_weight(w)
+    assert first.is_mkldnn and clip.onednn_weight(w) is first
+    w.mul_(2)
+    second = clip.onednn_weight(w)
+    assert second is not first
+    got = torch.ops.mkldnn._linear_pointwise(x, second, None, "none", [], "")
+    torch.testing.assert_close(got.double(), x.double() @ w.double().T, atol=1e-5, rtol=1e-5)
+    view = torch.randn(24 * 16, generator=g).view(24, 16)  # made per call: reordering it would be per call
+    assert clip.onednn_weight(view) is view
+
+
 def test_images_end_to_end_match_reference_processor_and_model(checkpoint, reference):
     from transformers import CLIPImageProcessorPil
 

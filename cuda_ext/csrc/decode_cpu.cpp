@@ -41,13 +41,13 @@ int64_t grain(int64_t unit_bytes) {
   return unit_bytes <= 0 ? 1 : std::max<int64_t>(1, (kGrainBytes + unit_bytes - 1) / unit_bytes);
 }
 
-const DecodeKernels* best_kernels() {
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) return &decode_kernels_avx512();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &decode_kernels_avx2();
+const DecodeKernels* best_kernels(bool prefetch) {
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) return &decode_kernels_avx512(prefetch);
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &decode_kernels_avx2(prefetch);
   return nullptr;
 }
 
-const DecodeKernels* g_kernels = best_kernels();
+const DecodeKernels* g_kernels = best_kernels(true);  // cuda_ext.decode times the products without prefetching too
 
 const DecodeKernels& kernels() {
   TORCH_CHECK(g_kernels != nullptr, "the CPU decode kernels need AVX2 and FMA; this CPU has neither AVX2 nor AVX-512");
@@ -339,15 +339,25 @@ std::string isa() { return g_kernels == nullptr ? "none" : g_kernels->isa; }
 // For tests: run the AVX2 kernels on an AVX-512 CPU ("avx2"), or the best this CPU has ("best").
 // Returns the instruction set now in use.
 std::string use_isa(const std::string& name) {
+  const bool prefetch = g_kernels == nullptr || g_kernels->prefetch;
   if (name == "best") {
-    g_kernels = best_kernels();
+    g_kernels = best_kernels(prefetch);
   } else if (name == "avx2") {
     TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"), "this CPU has no AVX2 + FMA");
-    g_kernels = &decode_kernels_avx2();
+    g_kernels = &decode_kernels_avx2(prefetch);
   } else {
     TORCH_CHECK(false, "use_isa takes \"best\" or \"avx2\", got \"", name, "\"");
   }
   return isa();
+}
+
+// Whether the products prefetch weight lines ahead of the hardware prefetcher (which helps on
+// some CPUs and costs on others: cuda_ext.decode times both), for the instruction set in use.
+// Returns the setting now in use.
+bool use_prefetch(bool on) {
+  const DecodeKernels& current = kernels();
+  g_kernels = current.isa == std::string("avx512") ? &decode_kernels_avx512(on) : &decode_kernels_avx2(on);
+  return g_kernels->prefetch;
 }
 
 }  // namespace
@@ -363,6 +373,7 @@ TORCH_LIBRARY(vlmq_decode_cpu, m) {
   m.def("activation_(Tensor(a!) x, Tensor? up, str act) -> Tensor(a!)");
   m.def("isa() -> str", &vlmq::isa);  // no tensor arguments: one kernel for every dispatch key
   m.def("use_isa(str name) -> str", &vlmq::use_isa);
+  m.def("use_prefetch(bool on) -> bool", &vlmq::use_prefetch);
 }
 
 TORCH_LIBRARY_IMPL(vlmq_decode_cpu, CPU, m) {

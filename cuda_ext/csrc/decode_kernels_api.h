@@ -41,6 +41,7 @@ struct AttendArgs {
 
 struct DecodeKernels {
   const char* isa;
+  bool prefetch;  // whether matvec asks for weight lines ahead of the hardware prefetcher
   void (*matvec)(const MatvecArgs& args, int64_t m0, int64_t m1);
   // out[i] = act(gate[i]) · up[i] for i < count (act(gate[i]) where up is null): SwiGLU's silu,
   // GeGLU's tanh-approximated GELU. out may be gate.
@@ -50,7 +51,7 @@ struct DecodeKernels {
 };
 
 // Defined in decode_kernels_{avx512,avx2}.cpp; call only where the CPU has the instructions.
-const DecodeKernels& decode_kernels_avx512();
-const DecodeKernels& decode_kernels_avx2();
+const DecodeKernels& decode_kernels_avx512(bool prefetch);
+const DecodeKernels& decode_kernels_avx2(bool prefetch);
 
 }  // namespace vlmq

@@ -11,9 +11,10 @@
 
 namespace vlmq {
 
-const DecodeKernels& decode_kernels_avx2() {
-  static const DecodeKernels table = Kernels<avx2::Vec>::table("avx2");
-  return table;
+const DecodeKernels& decode_kernels_avx2(bool prefetch) {
+  static const DecodeKernels with = Kernels<avx2::Vec>::table("avx2", true);
+  static const DecodeKernels without = Kernels<avx2::Vec>::table("avx2", false);
+  return prefetch ? with : without;
 }
 
 }  // namespace vlmq

@@ -11,9 +11,10 @@
 
 namespace vlmq {
 
-const DecodeKernels& decode_kernels_avx512() {
-  static const DecodeKernels table = Kernels<avx512::Vec>::table("avx512");
-  return table;
+const DecodeKernels& decode_kernels_avx512(bool prefetch) {
+  static const DecodeKernels with = Kernels<avx512::Vec>::table("avx512", true);
+  static const DecodeKernels without = Kernels<avx512::Vec>::table("avx512", false);
+  return prefetch ? with : without;
 }
 
 }  // namespace vlmq
