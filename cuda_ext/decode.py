@@ -24,6 +24,9 @@ Which path runs (`VLMQ_DECODE_KERNEL`, or `set_decode_kernel` before a model is 
 - `reference`: the torch path (oneDNN-blocked weights, eager ops); the vision towers'
   activations then run as torch's.
 
+Whether the products prefetch weight lines ahead of the hardware prefetcher is timed once per
+process (`choose_prefetch`): it helps on some CPUs and costs on others.
+
 A product or attention is split between torch's threads only where each thread streams at
 least 128 KB, so a tiny model's steps run in the calling thread: with more busy threads than
 cores (two workers of 2 threads on 2 cores) every hand-off would wait for a descheduled thread.
