@@ -37,10 +37,11 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import time
 from typing import Any
 
 import torch
+
+from shared.timing import fastest
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +107,8 @@ def choose_prefetch(ops: Any, rounds: int = 5) -> bool:
     the best of `rounds` alternated calls of each, with torch's threads as they are now.
     """
     weight, x = torch.full((32768, 1024), 0.5), torch.full((1, 1024), 0.5)
-    best = {True: float("inf"), False: float("inf")}
-    for _ in range(rounds):  # a cold first call only loses to the others
-        for prefetch in best:
-            ops.use_prefetch(prefetch)
-            start = time.perf_counter()
-            ops.linear(x, weight)
-            best[prefetch] = min(best[prefetch], time.perf_counter() - start)
-    chosen = best[True] <= best[False]
+    chosen, best = fastest({prefetch: lambda prefetch=prefetch: (ops.use_prefetch(prefetch), ops.linear(x, weight))
+                            for prefetch in (True, False)}, rounds)
     log.info("CPU decode: products %s prefetching (%.2f ms with, %.2f ms without, 128 MB)",
              "with" if chosen else "without", 1e3 * best[True], 1e3 * best[False])
     return ops.use_prefetch(chosen)

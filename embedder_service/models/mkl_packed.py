@@ -36,12 +36,13 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
+
+from shared.timing import fastest
 
 BLOCK_ROWS = 256  # rows per GEMM of a count not settled on: past ~200 rows the packed GEMM runs within 5–15% of its rate on 1568
 MIN_PACKED_ELEMENTS = 512 * 512  # smaller GEMMs gain little, and the pack would dwarf the weight
@@ -97,17 +98,11 @@ def faster_than_onednn(rounds: int = 5) -> bool:
     gen = torch.Generator().manual_seed(0)  # not the global RNG: timing must not move it
     x, w = torch.randn(BLOCK_ROWS, 768, generator=gen), torch.randn(3072, 768, generator=gen)
     pack = _reorder(w, BLOCK_ROWS)
-    kinds = {
+    winner, _ = fastest({
         "packed": lambda: torch.ops.mkl._mkl_linear(x, pack, w, None, BLOCK_ROWS),
         "onednn": lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""),
-    }
-    best = dict.fromkeys(kinds, float("inf"))
-    for _ in range(rounds):  # a cold first call only loses to the others
-        for kind, gemm in kinds.items():
-            start = time.perf_counter()
-            gemm()
-            best[kind] = min(best[kind], time.perf_counter() - start)
-    return best["packed"] <= best["onednn"]
+    }, rounds)
+    return winner == "packed"
 
 
 def in_use() -> bool:
