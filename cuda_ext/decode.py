@@ -107,8 +107,12 @@ def choose_prefetch(ops: Any, rounds: int = 5) -> bool:
     the best of `rounds` alternated calls of each, with torch's threads as they are now.
     """
     weight, x = torch.full((32768, 1024), 0.5), torch.full((1, 1024), 0.5)
-    chosen, best = fastest({prefetch: lambda prefetch=prefetch: (ops.use_prefetch(prefetch), ops.linear(x, weight))
-                            for prefetch in (True, False)}, rounds)
+
+    def product(prefetch: bool) -> None:
+        ops.use_prefetch(prefetch)
+        ops.linear(x, weight)
+
+    chosen, best = fastest({prefetch: functools.partial(product, prefetch) for prefetch in (True, False)}, rounds)
     log.info("CPU decode: products %s prefetching (%.2f ms with, %.2f ms without, 128 MB)",
              "with" if chosen else "without", 1e3 * best[True], 1e3 * best[False])
     return ops.use_prefetch(chosen)
