@@ -18,6 +18,7 @@ WORKDIR /opt/vlmq
 RUN pip install --index-url "${TORCH_INDEX_URL}" torch
 
 COPY pyproject.toml README.md ./
+COPY vlmq ./vlmq
 COPY shared ./shared
 COPY embedder_service ./embedder_service
 COPY generator_service ./generator_service

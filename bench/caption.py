@@ -3,7 +3,7 @@
 bench-small: CLIP ViT-B/16 at 224 px (196 image tokens) + projector + a
 SmolLM2-135M-shaped Llama (hidden 576, 30 layers, 9 heads, 3 KV heads, MLP
 1536, tied embeddings, vocab 49152), random weights, float32. It is written
-with `shared.demo_model.write_llava_demo` (no transformers, no download): the
+with `vlmq.demo_model.write_llava_demo` (no transformers, no download): the
 demo tokenizer (400 tokens) with the LM's vocabulary padded to 49152 — the
 tokenizer never produces the padded IDs and decoding skips them, but the LM
 computes full-size logits, which is what the timing needs.
@@ -11,7 +11,7 @@ computes full-size logits, which is what the timing needs.
 Two ways to caption the same N images (default 32) with the same prompt, greedy,
 16 new tokens each, same Settings (batch sizes, dtype):
 
-  queued   `python -m shared.cli caption DIR --model CKPT ...` with no broker
+  queued   `python -m vlmq caption DIR --model CKPT ...` with no broker
            configured: it starts its private stack (embedded Redis, one embed
            worker process, one generate worker process), sends one
            `embed | generate` chain per image (at most 32 in flight), and writes
@@ -59,7 +59,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from shared.demo_model import write_llava_demo  # noqa: E402
+from vlmq.demo_model import write_llava_demo  # noqa: E402
 
 BENCH = "caption"
 PROMPT = "Describe this image in one sentence."
@@ -109,7 +109,7 @@ def run_queued(checkpoint: Path, images: Path, out: Path, new_tokens: int, worke
     """`vlmq caption` with its private stack; returns (images/s, seconds to start the stack, lines)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLMQ_")}  # no broker: the private stack
     env.update(OMP_NUM_THREADS=str(worker_threads), PYTHONPATH=str(REPO))
-    command = [sys.executable, "-m", "shared.cli", "caption", str(images), "--model", str(checkpoint), "--prompt", PROMPT,
+    command = [sys.executable, "-m", "vlmq", "caption", str(images), "--model", str(checkpoint), "--prompt", PROMPT,
                "--out", str(out), "--max-tokens", str(new_tokens), "--temperature", "0", "--max-in-flight", "32", "--no-progress"]
     started = time.perf_counter()
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
@@ -125,8 +125,8 @@ def run_direct(checkpoint: Path, paths: list[Path], new_tokens: int, threads: in
     """Both pipelines in this process against a fresh Redis; returns (images/s, caption by path)."""
     from embedder_service.worker import build_pipeline as build_embed_pipeline
     from generator_service.worker import build_pipeline as build_generate_pipeline
-    from shared.redis_server import EmbeddedRedis
-    from shared.settings import Settings
+    from shared.config.settings import Settings
+    from vlmq.redis_server import EmbeddedRedis
 
     torch.set_num_threads(threads)
     with EmbeddedRedis() as redis_server:

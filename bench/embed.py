@@ -61,7 +61,13 @@ GEMMA3_TOKENS = 49  # 14 × 14 patches of a 224-pixel image, pooled 2 × 2
 
 def build_bench_small(path: Path) -> Path:
     """ViT-B/16-224 + projector to 576, with a one-layer LM (the LM is not measured)."""
-    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     vision = CLIPVisionConfig(
         hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -83,7 +89,11 @@ def build_bench_small(path: Path) -> Path:
 
 def build_qwen2_vl_bench_small(path: Path) -> Path:
     """Qwen2-VL's vision tower at ViT-B width + merger to 576, with a one-layer LM (not measured)."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessorPil,
+    )
 
     vision = dict(depth=12, embed_dim=768, hidden_size=LM_HIDDEN, num_heads=12, mlp_ratio=4, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2, hidden_act="quick_gelu")
@@ -111,9 +121,15 @@ def qwen2_vl_flops_per_image(model, grid: tuple[int, int, int]) -> int:
 
 def build_pixtral_bench_small(path: Path) -> Path:
     """A Pixtral tower at ViT-B width + LLaVA projector to 576, with a one-layer Mistral (not measured)."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, MistralConfig, PixtralImageProcessorPil, PixtralVisionConfig
+    from transformers import (
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        MistralConfig,
+        PixtralImageProcessorPil,
+        PixtralVisionConfig,
+    )
 
-    from shared.demo_model import PIXTRAL_SPECIAL_TOKENS, build_tokenizer
+    from vlmq.demo_model import PIXTRAL_SPECIAL_TOKENS, build_tokenizer
 
     vision = PixtralVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                                  patch_size=16, image_size=max(PIXTRAL_IMAGE), hidden_act="silu")
@@ -159,7 +175,13 @@ def flops_per_image(model) -> int:
 
 def build_gemma3_bench_small(path: Path) -> Path:
     """SigLIP ViT-B/16-224 + Gemma 3's pooled projector to 576, with a one-layer Gemma 3 text model (not measured)."""
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3TextConfig, SiglipVisionConfig
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessorPil,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
 
     vision = SiglipVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                                 image_size=224, patch_size=16, vision_use_head=False)

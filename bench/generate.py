@@ -69,9 +69,9 @@ from generator_service.models.gemma3 import Gemma3ForCausalLM  # noqa: E402
 from generator_service.models.llama import LlamaForCausalLM  # noqa: E402
 from generator_service.models.qwen2 import Qwen2VLForCausalLM  # noqa: E402
 from generator_service.sampling import SamplingParams  # noqa: E402
-from shared.checkpoint import Checkpoint  # noqa: E402
-from shared.container import EmbeddingContainer, Layout  # noqa: E402
-from shared.token_ids import EMBEDDING_INDEX_BASE  # noqa: E402
+from shared.modeling.checkpoint import Checkpoint  # noqa: E402
+from shared.store.container import EmbeddingContainer, Layout  # noqa: E402
+from shared.store.token_ids import EMBEDDING_INDEX_BASE  # noqa: E402
 
 IMAGE_TOKENS = 196
 TEXT_BEFORE, TEXT_AFTER = 8, 16  # prompt: BOS + text, the image, text
@@ -95,7 +95,12 @@ def compare(bench: str, metric: str, value: float, baseline: float, unit: str, t
 
 
 def build_checkpoint(path: Path) -> None:
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     text = LlamaConfig(
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -166,7 +171,12 @@ def qwen2_vl_setup(tmp: str, g: torch.Generator, device: str = "cpu", dtype: tor
 
 
 def build_pixtral_checkpoint(path: Path) -> None:
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, MistralConfig, PixtralVisionConfig
+    from transformers import (
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        MistralConfig,
+        PixtralVisionConfig,
+    )
 
     text = MistralConfig(
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -201,7 +211,12 @@ def pixtral_setup(tmp: str, g: torch.Generator, device: str = "cpu", dtype: torc
 
 
 def build_gemma3_checkpoint(path: Path) -> None:
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
 
     text = Gemma3TextConfig(
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,

@@ -37,7 +37,7 @@ from cuda_ext import build  # noqa: E402
 from cuda_ext.ops import multimodal_embedding_kernel  # noqa: E402
 from cuda_ext.reference import multimodal_embedding_reference  # noqa: E402
 from cuda_ext.timing import cuda_seconds  # noqa: E402
-from shared.token_ids import EMBEDDING_INDEX_BASE  # noqa: E402
+from shared.store.token_ids import EMBEDDING_INDEX_BASE  # noqa: E402
 
 BENCH = "inject"
 COPY_TARGET = 0.8

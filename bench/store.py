@@ -19,10 +19,14 @@ from dataclasses import replace
 
 import torch
 
-from shared.container import EMBEDDING_INDEX_BASE, EmbeddingContainer, encode_container
-from shared.redis_conn import connect
-from shared.redis_server import EmbeddedRedis
-from shared.store import ContainerStore
+from shared.store.container import (
+    EMBEDDING_INDEX_BASE,
+    EmbeddingContainer,
+    encode_container,
+)
+from shared.store.containers import ContainerStore
+from shared.store.redis_conn import connect
+from vlmq.redis_server import EmbeddedRedis
 
 TARGET_RATIO = 1.25
 WARMUP = 5  # untimed first repetitions: connections, caches, allocator

@@ -7,14 +7,14 @@ the matrix-vector products stream the weights, plus whatever the steps between t
 
 - `decode_layer`: a whole decode step of a pre-norm Llama layer (Llama, Qwen2, Mistral;
   Gemma 3's with its QK-norm, output norms and GeGLU), one call instead of ~35 eager ops;
-  `shared.layers.DecoderLayer` uses it for decode forwards, and its own torch decode path
+  `shared.modeling.layers.DecoderLayer` uses it for decode forwards, and its own torch decode path
   is the reference the tests hold it to;
 - `linear`: x wᵀ for a few rows of x (the LM head of a decode step);
 - `activation_`: silu or tanh GELU over a tensor in place, times a second one if given
   (the vision towers' MLPs, `embedder_service.models.clip`).
 
 Both read row-major float32 weights ([out, in], as checkpoints store them), so a model
-that uses them keeps its weights in that layout (`shared.layers.prepare_weight`).
+that uses them keeps its weights in that layout (`shared.modeling.layers.prepare_weight`).
 
 Which path runs (`VLMQ_DECODE_KERNEL`, or `set_decode_kernel` before a model is prepared):
 
@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from shared.timing import fastest
+from shared.modeling.timing import fastest
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ DECODE_MODES = ("auto", "reference")
 # (prefill with all_logits) are a matrix product, for oneDNN / MKL.
 MATVEC_MAX_ROWS = 8
 # The kernels' activation (`decode_layer`'s `act`, `activation_`'s) for each `DecoderConfig.hidden_act`
-# (shared.layers.GATE_ACTIVATIONS); the values are the names the vision towers use too (clip.ACTIVATIONS).
+# (shared.modeling.layers.GATE_ACTIVATIONS); the values are the names the vision towers use too (clip.ACTIVATIONS).
 KERNEL_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 

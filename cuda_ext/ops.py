@@ -34,7 +34,7 @@ from cuda_ext.reference import (
     outside_vocabulary,
     unbound_embedding_id,
 )
-from shared.token_ids import EMBEDDING_INDEX_BASE
+from shared.store.token_ids import EMBEDDING_INDEX_BASE
 
 if TYPE_CHECKING:
     from cuda_ext.build import ExtensionUnavailable, Gather

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from shared.errors import InvalidInput
-from shared.token_ids import EMBEDDING_INDEX_BASE
+from shared.config.errors import InvalidInput
+from shared.store.token_ids import EMBEDDING_INDEX_BASE
 
 
 def multimodal_embedding_reference(ids: Tensor, table: Tensor, ranges: Tensor, rows: Tensor) -> Tensor:

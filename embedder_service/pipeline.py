@@ -16,12 +16,12 @@ import redis
 import torch
 
 from embedder_service.batcher import Batcher
-from shared.container import EmbeddingContainer
-from shared.errors import NotFound, StoreUnavailable, VlmqError
-from shared.images import decode_image, image_info
-from shared.settings import Settings
-from shared.store import ContainerStore, container_id
-from shared.token_ids import allocate_token_ids
+from shared.config.errors import NotFound, StoreUnavailable, VlmqError
+from shared.config.settings import Settings
+from shared.media.images import decode_image, image_info
+from shared.store.container import EmbeddingContainer
+from shared.store.containers import ContainerStore, container_id
+from shared.store.token_ids import allocate_token_ids
 
 
 class EmbedPipeline:

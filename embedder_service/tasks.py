@@ -1,7 +1,7 @@
 """The `vlmq.embed` Celery task: thin — fetch the uploaded bytes, call the pipeline, record the job.
 
-Messages carry only keys (claim-check): the image bytes wait in the store under
-`in:{uuid}` until the job has finished.
+Senders build the message with `shared.queue.tasks.embed_signature`; the image bytes wait
+in the store under `in:{uuid}` until the job has finished.
 """
 
 from __future__ import annotations
@@ -10,37 +10,18 @@ import logging
 import time
 from typing import TYPE_CHECKING, Callable
 
-from celery import Celery, Signature
+from celery import Celery
 
-from shared.celery_app import AttemptLimitedTask
-from shared.errors import NotFound, VlmqError
-from shared.jobs import TERMINAL_STATUSES, JobStore
-from shared.metrics import WorkerStats
+from shared.config.errors import NotFound, VlmqError
+from shared.queue.celery_app import AttemptLimitedTask
+from shared.queue.metrics import WorkerStats
+from shared.queue.tasks import EMBED_TASK
+from shared.store.jobs import TERMINAL_STATUSES, JobStore
 
-if TYPE_CHECKING:  # the APIs and `vlmq caption` import this module; only workers need torch
+if TYPE_CHECKING:  # the pipeline needs torch; tests import this module without it
     from embedder_service.pipeline import EmbedPipeline
 
 log = logging.getLogger(__name__)
-
-EMBED_TASK = "vlmq.embed"
-
-
-def embed_signature(celery: Celery, jobs: JobStore, tenant: str, images: list[bytes]) -> tuple[str, Signature]:
-    """Store the images and create the job; returns its id (= the task id) and the task signature
-    (to send alone, or chain before a `vlmq.generate` as `vlmq caption` does)."""
-    job_id = jobs.create("embed", tenant)
-    blob_keys = [jobs.put_blob(data) for data in images]
-    # ignore_result: the job store holds the outcome; a Celery result would make the sender
-    # subscribe to a result channel per task, a subscription nobody ever ends.
-    return job_id, celery.signature(EMBED_TASK, kwargs={"job_id": job_id, "tenant": tenant, "blob_keys": blob_keys},
-                                    task_id=job_id, ignore_result=True)
-
-
-def enqueue_embed(celery: Celery, jobs: JobStore, tenant: str, images: list[bytes], **options) -> str:
-    """Store the images, create the job, send the task; returns the job id (= the task id)."""
-    job_id, signature = embed_signature(celery, jobs, tenant, images)
-    signature.apply_async(**options)
-    return job_id
 
 
 def run_embed_job(pipeline: EmbedPipeline, jobs: JobStore, stats: WorkerStats, job_id: str, tenant: str, blob_keys: list[str]) -> dict:

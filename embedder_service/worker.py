@@ -6,14 +6,14 @@ import torch
 
 from embedder_service.pipeline import EmbedPipeline
 from embedder_service.tasks import register_embed_task
-from shared.celery_app import EMBED_QUEUE, create_celery_app
-from shared.checkpoint import Checkpoint, resolve_dtype
-from shared.metrics import WorkerStats
-from shared.redis_conn import connect
-from shared.registry import family_for
-from shared.settings import Settings
-from shared.store import ContainerStore
-from shared.worker import run_celery_worker
+from shared.config.settings import Settings
+from shared.modeling.checkpoint import Checkpoint, resolve_dtype
+from shared.modeling.registry import family_for
+from shared.queue.celery_app import EMBED_QUEUE, create_celery_app
+from shared.queue.metrics import WorkerStats
+from shared.queue.worker import run_celery_worker
+from shared.store.containers import ContainerStore
+from shared.store.redis_conn import connect
 
 
 def load_vision_model(model_path: str, device: str, dtype_name: str) -> torch.nn.Module:

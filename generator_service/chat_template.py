@@ -23,7 +23,7 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from shared.errors import InvalidInput
+from shared.config.errors import InvalidInput
 
 
 class _GenerationTag(jinja2.ext.Extension):

@@ -28,8 +28,8 @@ from torch import Tensor
 
 from generator_service.sampling import SamplingParams, make_generator, next_token
 from generator_service.tokenizer import check_token_ids
-from shared.errors import InvalidInput, ModelMismatch, VlmqError
-from shared.token_ids import EMBEDDING_INDEX_BASE
+from shared.config.errors import InvalidInput, ModelMismatch, VlmqError
+from shared.store.token_ids import EMBEDDING_INDEX_BASE
 
 log = logging.getLogger(__name__)
 

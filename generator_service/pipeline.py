@@ -26,10 +26,10 @@ from generator_service.engine import Engine, GenerationRequest
 from generator_service.sampling import SamplingParams
 from generator_service.stops import StopMatcher
 from generator_service.tokenizer import EncodedPrompt, Tokenizer, default_alias_ids
-from shared.container import EmbeddingContainer
-from shared.errors import InvalidInput, ModelMismatch
-from shared.settings import Settings
-from shared.store import ContainerStore
+from shared.config.errors import InvalidInput, ModelMismatch
+from shared.config.settings import Settings
+from shared.store.container import EmbeddingContainer
+from shared.store.containers import ContainerStore
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_tokens", "seed")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from shared.errors import InvalidInput
+from shared.config.errors import InvalidInput
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ so a streamed reply never shows part of a stop string and then takes it back.
 
 from __future__ import annotations
 
-from shared.errors import InvalidInput
+from shared.config.errors import InvalidInput
 
 MAX_STOPS = 16
 MAX_STOP_LENGTH = 256

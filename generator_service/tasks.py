@@ -12,34 +12,19 @@ import logging
 import time
 from typing import TYPE_CHECKING, Callable
 
-from celery import Celery, Signature
+from celery import Celery
 
-from shared.celery_app import AttemptLimitedTask
-from shared.errors import InvalidInput, StoreUnavailable, VlmqError
-from shared.jobs import TERMINAL_STATUSES, JobStore
-from shared.metrics import WorkerStats
-from shared.streams import TokenStreams
+from shared.config.errors import InvalidInput, StoreUnavailable, VlmqError
+from shared.queue.celery_app import AttemptLimitedTask
+from shared.queue.metrics import WorkerStats
+from shared.queue.tasks import GENERATE_TASK
+from shared.store.jobs import TERMINAL_STATUSES, JobStore
+from shared.store.streams import TokenStreams
 
-if TYPE_CHECKING:  # the APIs and `vlmq caption` import this module; only workers need torch
+if TYPE_CHECKING:  # the pipeline needs torch; tests import this module without it
     from generator_service.pipeline import GeneratePipeline
 
 log = logging.getLogger(__name__)
-
-GENERATE_TASK = "vlmq.generate"
-
-
-def generate_signature(celery: Celery, jobs: JobStore, tenant: str, payload: dict) -> tuple[str, Signature]:
-    """Create the job and the task signature (to send alone or chain after an embed)."""
-    job_id = jobs.create("generate", tenant)
-    # ignore_result: the outcome lives in the job store (see embed_signature).
-    return job_id, celery.signature(GENERATE_TASK, kwargs={"job_id": job_id, "tenant": tenant, "payload": payload},
-                                    task_id=job_id, ignore_result=True)
-
-
-def enqueue_generate(celery: Celery, jobs: JobStore, tenant: str, payload: dict) -> str:
-    job_id, signature = generate_signature(celery, jobs, tenant, payload)
-    signature.apply_async()
-    return job_id
 
 
 def _fill_chained_images(payload: dict, embed_result: dict) -> dict:

@@ -23,12 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from tokenizers import AddedToken, Tokenizer as HFTokenizer, processors
+from tokenizers import AddedToken, processors
+from tokenizers import Tokenizer as HFTokenizer
 
 from generator_service.chat_template import ChatTemplate
-from shared.checkpoint import Checkpoint
-from shared.errors import CheckpointError, InvalidInput
-from shared.token_ids import EMBEDDING_INDEX_BASE
+from shared.config.errors import CheckpointError, InvalidInput
+from shared.modeling.checkpoint import Checkpoint
+from shared.store.token_ids import EMBEDDING_INDEX_BASE
 
 # A container's default alias, `<image:{id}>`.
 DEFAULT_ALIAS = re.compile(r"<image:([^<>\s]+)>")

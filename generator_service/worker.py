@@ -8,13 +8,13 @@ from generator_service.engine import Engine
 from generator_service.pipeline import GeneratePipeline
 from generator_service.tasks import register_generate_task
 from generator_service.tokenizer import Tokenizer
-from shared.celery_app import GENERATE_QUEUE, create_celery_app
-from shared.checkpoint import Checkpoint, resolve_dtype
-from shared.redis_conn import connect
-from shared.registry import family_for
-from shared.settings import Settings
-from shared.store import ContainerStore
-from shared.worker import run_celery_worker
+from shared.config.settings import Settings
+from shared.modeling.checkpoint import Checkpoint, resolve_dtype
+from shared.modeling.registry import family_for
+from shared.queue.celery_app import GENERATE_QUEUE, create_celery_app
+from shared.queue.worker import run_celery_worker
+from shared.store.containers import ContainerStore
+from shared.store.redis_conn import connect
 
 MAX_SEQ_LEN = 4096
 

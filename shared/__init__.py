@@ -1,2 +1,4 @@
-"""vlmq's common package: settings, the embedding container, the Redis store,
-token-ID allocation, the Celery app, checkpoint loading and shared model layers."""
+"""vlmq's bottom layer: what both services need, by concern (config, store, queue, web, media, modeling).
+
+Nothing here imports a service, `cuda_ext` or the `vlmq` application package (`.importlinter`).
+"""

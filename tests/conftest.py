@@ -12,16 +12,16 @@ import redis
 import torch
 
 from cuda_ext.decode import cpu_decode_ops
-from shared.redis_conn import connect
-from shared.redis_server import EmbeddedRedis
-from shared.settings import Settings
+from shared.config.settings import Settings
+from shared.store.redis_conn import connect
+from vlmq.redis_server import EmbeddedRedis
 
 
 @pytest.fixture(scope="session", autouse=True)
 def decode_kernels_built() -> None:
     """Build (or load from the cache) the CPU decode kernels once, up front: on a fresh machine the
     first build takes ~20 s, which would otherwise land in a generate worker's model load, inside the
-    60 s that `tests.services.worker_processes` gives workers starting side by side to report in.
+    60 s that `tests.support.services.worker_processes` gives workers starting side by side to report in.
     Where they cannot be built the models run the torch path (one logged warning), as in production."""
     cpu_decode_ops("cpu", torch.float32)
 
@@ -64,7 +64,7 @@ def settings(redis_url: str, key_prefix: str) -> Settings:
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory) -> Path:
     """The tiny random-weight LLaVA `vlmq demo-model` writes (no transformers needed): for service tests."""
-    from shared.demo_model import write_demo_model
+    from vlmq.demo_model import write_demo_model
 
     return write_demo_model(tmp_path_factory.mktemp("demo") / "llava")
 
@@ -77,7 +77,7 @@ def service_workers(demo_model, redis_server) -> Iterator[Settings]:
     They use Redis database 5: Celery's queues are not under the key prefix, so workers
     sharing a database with another test's would take that test's jobs.
     """
-    from tests.services import worker_processes
+    from tests.support.services import worker_processes
 
     url = redis_server.url.rsplit("/", 1)[0] + "/5"
     settings = Settings(broker_url=url, store_url=url, key_prefix="svc:")

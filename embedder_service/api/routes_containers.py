@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from safetensors.torch import save
 
-from shared.api_deps import StoreDep
 from embedder_service.api.schemas import ContainerInfo
-from shared.api import Tenant
-from shared.errors import NotFound
+from shared.config.errors import NotFound
+from shared.web.app import Tenant
+from shared.web.deps import StoreDep
 
 router = APIRouter(prefix="/v1", tags=["containers"])
 

@@ -10,14 +10,14 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from shared.api_deps import CeleryDep, JobsDep, SettingsDep
 from embedder_service.api.schemas import EmbeddingsRequest, JobAccepted
 from embedder_service.api.views import job_view
-from embedder_service.tasks import enqueue_embed
-from shared.api import Tenant
-from shared.errors import InvalidInput, TooLarge
-from shared.paths import read_allowed_file
-from shared.settings import Settings
+from shared.config.errors import InvalidInput, TooLarge
+from shared.config.settings import Settings
+from shared.media.paths import read_allowed_file
+from shared.queue.tasks import enqueue_embed
+from shared.web.app import Tenant
+from shared.web.deps import CeleryDep, JobsDep, SettingsDep
 
 router = APIRouter(prefix="/v1", tags=["embeddings"])
 

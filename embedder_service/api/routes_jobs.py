@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from shared.api_deps import JobsDep
 from embedder_service.api.schemas import EmbedJob
 from embedder_service.api.views import job_view
-from shared.api import Tenant
+from shared.web.app import Tenant
+from shared.web.deps import JobsDep
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field, model_validator
 
-from shared.api_schemas import JobFields
+from shared.web.schemas import JobFields
 
 
 class ImageInput(BaseModel):

@@ -1,4 +1,4 @@
-"""Vision models of the embedder: one file per family, chosen by `shared.registry` from `config.json`.
+"""Vision models of the embedder: one file per family, chosen by `shared.modeling.registry` from `config.json`.
 
 Every family's model is a `VisionModel` with the same surface: `from_checkpoint(ckpt, device, dtype)`,
 `preprocessor` (PIL image → what the model takes, "pixels"; its size may vary by image),
@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from shared.checkpoint import Checkpoint, resolve_dtype
-from shared.errors import CheckpointError
-from shared.registry import family_for
+from shared.config.errors import CheckpointError
+from shared.modeling.checkpoint import Checkpoint, resolve_dtype
+from shared.modeling.registry import family_for
 
 
 def load_vision_model(ckpt: Checkpoint | str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str = "auto") -> torch.nn.Module:

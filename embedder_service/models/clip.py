@@ -25,8 +25,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from cuda_ext.decode import KERNEL_ACTIVATIONS, cpu_decode_ops
 from embedder_service.models import mkl_packed
-from shared.errors import CheckpointError, InvalidInput
-from shared.layers import prepare_weight
+from shared.config.errors import CheckpointError, InvalidInput
+from shared.modeling.layers import prepare_weight
 
 QUICK_GELU_SCALE = 1.702  # quick_gelu(x) = x * sigmoid(1.702 x)
 

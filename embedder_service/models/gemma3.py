@@ -27,10 +27,10 @@ from embedder_service.models import FixedSizeVisionModel, open_checkpoint
 from embedder_service.models.clip import linear
 from embedder_service.models.siglip import SiglipVisionConfig, SiglipVisionTower
 from embedder_service.preprocess.gemma3 import Gemma3Preprocessor
-from shared.checkpoint import Checkpoint
-from shared.container import Layout
-from shared.errors import CheckpointError
-from shared.layers import RMSNorm
+from shared.config.errors import CheckpointError
+from shared.modeling.checkpoint import Checkpoint
+from shared.modeling.layers import RMSNorm
+from shared.store.container import Layout
 
 VISION_PREFIX = "vision_tower.vision_model."
 PROJECTOR_PREFIX = "multi_modal_projector."

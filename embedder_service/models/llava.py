@@ -18,11 +18,16 @@ import torch
 from torch import nn
 
 from embedder_service.models import FixedSizeVisionModel, open_checkpoint
-from embedder_service.models.clip import ClipVisionConfig, ClipVisionTower, activation, linear
+from embedder_service.models.clip import (
+    ClipVisionConfig,
+    ClipVisionTower,
+    activation,
+    linear,
+)
 from embedder_service.preprocess.clip import ClipPreprocessor
-from shared.checkpoint import Checkpoint
-from shared.container import Layout
-from shared.errors import CheckpointError
+from shared.config.errors import CheckpointError
+from shared.modeling.checkpoint import Checkpoint
+from shared.store.container import Layout
 
 VISION_PREFIX = "vision_tower.vision_model."
 PROJECTOR_PREFIX = "multi_modal_projector."

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from shared.timing import fastest
+from shared.modeling.timing import fastest
 
 BLOCK_ROWS = 256  # rows per GEMM of a count not settled on: past ~200 rows the packed GEMM runs within 5–15% of its rate on 1568
 MIN_PACKED_ELEMENTS = 512 * 512  # smaller GEMMs gain little, and the pack would dwarf the weight

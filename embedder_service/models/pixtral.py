@@ -18,7 +18,7 @@ The container layout is what `PixtralProcessor` writes for an image of
 rows × cols tokens: `[IMG]`×cols `[IMG_BREAK]` per row, the last break
 replaced by `[IMG_END]`; only the `[IMG]` positions are container rows.
 
-Attention reuses `shared.layers`' RMSNorm and RoPE helpers: after loading, Q/K/V
+Attention reuses `shared.modeling.layers`' RMSNorm and RoPE helpers: after loading, Q/K/V
 are fused with their RoPE rows interleaved and the softmax scale folded into Q
 (`prepare()`), as in the language model; every GEMM is the towers' `linear`. The
 per-image attention, the MLP and the batching are `embedder_service.models.vision`'s,
@@ -36,12 +36,17 @@ from torch import Tensor, nn
 from embedder_service.models import VisionModel, open_checkpoint
 from embedder_service.models.clip import activation, linear
 from embedder_service.models.llava import LlavaProjector
-from embedder_service.models.vision import GatedVisionMLP, Segments, image_groups, rotate_into_heads
+from embedder_service.models.vision import (
+    GatedVisionMLP,
+    Segments,
+    image_groups,
+    rotate_into_heads,
+)
 from embedder_service.preprocess.pixtral import PixtralPreprocessor
-from shared.checkpoint import Checkpoint
-from shared.container import Layout
-from shared.errors import CheckpointError, InvalidInput
-from shared.layers import RMSNorm, interleave_rope_rows
+from shared.config.errors import CheckpointError, InvalidInput
+from shared.modeling.checkpoint import Checkpoint
+from shared.modeling.layers import RMSNorm, interleave_rope_rows
+from shared.store.container import Layout
 
 VISION_PREFIX = "vision_tower."
 PROJECTOR_PREFIX = "multi_modal_projector."
@@ -150,7 +155,7 @@ class PixtralAttention(nn.Module):
         self.o_proj = nn.Linear(d, d, bias=False)
 
     def prepare(self) -> None:
-        """One QKV projection, Q/K rows RoPE-interleaved (see `shared.layers`), 1/√hd folded into Q."""
+        """One QKV projection, Q/K rows RoPE-interleaved (see `shared.modeling.layers`), 1/√hd folded into Q."""
         c = self.config
         h, hd = c.num_attention_heads, c.head_dim
         weights = [

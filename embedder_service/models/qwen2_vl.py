@@ -33,12 +33,22 @@ from torch import Tensor, nn
 
 from embedder_service.models import VisionModel, open_checkpoint
 from embedder_service.models.clip import ClipMLP, ClipVisionConfig, activation, linear
-from embedder_service.models.vision import GatedVisionMLP, Segments, image_groups, rotate_into_heads
+from embedder_service.models.vision import (
+    GatedVisionMLP,
+    Segments,
+    image_groups,
+    rotate_into_heads,
+)
 from embedder_service.preprocess.qwen2_vl import PatchedImage, Qwen2VLPreprocessor
-from shared.checkpoint import Checkpoint
-from shared.container import Layout
-from shared.errors import CheckpointError, InvalidInput
-from shared.layers import RMSNorm, RopeConfig, interleave_rope_rows, rope_inverse_frequencies
+from shared.config.errors import CheckpointError, InvalidInput
+from shared.modeling.checkpoint import Checkpoint
+from shared.modeling.layers import (
+    RMSNorm,
+    RopeConfig,
+    interleave_rope_rows,
+    rope_inverse_frequencies,
+)
+from shared.store.container import Layout
 
 VISION_PREFIX = "visual."
 NORM_EPS = 1e-6  # fixed in both references' vision blocks and merger

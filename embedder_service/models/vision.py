@@ -4,7 +4,7 @@ Their images come at their own sizes, so a batch is one packed sequence of patch
 tokens [N, D], image after image, and attention stays inside groups of tokens (a
 frame of an image, a Qwen2.5-VL window). Both rotate queries and keys by a 2D RoPE
 over each patch's (row, column) with the projection's Q and K rows interleaved
-(`shared.layers.interleave_rope_rows`), and both have a gated MLP (Qwen2.5-VL's,
+(`shared.modeling.layers.interleave_rope_rows`), and both have a gated MLP (Qwen2.5-VL's,
 Pixtral's).
 
 Where the CPU time goes, and so the shape of this code: the GEMMs run close to the
@@ -113,7 +113,7 @@ class GatedVisionMLP(nn.Module):
     Two GEMMs for gate and up rather than one over their concatenated weights, each
     output contiguous for the one pass (the CPU kernels' `activation_`) that writes
     act(gate) · up over gate. (The language model's decode, one row at a time, runs the
-    single fused GEMM: `shared.layers.GatedMLP`.)
+    single fused GEMM: `shared.modeling.layers.GatedMLP`.)
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool):

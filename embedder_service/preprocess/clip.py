@@ -26,7 +26,7 @@ from embedder_service.preprocess.common import (
     rgb_image,
     uint8_chw,
 )
-from shared.errors import CheckpointError, TooLarge
+from shared.config.errors import CheckpointError, TooLarge
 
 _PROCESSOR_TYPES = ("CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPImageProcessorPil")
 

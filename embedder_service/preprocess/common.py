@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from shared.errors import CheckpointError, InvalidInput
-from shared.images import to_rgb
+from shared.config.errors import CheckpointError, InvalidInput
+from shared.media.images import to_rgb
 
 # transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD: the class defaults of the CLIP and Qwen2-VL processors.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

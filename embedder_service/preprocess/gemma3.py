@@ -20,7 +20,7 @@ from typing import ClassVar
 from PIL import Image
 
 from embedder_service.preprocess.clip import ClipPreprocessor
-from shared.errors import CheckpointError
+from shared.config.errors import CheckpointError
 
 IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
 IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)

@@ -33,7 +33,7 @@ from embedder_service.preprocess.common import (
     rgb_image,
     uint8_chw,
 )
-from shared.errors import CheckpointError, InvalidInput
+from shared.config.errors import CheckpointError, InvalidInput
 
 _PROCESSOR_TYPES = ("PixtralImageProcessor", "PixtralImageProcessorFast", "PixtralImageProcessorPil")
 

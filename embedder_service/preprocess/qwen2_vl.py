@@ -30,7 +30,7 @@ from embedder_service.preprocess.common import (
     rgb_image,
     uint8_chw,
 )
-from shared.errors import CheckpointError, InvalidInput
+from shared.config.errors import CheckpointError, InvalidInput
 
 _PROCESSOR_TYPES = ("Qwen2VLImageProcessor", "Qwen2VLImageProcessorFast", "Qwen2VLImageProcessorPil")
 MAX_ASPECT_RATIO = 200  # the reference refuses anything more elongated

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from generator_service.api import routes_chat, routes_generate
-from shared.api import create_service_app
-from shared.settings import Settings, get_settings
+from shared.config.settings import Settings, get_settings
+from shared.web.app import create_service_app
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -16,15 +16,17 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from embedder_service.tasks import enqueue_embed
-from generator_service.api.routes_generate import STREAM_SILENCE_TIMEOUT_S, check_max_tokens
+from generator_service.api.routes_generate import (
+    STREAM_SILENCE_TIMEOUT_S,
+    check_max_tokens,
+)
 from generator_service.api.schemas import ChatCompletionRequest
 from generator_service.api.views import sse, stream_events, wait_finished
-from generator_service.tasks import enqueue_generate
-from shared.api import Tenant
-from shared.api_deps import CeleryDep, JobsDep, SettingsDep, StoreDep, StreamsDep
-from shared.errors import InvalidInput
-from shared.heartbeat import live_workers
+from shared.config.errors import InvalidInput
+from shared.queue.heartbeat import live_workers
+from shared.queue.tasks import enqueue_embed, enqueue_generate
+from shared.web.app import Tenant
+from shared.web.deps import CeleryDep, JobsDep, SettingsDep, StoreDep, StreamsDep
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 

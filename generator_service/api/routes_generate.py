@@ -7,12 +7,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from generator_service.api.schemas import GenerateJob, GenerateRequest, JobAccepted
 from generator_service.api.views import job_view, raise_if_failed, sse, stream_events
-from generator_service.tasks import enqueue_generate
 from generator_service.tokenizer import default_alias_ids
-from shared.api import Tenant
-from shared.api_deps import CeleryDep, JobsDep, SettingsDep, StoreDep, StreamsDep
-from shared.errors import InvalidInput
-from shared.jobs import TERMINAL_STATUSES
+from shared.config.errors import InvalidInput
+from shared.queue.tasks import enqueue_generate
+from shared.store.jobs import TERMINAL_STATUSES
+from shared.web.app import Tenant
+from shared.web.deps import CeleryDep, JobsDep, SettingsDep, StoreDep, StreamsDep
 
 router = APIRouter(prefix="/v1", tags=["generate"])
 

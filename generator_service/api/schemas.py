@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.api_schemas import JobFields
+from shared.web.schemas import JobFields
 
 
 class SamplingFields(BaseModel):

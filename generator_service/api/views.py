@@ -6,9 +6,9 @@ import json
 from typing import Iterator
 
 from generator_service.api.schemas import GenerateJob
-from shared.errors import VlmqError, status_for_code
-from shared.jobs import JobStore
-from shared.streams import TokenStreams
+from shared.config.errors import VlmqError, status_for_code
+from shared.store.jobs import JobStore
+from shared.store.streams import TokenStreams
 
 
 def job_view(job: dict) -> GenerateJob:

@@ -1,6 +1,6 @@
 """The language model of Gemma 3 (`Gemma3ForConditionalGeneration`), on the shared decoder.
 
-Gemma 3 text is the Llama decoder with these `DecoderConfig` fields set (see `shared.layers`):
+Gemma 3 text is the Llama decoder with these `DecoderConfig` fields set (see `shared.modeling.layers`):
 
 - text embeddings times √hidden, rounded to the model dtype; container rows are not scaled
   (the reference scatters the projected image features in after scaling);
@@ -22,9 +22,10 @@ The head is tied to the embedding table unless the config says otherwise (Gemma3
 
 from __future__ import annotations
 
+from generator_service.models.decoder import DecoderConfig
 from generator_service.models.llama import LlamaForCausalLM
-from shared.errors import CheckpointError
-from shared.layers import DecoderConfig, RopeConfig
+from shared.config.errors import CheckpointError
+from shared.modeling.layers import RopeConfig
 
 # transformers' Gemma3TextConfig defaults (gemma-3-4b-it leaves several of them out of config.json).
 _GEMMA3_TEXT_DEFAULTS = {

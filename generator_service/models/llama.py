@@ -25,23 +25,25 @@ from torch import Tensor, nn
 
 from cuda_ext import multimodal_embedding
 from cuda_ext.decode import MATVEC_MAX_ROWS, cpu_decode_ops
-from shared.checkpoint import Checkpoint
-from shared.errors import CheckpointError
-from shared.layers import (
+from generator_service.models.decoder import (
     DecoderConfig,
     DecoderLayer,
     ForwardBatch,
     KVCache,
+    image_blocks,
+)
+from shared.config.errors import CheckpointError
+from shared.modeling.checkpoint import Checkpoint
+from shared.modeling.layers import (
     RMSNorm,
     RopeConfig,
-    image_blocks,
     linear,
     mrope_components,
     prepare_weight,
     rope_rotations,
     rope_table,
 )
-from shared.token_ids import EMBEDDING_INDEX_BASE
+from shared.store.token_ids import EMBEDDING_INDEX_BASE
 
 # transformers' LlamaConfig defaults: LLaVA configs often leave text_config fields at them.
 _LLAMA_DEFAULTS = {
@@ -165,7 +167,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model.embed_tokens.weight.dtype
 
     def prepare(self) -> LlamaForCausalLM:
-        """Fuse and reorder the weights for inference (see `shared.layers`), compute the RoPE tables."""
+        """Fuse and reorder the weights for inference (see `shared.modeling.layers`), compute the RoPE tables."""
         c = self.config
         self.eval().requires_grad_(False)
         for layer in self.model.layers:

@@ -21,10 +21,11 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from generator_service.models.decoder import DecoderConfig
 from generator_service.models.llama import LlamaForCausalLM
-from shared.errors import CheckpointError, InvalidInput
-from shared.layers import DecoderConfig, RopeConfig, mrope_components
-from shared.token_ids import EMBEDDING_INDEX_BASE
+from shared.config.errors import CheckpointError, InvalidInput
+from shared.modeling.layers import RopeConfig, mrope_components
+from shared.store.token_ids import EMBEDDING_INDEX_BASE
 
 # transformers' Qwen2VLTextConfig defaults (Qwen2.5-VL's are the same where it matters).
 _QWEN2_VL_DEFAULTS = {

@@ -1,0 +1,406 @@
+"""The decoder blocks of the language models (Llama, Qwen2, Mistral, Gemma 3).
+
+A family's file builds its blocks from these; what differs between families is a
+field of `DecoderConfig` (QKV biases, RoPE scaling, tied head; Mistral's sliding window;
+Gemma 3's norm offset, embedding scale, post-norms, QK-norm, query scale, GeGLU,
+sliding and global layers with two RoPE bases, bidirectional image attention), not
+a subclass.
+
+Modules are built on the meta device with the checkpoint's own parameter names,
+filled by `Checkpoint.load_into`, then `prepare()`d for inference: projections
+sharing an input are fused (QKV, gate/up), the RoPE rows of Q and K are
+interleaved so rotation is one complex multiply, and on the CPU the weights are
+reordered into oneDNN's blocked layout, which reads memory at close to the
+machine's bandwidth where MKL's sgemm reaches about half of it for the
+matrix-vector products of decoding; where the CPU decode kernels (`cuda_ext.decode`)
+run the decode steps, the weights stay row-major, the layout those read. After
+`prepare()` the state dict no longer mirrors the checkpoint: these modules are
+inference-only.
+
+Token tensors are flat, `[N, D]` with N the tokens of this forward (one per row
+when decoding, one sequence's tokens when prefilling); `ForwardBatch` says where
+each token sits in the KV cache.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cuda_ext.decode import KERNEL_ACTIVATIONS, cpu_decode_ops
+from shared.modeling.layers import (
+    RMSNorm,
+    RopeConfig,
+    apply_rope,
+    interleave_rope_rows,
+    linear,
+    linear_add,
+    prepare_weight,
+)
+
+# The gated MLP's activations by config name: SwiGLU (Llama, Qwen2, Mistral) and Gemma's GeGLU.
+GATE_ACTIVATIONS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
+}
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """The shape and quirks of a decoder-only transformer language model."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2: biases on Q, K, V
+    mlp_bias: bool = False
+    hidden_act: str = "silu"  # the gated MLP's activation: silu (SwiGLU) or gelu_pytorch_tanh (Gemma's GeGLU)
+    # A token attends to the last `sliding_window` positions, itself included: in every layer (Mistral),
+    # or in the "sliding_attention" layers of `layer_types` (Gemma 3).
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None  # Gemma 3: "sliding_attention" or "full_attention", one per layer
+    rope_local: RopeConfig | None = None  # Gemma 3: the sliding layers' RoPE (its own base); None: `rope`
+    norm_offset: float = 0.0  # Gemma: every RMSNorm scales by (offset + weight), in float32
+    post_norms: bool = False  # Gemma 3: attention and MLP outputs are normed before their residual adds
+    qk_norm: bool = False  # Gemma 3: an RMSNorm over each head of Q and of K, before RoPE
+    query_scale: float | None = None  # the softmax scale; None: 1/√head_dim (Gemma 3: query_pre_attn_scalar^-½)
+    embed_scale: float | None = None  # Gemma: text embeddings times √hidden; container rows are not scaled
+    bidirectional_images: bool = False  # Gemma 3: in prefill, the tokens of one image attend to each other both ways
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.hidden_act not in GATE_ACTIVATIONS:
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; supported: {', '.join(GATE_ACTIVATIONS)}")
+        if self.mlp_bias:
+            raise ValueError("mlp_bias is not supported yet")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be positive, got {self.sliding_window}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= set(LAYER_TYPES):
+                raise ValueError(f"layer_types must name one of {', '.join(LAYER_TYPES)} for each of {self.num_layers} layers, got {list(self.layer_types)}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError("sliding_attention layers need a sliding_window")
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer`; None where it attends to every earlier position."""
+        if self.layer_types is None or self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+# ---------------------------------------------------------------------------
+# KV cache and the description of one forward
+
+
+class KVCache:
+    """Keys and values for up to `max_batch` sequences of `max_seq_len` tokens, allocated once.
+
+    k, v: [layers, max_batch, kv_heads, max_seq_len, head_dim]. Row `b` belongs to
+    one sequence; the owner (the engine) tracks how many positions of it are valid.
+    """
+
+    def __init__(self, config: DecoderConfig, max_batch: int, max_seq_len: int, dtype: torch.dtype, device):
+        shape = (config.num_layers, max_batch, config.num_kv_heads, max_seq_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+@dataclass
+class ForwardBatch:
+    """Where the N tokens of one forward go, computed once and shared by every layer.
+
+    Two shapes of forward:
+    - prefill: N consecutive tokens of one sequence in cache row `row`, positions
+      `start … start+N-1`;
+    - decode: one token for each of cache rows 0 … N-1, row b at position `positions[b]`.
+    """
+
+    rotations: Tensor  # [N, 1, hd/2] complex: RoPE of each token
+    decode: bool
+    row: int = 0  # prefill
+    start: int = 0  # prefill
+    write_index: Tensor | None = None  # decode: [N * kv_heads] flat cache rows to write, see `for_decode`
+    kv_len: int = 0  # keys each query attends over (a prefix of the cache rows)
+    mask: Tensor | None = None  # decode: [N, 1, 1, kv_len] additive (0 / -inf); None when every row sees all kv_len.
+    # prefill: [N, kv_len] bool (True: attend) when it is not plain causal (a sliding window, image blocks), else None.
+
+    @classmethod
+    def for_prefill(
+        cls, rope: Tensor, row: int, start: int, length: int, rotations: Tensor | None = None, sliding_window: int | None = None,
+        blocks: Tensor | None = None,
+    ) -> ForwardBatch:
+        """rotations: [length, 1, hd/2] when the tokens' RoPE positions are not start … start+length-1 (M-RoPE).
+
+        sliding_window: query at position p sees keys p - window < k ≤ p (transformers' sliding causal mask).
+        blocks: Long[length], each token's image block (-1: text), from `image_blocks`: tokens of one
+        block also see each other's later positions (Gemma 3). As transformers composes it, the window
+        still applies: (causal or same block) and within the window.
+        """
+        if rotations is None:
+            rotations = rope[start : start + length].unsqueeze(1)
+        end, mask = start + length, None
+        windowed = sliding_window is not None and end > sliding_window
+        if windowed or blocks is not None:
+            query = torch.arange(start, end, device=rope.device)[:, None]  # [N, 1]
+            key = torch.arange(end, device=rope.device)[None, :]  # [1, T]
+            mask = key <= query  # [N, T]
+            if blocks is not None:
+                # Keys before `start` are earlier chunks, all visible already: a block never spans chunks.
+                key_blocks = F.pad(blocks, (start, 0), value=-1)  # [T]
+                mask |= (blocks[:, None] == key_blocks[None, :]) & (blocks[:, None] >= 0)
+            if windowed:
+                mask &= key > query - sliding_window
+        return cls(rotations=rotations, decode=False, row=row, start=start, kv_len=end, mask=mask)
+
+    @classmethod
+    def for_decode(
+        cls, rope: Tensor, positions: list[int], cache: KVCache, num_kv_heads: int, dtype, rope_positions: list[int] | None = None,
+        sliding_window: int | None = None,
+    ) -> ForwardBatch:
+        """positions[b]: where row b's token goes; host ints, so building the batch needs no device sync.
+
+        rope_positions[b]: row b's RoPE position when it is not its cache position (M-RoPE:
+        text after an image continues from the image's largest position + 1).
+        """
+        device = rope.device
+        n, kv_len = len(positions), max(positions) + 1
+        pos = torch.tensor(positions, device=device)  # [N]
+        # The cache layer viewed as [max_batch * kv_heads * max_seq_len, hd]: row b, head h, position p
+        # is entry (b * kv_heads + h) * max_seq_len + p, so writing every row's new key is one index_copy_.
+        rows = torch.arange(n, device=device)[:, None] * num_kv_heads + torch.arange(num_kv_heads, device=device)
+        write_index = (rows * cache.max_seq_len + pos[:, None]).reshape(-1)  # [N * Hkv]
+        mask = None
+        windowed = sliding_window is not None and kv_len > sliding_window
+        if windowed or any(p != kv_len - 1 for p in positions):  # rows of different lengths: hide each row's unused tail
+            keys = torch.arange(kv_len, device=device)[None, :]
+            keep = keys <= pos[:, None]  # [N, T]
+            if windowed:  # and the keys that slid out of the window
+                keep &= keys > pos[:, None] - sliding_window
+            mask = torch.zeros(n, 1, 1, kv_len, dtype=dtype, device=device)
+            mask.masked_fill_(~keep[:, None, None, :], float("-inf"))
+        rotations = rope[pos if rope_positions is None else torch.tensor(rope_positions, device=device)].unsqueeze(1)
+        return cls(rotations=rotations, decode=True, write_index=write_index, kv_len=kv_len, mask=mask)
+
+
+def image_blocks(ids: Tensor, base: int) -> Tensor | None:
+    """ids: Long[N] → Long[N], each run of IDs ≥ `base` (one image's container rows) numbered 0, 1, …, text -1;
+    None when there is no image. transformers' `token_type_ids` blocks: a run is one image."""
+    is_image = ids >= base  # [N]
+    if not bool(is_image.any()):
+        return None
+    starts = is_image & ~F.pad(is_image, (1, 0))[:-1]  # an image token after a text token
+    return torch.where(is_image, starts.cumsum(0) - 1, -1)
+
+
+# ---------------------------------------------------------------------------
+# Attention and MLP
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE over a preallocated KV cache (transformers' parameter names)."""
+
+    def __init__(self, config: DecoderConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        d, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(d, config.q_size, bias=bias, device=device, dtype=dtype)
+        self.k_proj = nn.Linear(d, config.kv_size, bias=bias, device=device, dtype=dtype)
+        self.v_proj = nn.Linear(d, config.kv_size, bias=bias, device=device, dtype=dtype)
+        self.o_proj = nn.Linear(config.q_size, d, bias=False, device=device, dtype=dtype)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, device, dtype, config.norm_offset)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, device, dtype, config.norm_offset)
+
+    def prepare(self, row_major: bool = False) -> None:
+        """Fuse Q, K, V into one projection with RoPE-interleaved rows; drop the originals (`prepare_weight`'s row_major).
+
+        The softmax scale (1/√head_dim, or `query_scale`) is folded into Q's rows (exact
+        for the usual power-of-two head sizes), so attention needs no separate scaling op.
+        With QK-norm the norm would undo that, so the scale goes into Q's norm weight
+        instead, and the per-head norm weights are interleaved like the rows they scale.
+        """
+        c = self.config
+        scale = c.head_dim**-0.5 if c.query_scale is None else c.query_scale
+        row_scale = 1.0 if c.qk_norm else scale
+        weights = [
+            interleave_rope_rows(self.q_proj.weight, c.num_heads, c.head_dim) * row_scale,
+            interleave_rope_rows(self.k_proj.weight, c.num_kv_heads, c.head_dim),
+            self.v_proj.weight,
+        ]
+        self.wqkv = prepare_weight(torch.cat(weights), row_major)
+        self.bqkv = None
+        if c.attention_bias:
+            self.bqkv = torch.cat([
+                interleave_rope_rows(self.q_proj.bias, c.num_heads, c.head_dim) * row_scale,
+                interleave_rope_rows(self.k_proj.bias, c.num_kv_heads, c.head_dim),
+                self.v_proj.bias,
+            ]).detach()
+        self.qk_scale = None
+        if c.qk_norm:
+            for norm in (self.q_norm, self.k_norm):
+                norm.prepare()
+            q_scale = interleave_rope_rows(self.q_norm.scale, 1, c.head_dim) * scale  # [hd] float32
+            k_scale = interleave_rope_rows(self.k_norm.scale, 1, c.head_dim)
+            self.qk_scale = torch.cat([q_scale.expand(c.num_heads, -1), k_scale.expand(c.num_kv_heads, -1)])  # [H + Hkv, hd]
+            del self.q_norm, self.k_norm
+        self.wo = prepare_weight(self.o_proj.weight, row_major)
+        del self.q_proj, self.k_proj, self.v_proj, self.o_proj
+
+    def forward(self, x: Tensor, residual: Tensor | None, k_cache: Tensor, v_cache: Tensor, batch: ForwardBatch) -> Tensor:
+        """x: [N, D] normed input, residual: [N, D] or None; k/v_cache: [B, Hkv, S, hd] → residual + attention: [N, D]
+        (the attention output alone without a residual)."""
+        c = self.config
+        n, h, hkv, hd = x.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
+        qkv = linear(x, self.wqkv, self.bqkv)  # [N, (H + 2 Hkv) hd]
+        qk = qkv[:, : c.q_size + c.kv_size].view(n, h + hkv, hd)  # [N, H + Hkv, hd]
+        if self.qk_scale is not None:  # QK-norm over each head, in float32 (Gemma's norm), softmax scale in Q's weights
+            qk = (F.rms_norm(qk.float(), (hd,), None, c.rms_norm_eps) * self.qk_scale).to(x.dtype)
+        qk = apply_rope(qk, batch.rotations)  # [N, H + Hkv, hd]
+        q, k = qk[:, :h], qk[:, h:]  # [N, H, hd], [N, Hkv, hd]
+        v = qkv[:, c.q_size + c.kv_size :].view(n, hkv, hd)  # [N, Hkv, hd]
+
+        if batch.decode:
+            # One query per cache row. The heads sharing a KV head are stacked as that
+            # head's queries ([N, Hkv, group, hd]), so grouped-query attention reads the
+            # cache in place, with no repeated keys. Plain matmul/softmax: for one query
+            # per row the CPU SDPA kernel costs several times more, masked or not.
+            k_cache.view(-1, hd).index_copy_(0, batch.write_index, k.reshape(-1, hd))
+            v_cache.view(-1, hd).index_copy_(0, batch.write_index, v.reshape(-1, hd))
+            keys = k_cache[:n, :, : batch.kv_len]  # [N, Hkv, T, hd]
+            values = v_cache[:n, :, : batch.kv_len]
+            scores = torch.matmul(q.reshape(n, hkv, h // hkv, hd), keys.transpose(2, 3))  # [N, Hkv, group, T]
+            if batch.mask is not None:
+                scores.add_(batch.mask)
+            out = torch.matmul(scores.softmax(-1), values)  # [N, Hkv, group, hd]
+        else:
+            end = batch.start + n
+            k_cache[batch.row, :, batch.start : end] = k.transpose(0, 1)
+            v_cache[batch.row, :, batch.start : end] = v.transpose(0, 1)
+            q = q.transpose(0, 1).unsqueeze(0)  # [1, H, N, hd]
+            if batch.start == 0 and batch.mask is None:
+                keys, values = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)  # [1, Hkv, N, hd]
+                out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=1.0, enable_gqa=True)
+            else:
+                # Continuing a cached prefix: query i sees positions ≤ start + i (and within the sliding window).
+                keys = k_cache[batch.row : batch.row + 1, :, :end]
+                values = v_cache[batch.row : batch.row + 1, :, :end]
+                mask = batch.mask if batch.mask is not None else torch.ones(n, end, dtype=torch.bool, device=x.device).tril(batch.start)
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0, enable_gqa=True)
+            out = out[0].transpose(0, 1)  # [N, H, hd]
+        if residual is None:
+            return linear(out.reshape(n, c.q_size), self.wo)
+        return linear_add(out.reshape(n, c.q_size), self.wo, residual)
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)), act silu or Gemma's tanh GELU (transformers' parameter names)."""
+
+    def __init__(self, config: DecoderConfig, device=None, dtype=None):
+        super().__init__()
+        d, i = config.hidden_size, config.intermediate_size
+        self.act = GATE_ACTIVATIONS[config.hidden_act]
+        self.gate_proj = nn.Linear(d, i, bias=False, device=device, dtype=dtype)
+        self.up_proj = nn.Linear(d, i, bias=False, device=device, dtype=dtype)
+        self.down_proj = nn.Linear(i, d, bias=False, device=device, dtype=dtype)
+
+    def prepare(self, row_major: bool = False) -> None:
+        """Fuse gate and up into one projection (one weight read, one call); row_major: see `prepare_weight`."""
+        self.w_gate_up = prepare_weight(torch.cat([self.gate_proj.weight, self.up_proj.weight]), row_major)
+        self.w_down = prepare_weight(self.down_proj.weight, row_major)
+        del self.gate_proj, self.up_proj, self.down_proj
+
+    def forward(self, x: Tensor, residual: Tensor | None) -> Tensor:
+        """x: [N, D] normed input → residual + MLP(x): [N, D] (MLP(x) alone without a residual)."""
+        gate, up = linear(x, self.w_gate_up).chunk(2, dim=-1)  # [N, I] each
+        hidden = self.act(gate).mul_(up)  # [N, I]
+        if residual is None:
+            return linear(hidden, self.w_down)
+        return linear_add(hidden, self.w_down, residual)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attention(norm(x)), then + mlp(norm(x)).
+
+    With `post_norms` (Gemma 3) each output is normed too: x + norm(attention(norm(x))), then
+    x + norm(mlp(norm(x))); Gemma names the norms input_layernorm, post_attention_layernorm,
+    pre_feedforward_layernorm and post_feedforward_layernorm, where Llama's post_attention_layernorm
+    is the norm before the MLP.
+    """
+
+    def __init__(self, config: DecoderConfig, device=None, dtype=None):
+        super().__init__()
+        norm = functools.partial(RMSNorm, config.hidden_size, config.rms_norm_eps, device, dtype, config.norm_offset)
+        self.self_attn = Attention(config, device, dtype)
+        self.mlp = GatedMLP(config, device, dtype)
+        self.input_layernorm = norm()
+        self.post_attention_layernorm = norm()
+        self.post_norms = config.post_norms
+        if config.post_norms:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+
+    def prepare(self) -> None:
+        """Prepare the blocks; on the CPU in float32 decode steps go to one fused kernel (`cuda_ext.decode`),
+        which reads the weights row-major."""
+        weight = self.input_layernorm.weight
+        ops = cpu_decode_ops(weight.device, weight.dtype)
+        self.fused_decode = None if ops is None else ops.decode_layer.default
+        self.self_attn.prepare(row_major=ops is not None)
+        self.mlp.prepare(row_major=ops is not None)
+        for module in self.children():
+            if isinstance(module, RMSNorm):
+                module.prepare()
+        if ops is not None:  # gathered once: each submodule attribute read is an nn.Module.__getattr__, ~1 µs a step
+            attn, mlp, c = self.self_attn, self.mlp, self.self_attn.config
+            if self.post_norms:  # Gemma 3: the MLP's input norm, and a norm after each block's output
+                mlp_norm, out_norms = self.pre_feedforward_layernorm, (self.post_attention_layernorm, self.post_feedforward_layernorm)
+            else:
+                mlp_norm, out_norms = self.post_attention_layernorm, (None, None)
+            self.fused_weights = (self.input_layernorm.effective_weight, attn.wqkv, attn.bqkv, attn.wo,
+                                  mlp_norm.effective_weight, mlp.w_gate_up, mlp.w_down)
+            self.fused_options = (attn.qk_scale, *(None if n is None else n.effective_weight for n in out_norms),
+                                  KERNEL_ACTIVATIONS[c.hidden_act])
+            self.fused_eps = c.rms_norm_eps
+
+    def forward(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, batch: ForwardBatch) -> Tensor:
+        if batch.decode and self.fused_decode is not None:
+            return self.fused_decode(x, *self.fused_weights, k_cache, v_cache, batch.rotations, batch.write_index, batch.kv_len,
+                                     batch.mask, self.fused_eps, *self.fused_options)
+        # .forward() directly: per-layer module-call overhead is a measurable share of a CPU decode step.
+        if not self.post_norms:
+            x = self.self_attn.forward(self.input_layernorm.forward(x), x, k_cache, v_cache, batch)
+            return self.mlp.forward(self.post_attention_layernorm.forward(x), x)
+        # The residual adds follow the post-norms, so they cannot be fused into the output projections.
+        x = x + self.post_attention_layernorm.forward(self.self_attn.forward(self.input_layernorm.forward(x), None, k_cache, v_cache, batch))
+        return x + self.post_feedforward_layernorm.forward(self.mlp.forward(self.pre_feedforward_layernorm.forward(x), None))

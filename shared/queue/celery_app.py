@@ -1,0 +1,222 @@
+"""The one Celery app factory, and the attempt limit Redis cannot give us.
+
+Tasks named ``vlmq.embed*`` go to the ``embed`` queue, ``vlmq.generate*`` to
+``generate``. Messages are acknowledged late and requeued when a worker dies,
+so a job survives a SIGKILL. The Redis transport has no delivery count, so a
+job that kills its worker every time would be redelivered forever: vlmq tasks
+use ``AttemptLimitedTask``, which counts deliveries per task id and, past
+``settings.max_attempts``, marks the job failed instead of running it again.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import redis
+from celery import Celery, Task
+from celery.exceptions import Reject
+from kombu import Exchange, Queue
+
+from shared.config.errors import StoreUnavailable
+from shared.config.settings import Settings
+from shared.queue.broker import TRANSPORT as BROKER_TRANSPORT
+from shared.store.jobs import JobStore
+from shared.store.redis_conn import (
+    CONNECT_TIMEOUT_S,
+    SOCKET_TIMEOUT_S,
+    connect,
+    translate_connection_errors,
+)
+
+EMBED_QUEUE = "embed"
+GENERATE_QUEUE = "generate"
+QUEUES = (EMBED_QUEUE, GENERATE_QUEUE)
+WORKER_LOST_CODE = "worker_lost"
+
+# A message that cannot be published while the broker is down is retried this
+# often, under 2 s in all, then the caller gets kombu's OperationalError (the
+# APIs answer 503). Celery's default policy is similar; it is spelled out here
+# because an unbounded retry would hang every API request during an outage.
+PUBLISH_RETRY_POLICY = {"max_retries": 3, "interval_start": 0.1, "interval_step": 0.5, "interval_max": 1.0}
+# A task that finds the store down puts its message back after this pause, so a
+# Redis outage does not make workers spin on redeliveries.
+STORE_DOWN_REQUEUE_DELAY_S = 1.0
+
+_CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+
+
+def redis_ssl_options(url: str) -> dict[str, Any] | None:
+    """Celery's ``broker_use_ssl`` / ``redis_backend_use_ssl`` for ``url``: None unless it is ``rediss://``.
+
+    The TLS parameters are read from the URL's query, as redis-py's ``from_url``
+    reads them for vlmq's own clients (``ssl_cert_reqs``, ``ssl_ca_certs``,
+    ``ssl_certfile``, ``ssl_keyfile``), so one URL configures every client alike.
+    Certificates are verified unless the URL says ``ssl_cert_reqs=none``: kombu
+    on its own would connect to a ``rediss://`` broker without verifying anything.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "rediss":
+        return None
+    query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+    reqs = query.get("ssl_cert_reqs", "required").lower().removeprefix("cert_")
+    if reqs not in _CERT_REQS:
+        raise ValueError(f"ssl_cert_reqs must be one of {', '.join(_CERT_REQS)}, got {query['ssl_cert_reqs']!r}")
+    options: dict[str, Any] = {"ssl_cert_reqs": _CERT_REQS[reqs]}
+    for key in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if key in query:
+            options[key] = query[key]
+    return options
+
+
+def broker_transport_options(settings: Settings) -> dict[str, Any]:
+    """How kombu's Redis transport times out connections and brings back unacked messages.
+
+    A delivered message sits in the ``unacked`` hash (scored by delivery time in
+    ``unacked_index``) until its task is acked. When a worker dies, nothing acks
+    it: every live worker sweeps ``unacked_index`` each ``unacked_restore_interval``
+    seconds (on every sweep: throttle 1) and puts back messages older than
+    ``visibility_timeout``. So a dead worker's jobs run again after between
+    ``visibility_timeout`` and ``visibility_timeout + interval`` seconds. The sweep
+    holds a mutex; a worker killed while holding it blocks sweeps until the mutex
+    expires, so that expiry is bounded by the visibility timeout too.
+    """
+    visibility = settings.visibility_timeout_s
+    return {
+        "visibility_timeout": visibility,
+        # vlmq sends no priorities: one list per queue, which shared.queue.broker's atomic take needs.
+        "priority_steps": [0],
+        "unacked_restore_interval": max(1, min(60, visibility // 10)),
+        "unacked_restore_throttle": 1,
+        "unacked_mutex_expire": max(1, min(300, visibility)),
+        # Without these a publish to a broker that vanished without closing the
+        # connection (a host gone, a firewall) would wait forever.
+        "socket_timeout": SOCKET_TIMEOUT_S,
+        "socket_connect_timeout": CONNECT_TIMEOUT_S,
+    }
+
+
+def create_celery_app(settings: Settings, name: str = "vlmq") -> Celery:
+    """A Celery app on ``settings.broker_url`` whose results (small: keys and status) go to the store Redis."""
+    app = Celery(name, broker=settings.broker_url, backend=settings.effective_store_url)
+    app.conf.update(
+        # Each queue on its own direct exchange and routing key. A bare Queue(name)
+        # is bound to Celery's default exchange under the default routing key, so
+        # a message published to that exchange would be copied into both queues.
+        task_queues=tuple(Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES),
+        task_routes={
+            "vlmq.embed*": {"queue": EMBED_QUEUE},
+            "vlmq.generate*": {"queue": GENERATE_QUEUE},
+        },
+        # At-least-once: a message is acked after its task ran, and requeued
+        # (not dropped) when the worker process running it dies.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # A worker reserves one message at a time, so a queued job waits for a
+        # free worker instead of behind a busy one.
+        worker_prefetch_multiplier=1,
+        # Never pickle: a pickled message is code the worker would run.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json", "msgpack"],
+        result_accept_content=["json", "msgpack"],
+        # kombu's Redis transport with a take that cannot lose a message (see shared.queue.broker).
+        broker_transport=BROKER_TRANSPORT,
+        # Unacked messages return to the queue after this long; it must exceed the longest task.
+        broker_transport_options=broker_transport_options(settings),
+        broker_connection_retry_on_startup=True,
+        task_publish_retry_policy=PUBLISH_RETRY_POLICY,
+        # TLS as the URLs say (rediss://), with certificates verified by default.
+        broker_use_ssl=redis_ssl_options(settings.broker_url),
+        redis_backend_use_ssl=redis_ssl_options(settings.effective_store_url),
+        # The result backend's Redis calls give up like vlmq's own clients do, not after 2 minutes.
+        redis_socket_timeout=SOCKET_TIMEOUT_S,
+        redis_socket_connect_timeout=CONNECT_TIMEOUT_S,
+        # With late acks, a task still running after the broker connection is
+        # lost will be redelivered anyway: stop it rather than run it twice.
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        result_expires=settings.job_ttl_s,
+        # Results live in the store Redis under vlmq's prefix, like every other store key.
+        result_backend_transport_options={"global_keyprefix": settings.key_prefix},
+        task_track_started=True,
+    )
+    app.vlmq_settings = settings
+    return app
+
+
+def count_attempt(client: redis.Redis, key_prefix: str, task_id: str, ttl_s: int) -> int:
+    """Count one more delivery of ``task_id`` and return the count (1 on the first delivery)."""
+    key = f"{key_prefix}attempts:{task_id}"
+    with translate_connection_errors(client):
+        pipe = client.pipeline(transaction=True)
+        pipe.incr(key)
+        pipe.expire(key, ttl_s)
+        count, _ = pipe.execute()
+    return count
+
+
+class AttemptLimitedTask(Task):
+    """Base class of vlmq tasks: a delivery past ``settings.max_attempts`` is not run.
+
+    Every delivery of a task id is counted in the store Redis before the task
+    body runs. A count above the limit means earlier deliveries never finished
+    (the worker died running them), so instead of running again the task calls
+    ``on_attempts_exhausted`` — by default: mark the job failed. vlmq tasks take
+    the job id as their first argument (or ``job_id=``).
+
+    Use with ``@app.task(base=AttemptLimitedTask, ...)`` on an app made by ``create_celery_app``.
+    """
+
+    _store_redis: redis.Redis | None = None
+
+    @property
+    def vlmq_settings(self) -> Settings:
+        return self.app.vlmq_settings
+
+    @property
+    def store_redis(self) -> redis.Redis:
+        """This process's client for the store Redis (made on first use, after the worker forks)."""
+        if self._store_redis is None:
+            # Set on the instance: Celery keeps one instance of each task per process.
+            self._store_redis = connect(self.vlmq_settings.effective_store_url)
+        return self._store_redis
+
+    @property
+    def jobs(self) -> JobStore:
+        settings = self.vlmq_settings
+        return JobStore(self.store_redis, settings.key_prefix, settings.job_ttl_s)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        task_id = self.request.id
+        if task_id is None:  # called as a plain function, not delivered: nothing to count
+            return super().__call__(*args, **kwargs)
+        settings = self.vlmq_settings
+        try:
+            attempts = count_attempt(self.store_redis, settings.key_prefix, task_id, settings.job_ttl_s)
+            if attempts > settings.max_attempts:
+                return self.on_attempts_exhausted(settings.max_attempts, args, kwargs)
+            return super().__call__(*args, **kwargs)
+        except StoreUnavailable as exc:
+            # The store is down (a Redis restart, say): the job has neither failed nor
+            # finished. Acking would lose it, so the message goes back to the queue to
+            # run once Redis answers again (if the broker is down too, the requeue fails
+            # and the unacked message comes back after the visibility timeout instead).
+            time.sleep(STORE_DOWN_REQUEUE_DELAY_S)
+            raise Reject(f"store unavailable, requeued: {exc.message}", requeue=True) from exc
+
+    def on_attempts_exhausted(self, attempts: int, args: tuple, kwargs: dict) -> Any:
+        """Mark the task's job failed and return ``result_of_job`` of it (what a chained task receives)."""
+        job_id = kwargs["job_id"] if "job_id" in kwargs else args[0]
+        job = self.jobs.mark_failed(
+            job_id,
+            WORKER_LOST_CODE,
+            f"gave up after {attempts} attempts: the worker died (or lost Redis) while running this job",
+        )
+        return self.result_of_job(job)
+
+    def result_of_job(self, job: dict[str, Any]) -> Any:
+        """The task's return value for a finished ``job``. A task whose result feeds a chain overrides it
+        (``embedder_service.tasks.EmbedTask``), so the next task gets the same shape either way."""
+        return {"job_id": job["id"], "status": job["status"], "error": job["error"]}

@@ -1,0 +1,138 @@
+"""Helpers of the reliability tests: submitting embed → generate chains, waiting, and the fault figures.
+
+Jobs are sent exactly as `vlmq caption` sends them (an `embed | generate` chain
+per image, claim-check blobs in the store), and read back as a client reads
+them: from the job store, once finished.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+
+import redis
+from celery import Celery, chain
+
+from shared.queue.tasks import embed_signature, generate_signature
+from shared.store.jobs import TERMINAL_STATUSES, JobStore
+
+CAPTION_PAYLOAD = {
+    "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}],
+    "sampling": {"max_tokens": 3, "temperature": 0.0},
+    "stop": [],
+}
+
+
+@dataclass(frozen=True)
+class Chain:
+    embed_id: str
+    generate_id: str
+
+
+def submit_chain(celery: Celery, jobs: JobStore, image: bytes, tenant: str = "public", payload: dict | None = None) -> Chain:
+    embed_id, embed = embed_signature(celery, jobs, tenant, [image])
+    generate_id, generate = generate_signature(celery, jobs, tenant, payload or CAPTION_PAYLOAD)
+    chain(embed, generate).apply_async()
+    return Chain(embed_id, generate_id)
+
+
+def wait_finished(jobs: JobStore, job_ids: list[str], timeout_s: float) -> dict[str, dict]:
+    """Each job as first seen finished; jobs still unfinished at the deadline are left out (lost)."""
+    deadline = time.monotonic() + timeout_s
+    finished: dict[str, dict] = {}
+    while len(finished) < len(job_ids) and time.monotonic() < deadline:
+        for job_id in job_ids:
+            if job_id not in finished:
+                job = jobs.get(job_id)
+                if job["status"] in TERMINAL_STATUSES:
+                    finished[job_id] = job
+        time.sleep(0.1)
+    return finished
+
+
+def count_finished(client: redis.Redis, prefix: str, job_ids: list[str]) -> int:
+    """How many of the jobs have finished, in one round trip (cheap enough to poll tightly)."""
+    raws = client.mget([f"{prefix}job:{job_id}" for job_id in job_ids])
+    return sum(1 for raw in raws if raw is not None and json.loads(raw)["status"] in TERMINAL_STATUSES)
+
+
+def unacked_task_ids(broker: redis.Redis, queue: str) -> set[str]:
+    """Task ids of messages delivered from `queue` to some worker and not yet acked (kombu's `unacked` hash)."""
+    held = set()
+    for raw in broker.hvals("unacked"):
+        message, _exchange, routing_key = json.loads(raw)
+        if routing_key == queue:
+            held.add(message["headers"]["id"])
+    return held
+
+
+def deliveries(client: redis.Redis, prefix: str, task_ids: list[str]) -> dict[str, int]:
+    """How many times each task was delivered to a worker (AttemptLimitedTask's count; the task id is the job id)."""
+    values = client.mget([f"{prefix}attempts:{task_id}" for task_id in task_ids])
+    return {task_id: int(v or 0) for task_id, v in zip(task_ids, values)}
+
+
+def finish_markers(client: redis.Redis, prefix: str, job_ids: list[str]) -> dict[str, int]:
+    """How many times each job went from running to finished (JobStore pushes one marker per transition)."""
+    pipe = client.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.llen(f"{prefix}done:{job_id}")
+    return dict(zip(job_ids, pipe.execute()))
+
+
+@dataclass
+class FaultFigures:
+    """What a fault test reports: every job submitted is completed, failed visibly, or lost."""
+
+    name: str
+    submitted: int = 0
+    completed: int = 0
+    failed: int = 0
+    lost: int = 0
+    duplicated: int = 0  # a job whose result the client saw change, or that finished twice
+    redelivered: int = 0  # messages delivered again after a fault (a dead worker's, a poison job's)
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def print(self) -> None:
+        figures = {k: v for k, v in self.__dict__.items() if k not in ("name", "extra")}
+        figures["seconds"] = round(self.seconds, 1)
+        print(f"\n[{self.name}] " + json.dumps({**figures, **self.extra}), flush=True)
+
+
+class Supervisor:
+    """Runs a worker command and starts it again whenever it dies, as systemd or Kubernetes would."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], cwd: str):
+        self.argv, self.env, self.cwd = argv, env, cwd
+        self.starts = 0
+        self.deaths: list[int] = []  # return codes of the runs that died (-9: SIGKILL)
+        self._stopping = threading.Event()
+        self._process: subprocess.Popen | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "Supervisor":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._process = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd)
+            self.starts += 1
+            code = self._process.wait()
+            if not self._stopping.is_set():
+                self.deaths.append(code)
+
+    def __exit__(self, *exc) -> None:
+        self._stopping.set()
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        self._thread.join(25)

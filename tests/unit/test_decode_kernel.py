@@ -1,0 +1,230 @@
+"""The CPU decode kernels (`cuda_ext.decode`) against the torch decode path they replace.
+
+The reference is `generator_service.models.decoder.DecoderLayer`'s own torch code, prepared in "reference"
+mode (oneDNN-blocked weights, eager ops) from the same weights; the kernel's layer must
+match its output and the KV-cache entries it writes, for one token and for batches whose
+rows sit at different positions (a mask), with QKV biases (Qwen2), a sliding window
+(Mistral) and Gemma 3's layer (QK-norm, output norms, GeGLU), at sizes with and without a vector tail, on every instruction set the CPU has
+(the AVX2 kernels run on an AVX-512 CPU too). Without a compiler the tests skip saying so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cuda_ext import build, decode
+from cuda_ext.decode import set_decode_kernel
+from generator_service.models.decoder import (
+    GATE_ACTIVATIONS,
+    DecoderConfig,
+    DecoderLayer,
+    ForwardBatch,
+    KVCache,
+)
+from shared.modeling.layers import rope_table
+
+LLAMA = DecoderConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_layers=1, num_heads=4, num_kv_heads=2,
+                      head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-5)
+CONFIGS = {
+    "llama": LLAMA,
+    "qwen2_biases": dataclasses.replace(LLAMA, attention_bias=True),
+    "mistral_window": dataclasses.replace(LLAMA, sliding_window=5),
+    # Widths that leave a tail in every vector loop (hidden 40, head 10, intermediate 36), one query head per KV head.
+    "odd_sizes": dataclasses.replace(LLAMA, hidden_size=40, intermediate_size=36, num_heads=3, num_kv_heads=3, head_dim=10),
+    # Gemma 3: QK-norm, norms after attention and MLP, (1 + w) norms, GeGLU, its query scale, a window;
+    # an intermediate size with a vector tail.
+    "gemma3": dataclasses.replace(LLAMA, intermediate_size=36, post_norms=True, qk_norm=True, norm_offset=1.0,
+                                  hidden_act="gelu_pytorch_tanh", query_scale=24**-0.5, sliding_window=5),
+}
+
+
+@pytest.fixture(scope="module")
+def ops():
+    """The built extension (once per machine, cached); skips where the toolchain is missing (a failed build fails)."""
+    try:
+        return build.decode_cpu_ops()
+    except build.ToolchainMissing as error:
+        pytest.skip(f"toolchain not found: {error}")
+
+
+def _isas(ops) -> list[str]:
+    return ["best"] + (["avx2"] if ops.isa() == "avx512" else [])
+
+
+@pytest.fixture(params=[("best", True), ("best", False), ("avx2", True), ("avx2", False)],
+                ids=["best", "best-no-prefetch", "avx2", "avx2-no-prefetch"])
+def isa(request, ops):
+    """Each instruction set this CPU can run, with and without the products' prefetching (chosen by
+    timing, so either may be the one in use), restored afterwards."""
+    name, prefetch = request.param
+    if name not in _isas(ops):
+        pytest.skip(f"the CPU's best kernels are {ops.isa()}: no second instruction set to test")
+    chosen = decode.choose_prefetch(ops)
+    used = ops.use_isa(name)
+    assert name == "best" or used == "avx2"
+    assert ops.use_prefetch(prefetch) is prefetch
+    yield used
+    ops.use_isa("best")
+    ops.use_prefetch(chosen)
+
+
+@pytest.fixture
+def mode():
+    previous = decode.decode_kernel()
+    yield set_decode_kernel
+    set_decode_kernel(previous)
+
+
+def layer_pair(config: DecoderConfig, mode, seed: int = 0) -> tuple[DecoderLayer, DecoderLayer]:
+    """(kernel layer, reference layer): one random layer's weights, prepared in both modes."""
+    torch.manual_seed(seed)
+    source = DecoderLayer(config)
+    for p in source.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    state = source.state_dict()
+    layers = []
+    for name in ("auto", "reference"):
+        mode(name)
+        layer = DecoderLayer(config)
+        layer.load_state_dict(state)
+        layer.requires_grad_(False).prepare()
+        layers.append(layer)
+    return layers[0], layers[1]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+# Past 128 positions a head's keys are attended in chunks and merged; a row shorter than the
+# longest (or a sliding window) leaves whole chunks masked.
+@pytest.mark.parametrize("positions", [[11], [7, 7, 7], [3, 12, 0, 9, 15, 1, 6, 12], [300], [5, 300, 170]],
+                         ids=["batch1", "batch3_same", "batch8_mixed", "batch1_long", "batch3_long_mixed"])
+def test_decode_layer_matches_the_torch_layer(ops, isa, mode, name, positions):
+    config = CONFIGS[name]
+    fused, reference = layer_pair(config, mode)
+    assert fused.fused_decode is not None and reference.fused_decode is None
+    g = torch.Generator().manual_seed(1)
+    caches = [KVCache(config, 8, 320, torch.float32, "cpu") for _ in range(2)]
+    for cache in caches:  # the same earlier keys and values in both
+        cache.k.copy_(torch.randn(cache.k.shape, generator=g.manual_seed(2)))
+        cache.v.copy_(torch.randn(cache.v.shape, generator=g.manual_seed(3)))
+    before = caches[0].k.clone()
+    x = torch.randn(len(positions), config.hidden_size, generator=g)
+    rope = rope_table(config.rope, config.head_dim, config.max_position_embeddings, "cpu")
+    outs = []
+    for layer, cache in zip((fused, reference), caches):
+        batch = ForwardBatch.for_decode(rope, positions, cache, config.num_kv_heads, torch.float32,
+                                        sliding_window=config.sliding_window)
+        with torch.inference_mode():
+            outs.append(layer.forward(x, cache.k[0], cache.v[0], batch))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(caches[0].k, caches[1].k, rtol=1e-5, atol=1e-5)  # the new entries, the rest untouched
+    torch.testing.assert_close(caches[0].v, caches[1].v, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(caches[0].k, before)  # it did write
+
+
+@pytest.mark.parametrize("rows,k,m", [(1, 576, 1000), (3, 37, 13), (8, 1536, 67), (5, 8, 3)])
+def test_linear_matches_torch(ops, isa, rows, k, m):
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(rows, k, generator=g), torch.randn(m, k, generator=g)
+    torch.testing.assert_close(ops.linear(x, w), x @ w.t(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("count", [5, 2 * 4096 + 7], ids=["under-a-vector", "units-and-a-tail"])
+@pytest.mark.parametrize("gated", [False, True], ids=["act", "act-times-up"])
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_activation_in_place_matches_torch(ops, isa, act, gated, count):
+    g = torch.Generator().manual_seed(5)
+    x, up = torch.randn(count, generator=g) * 4, torch.randn(count, generator=g)
+    expected = (F.silu(x) if act == "silu" else F.gelu(x, approximate="tanh")) * (up if gated else 1)
+    out = ops.activation_(x, up if gated else None, act)
+    assert out.data_ptr() == x.data_ptr()  # in place
+    torch.testing.assert_close(x, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3"])
+def test_a_model_decodes_the_same_tokens_with_and_without_the_kernels(ops, mode, demo_model, tmp_path, family):
+    from generator_service.models.gemma3 import Gemma3ForCausalLM
+    from generator_service.models.llama import LlamaForCausalLM
+    from tests.support.tiny_models import build_tiny_gemma3
+
+    model_class, path = {"llava": (LlamaForCausalLM, demo_model), "gemma3": (Gemma3ForCausalLM, None)}[family]
+    path = path or build_tiny_gemma3(tmp_path)
+    models = []
+    for name in ("auto", "reference"):
+        mode(name)
+        models.append(model_class.from_checkpoint(path))
+    assert models[0].model.layers[0].fused_decode is not None and models[0].head_ops is not None
+    assert models[1].model.layers[0].fused_decode is None and models[1].head_ops is None
+    logits, tokens = [], []
+    for model in models:
+        cache = model.new_cache(2, 64)
+        lengths = [9, 4]  # two rows at different positions: the masked batch
+        last = [int(model.prefill(torch.arange(3, 3 + n), cache, row).argmax()) for row, n in enumerate(lengths)]
+        steps = []
+        for _ in range(6):
+            out = model.decode(torch.tensor(last), lengths, cache)  # [2, V]
+            steps.append(out)
+            last = out.argmax(-1).tolist()
+            lengths = [n + 1 for n in lengths]
+        logits.append(torch.stack(steps))
+        tokens.append(torch.stack(steps).argmax(-1))
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+    assert torch.equal(tokens[0], tokens[1])
+
+
+def test_every_gated_mlp_activation_has_its_kernel_activation():
+    # A new entry in GATE_ACTIVATIONS without one would fail model preparation, not decode silently with silu.
+    assert set(GATE_ACTIVATIONS) <= set(decode.KERNEL_ACTIVATIONS)
+
+
+def test_cuda_tensors_and_other_dtypes_keep_the_torch_path(mode):
+    mode("auto")
+    assert decode.cpu_decode_ops("cuda", torch.float32) is None
+    assert decode.cpu_decode_ops("cpu", torch.bfloat16) is None
+    mode("reference")
+    assert decode.cpu_decode_ops("cpu", torch.float32) is None
+
+
+def test_without_a_toolchain_the_torch_path_runs_with_one_warning(mode, monkeypatch, caplog):
+    def unavailable():
+        raise build.ToolchainMissing("cannot build the CPU decode extension: ninja not found (pip install ninja)")
+
+    monkeypatch.setattr(build, "decode_cpu_ops", unavailable)
+    monkeypatch.setattr(decode, "_warned_fallback", False)
+    mode("auto")
+    with caplog.at_level(logging.WARNING, logger="cuda_ext.decode"):
+        layers = [DecoderLayer(LLAMA) for _ in range(2)]
+        for layer in layers:
+            layer.requires_grad_(False).prepare()
+    assert all(layer.fused_decode is None and layer.mlp.w_down.is_mkldnn for layer in layers)
+    assert [r.getMessage() for r in caplog.records] == [
+        "CPU decode: using the torch path, the decode kernels are unavailable: "
+        "cannot build the CPU decode extension: ninja not found (pip install ninja)"]
+
+
+def test_modes_come_from_the_environment_and_bad_ones_are_refused(monkeypatch, mode):
+    monkeypatch.setenv("VLMQ_DECODE_KERNEL", "Reference")
+    assert decode._mode_from_env() == "reference"
+    monkeypatch.setenv("VLMQ_DECODE_KERNEL", "fast")
+    with pytest.raises(ValueError, match="VLMQ_DECODE_KERNEL='fast'"):
+        decode._mode_from_env()
+    with pytest.raises(ValueError, match="unknown decode mode"):
+        mode("fast")
+
+
+def test_the_kernel_refuses_inputs_it_would_misread(ops):
+    x, w = torch.randn(2, 8), torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        ops.linear(x.double(), w)
+    with pytest.raises(RuntimeError, match=r"w must be \[4, 8\]"):
+        ops.linear(x, torch.randn(4, 9))
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        ops.linear(x, w.t().contiguous().t())
+    with pytest.raises(RuntimeError, match='unknown activation "gelu"'):
+        ops.activation_(x, None, "gelu")
+    with pytest.raises(RuntimeError, match="up must be contiguous float32 of x's shape"):
+        ops.activation_(x, torch.randn(2, 7), "silu")

@@ -1,0 +1,231 @@
+"""The `vlmq` command line: workers, APIs, the local stack, bulk captioning, demo checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from shared.config.settings import get_settings
+
+WORKER_KINDS = ("embed", "generate")
+MODEL_HELP = "Hugging Face checkpoint folder, or demo[:FAMILY] for the tiny demo checkpoint (written once to the cache)"
+DEMO_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vlmq"
+
+
+def resolve_model_path(text: str) -> str:
+    """A checkpoint folder, or `demo` / `demo:FAMILY`: the demo checkpoint, written once to the cache."""
+    name, _, family = text.partition(":")
+    if name != "demo" or Path(text).exists():
+        return text
+    from vlmq.demo_model import write_demo_model
+
+    family = _demo_family(family or "llava")
+    path = DEMO_CACHE / f"demo-{family}"
+    if not path.is_dir():
+        # Written aside and renamed, so concurrent first uses never see half a checkpoint.
+        staging = write_demo_model(DEMO_CACHE / f".demo-{family}-{os.getpid()}", family)
+        try:
+            staging.rename(path)
+        except OSError:  # another process won the race; its copy is identical
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(path)
+
+
+def _demo_family(text: str) -> str:
+    """A family `vlmq demo-model` can write: checked against DEMO_FAMILIES when parsed (importing it needs torch)."""
+    from vlmq.demo_model import DEMO_FAMILIES
+
+    if text not in DEMO_FAMILIES:
+        raise argparse.ArgumentTypeError(f"no demo model for family {text!r}; choose one of {', '.join(DEMO_FAMILIES)}")
+    return text
+
+
+def _split_devices(text: str) -> list[str]:
+    devices = [d.strip() for d in text.split(",") if d.strip()]
+    if not devices:
+        raise argparse.ArgumentTypeError("give at least one device, e.g. cpu or cuda:0,cuda:1")
+    return devices
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """One worker process per device; several devices → one child process each."""
+    if len(args.device) > 1:
+        children = [
+            subprocess.Popen([sys.executable, "-m", "vlmq", "worker", args.kind, "--model", args.model, "--device", device]
+                             + (["--concurrency", str(args.concurrency)] if args.concurrency else []))
+            for device in args.device
+        ]
+        from vlmq.processes import wait_all_or_stop
+
+        return wait_all_or_stop(children)
+    settings = get_settings()
+    if args.kind == "embed":
+        from embedder_service.worker import run
+    else:
+        from generator_service.worker import run
+    run(settings, args.model, args.device[0], args.concurrency)
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    factory = "embedder_service.api.app:create_app" if args.kind == "embed" else "generator_service.api.app:create_app"
+    uvicorn.run(factory, factory=True, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def cmd_demo_model(args: argparse.Namespace) -> int:
+    from vlmq.demo_model import write_demo_model
+
+    path = write_demo_model(args.path, args.family)
+    print(f"wrote a tiny random-weight {args.family} checkpoint to {path}")
+    return 0
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _sigterm_like_ctrl_c() -> None:
+    # SIGTERM would otherwise end the process at once, leaving Redis and the children behind.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Redis (unless VLMQ_BROKER_URL is set), both APIs and one worker of each, until Ctrl-C or SIGTERM."""
+    import os
+
+    from vlmq.stack import ApiPorts, LocalStack, StackError
+
+    _sigterm_like_ctrl_c()
+    apis = ApiPorts(args.host, args.embed_port, args.generate_port)
+    stack = LocalStack(args.model, device=args.device, apis=apis, broker_url=os.environ.get("VLMQ_BROKER_URL"))
+    try:
+        stack.start()
+    except KeyboardInterrupt:
+        return 130  # start() has stopped what it started
+    except StackError as exc:
+        print(f"vlmq up: {exc}", file=sys.stderr)
+        return 1
+    redis_line = f"  Redis          {stack.redis.url}" if stack.redis is not None else f"  Redis          {stack.settings.broker_url} (VLMQ_BROKER_URL)"
+    print("vlmq is up:", f"  embedder API   {apis.url('embed')}  (docs: {apis.url('embed')}/docs)",
+          f"  generator API  {apis.url('generate')}  (docs: {apis.url('generate')}/docs)", redis_line,
+          "Ctrl-C stops everything.", sep="\n", flush=True)
+    status = stack.wait()
+    print("vlmq stopped.", flush=True)
+    return status
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    import kombu.exceptions
+
+    from shared.config.errors import StoreUnavailable
+    from vlmq.caption import CaptionError, CaptionOptions, StackChoice, caption
+    from vlmq.stack import StackError
+
+    _sigterm_like_ctrl_c()
+    options = CaptionOptions(
+        prompt=args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed, stop=tuple(args.stop), max_in_flight=args.max_in_flight, tenant=args.tenant, timeout_s=args.timeout,
+    )
+    stack = StackChoice(args.model, args.embed_workers, args.generate_workers, args.worker_timeout)
+    try:
+        summary = caption(args.input, args.out, options, stack, progress=not args.no_progress)
+    except KeyboardInterrupt:  # while the stack was starting; an interrupted run returns its summary
+        print("vlmq caption: interrupted", file=sys.stderr)
+        return 130
+    except (CaptionError, StackError, StoreUnavailable, kombu.exceptions.OperationalError) as exc:
+        print(f"vlmq caption: error: {exc}", file=sys.stderr)
+        return 2
+    print(summary.line(), flush=True)
+    if summary.interrupted:
+        return 130
+    return 1 if summary.failed else 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlmq", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    worker = sub.add_parser("worker", help="serve the embed or generate queue (one process per device)")
+    worker.add_argument("kind", choices=WORKER_KINDS)
+    worker.add_argument("--model", required=True, type=resolve_model_path, help=MODEL_HELP)
+    worker.add_argument("--device", type=_split_devices, default=None, help="cpu, cuda:N or a comma-separated list (default: VLMQ_DEVICE)")
+    worker.add_argument("--concurrency", type=int, default=None, help="jobs held at once (default: the batch size)")
+    worker.set_defaults(func=cmd_worker)
+
+    api = sub.add_parser("api", help="serve the embed or generate REST API")
+    api.add_argument("kind", choices=WORKER_KINDS)
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=None, help="default 8001 (embed) or 8002 (generate)")
+    api.add_argument("--log-level", default="info")
+    api.set_defaults(func=cmd_api)
+
+    up = sub.add_parser("up", help="the whole stack on this machine: Redis, both APIs, one worker of each")
+    up.add_argument("--model", required=True, type=resolve_model_path, help=MODEL_HELP)
+    up.add_argument("--host", default="127.0.0.1", help="interface the APIs listen on")
+    up.add_argument("--embed-port", type=int, default=8001)
+    up.add_argument("--generate-port", type=int, default=8002)
+    up.add_argument("--device", default=None, help="device of both workers (default: VLMQ_DEVICE)")
+    up.set_defaults(func=cmd_up)
+
+    cap = sub.add_parser(
+        "caption", help="caption every image of a folder, glob or path list into a JSON-lines file (resumable)",
+        description="Uses the running stack when VLMQ_BROKER_URL is set, else starts a private one. "
+                    "Paths already in --out are skipped, so re-running continues an interrupted run. "
+                    "Exit status: 0 all done, 1 some images failed, 2 could not run, 130 interrupted.",
+    )
+    cap.add_argument("input", help="a folder (recursive), a glob pattern (quote it), an image, or a text file of paths")
+    cap.add_argument("--model", type=resolve_model_path, help=MODEL_HELP + " (needed for the private stack)")
+    cap.add_argument("--prompt", required=True, help="the instruction shown with each image")
+    cap.add_argument("--out", required=True, help="JSON-lines output, appended to")
+    cap.add_argument("--max-in-flight", type=_positive_int, default=32, help="images enqueued and not yet finished, at most")
+    cap.add_argument("--max-tokens", type=_positive_int, default=32)
+    cap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    cap.add_argument("--top-p", type=float, default=None)
+    cap.add_argument("--top-k", type=int, default=None)
+    cap.add_argument("--seed", type=int, default=None)
+    cap.add_argument("--stop", nargs="*", default=[], help="stop strings")
+    cap.add_argument("--tenant", default="public", help="tenant the containers and jobs belong to")
+    cap.add_argument("--timeout", type=float, default=600.0, help="seconds one image may take before it is failed")
+    cap.add_argument("--embed-workers", type=_positive_int, default=1, help="private stack only")
+    cap.add_argument("--generate-workers", type=_positive_int, default=1, help="private stack only")
+    cap.add_argument("--worker-timeout", type=float, default=30.0, help="running stack: seconds to wait for workers to report in")
+    cap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cap.set_defaults(func=cmd_caption)
+
+    demo = sub.add_parser("demo-model", help="write a tiny random-weight checkpoint (no download)")
+    demo.add_argument("path")
+    demo.add_argument("--family", default="llava", type=_demo_family,
+                      help="a family of vlmq.demo_model.DEMO_FAMILIES (default llava); a wrong one lists them")
+    demo.set_defaults(func=cmd_demo_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    if getattr(args, "device", "unset") is None:
+        device = get_settings().device
+        args.device = _split_devices(device) if args.command == "worker" else device
+    if getattr(args, "kind", None) and getattr(args, "port", "unset") is None:
+        args.port = 8001 if args.kind == "embed" else 8002
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
