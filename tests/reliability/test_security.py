@@ -15,7 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import redis
+import torch
 from kombu.exceptions import OperationalError
+from PIL import Image
 
 from embedder_service.api.app import create_app as create_embed_app
 from embedder_service.worker import load_vision_model
@@ -154,7 +156,10 @@ def test_a_pickle_beside_the_safetensors_is_never_opened(demo_model, tmp_path):
     shutil.copytree(demo_model, folder)
     marker = tmp_path / "unpickled"
     (folder / "pytorch_model.bin").write_bytes(_pickle_that_touches(marker))
-    assert load_vision_model(str(folder), "cpu", "float32") is not None
+    image = Image.new("RGB", (40, 30), (200, 30, 90))
+    [beside_pickle] = load_vision_model(str(folder), "cpu", "float32").embed([image])
+    [safetensors_only] = load_vision_model(str(demo_model), "cpu", "float32").embed([image])
+    assert torch.equal(beside_pickle, safetensors_only)  # the weights came from model.safetensors
     assert not marker.exists()
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
+import re
 import time
 
 import pytest
@@ -168,7 +170,9 @@ def test_put_refuses_containers_over_the_size_limit(redis_client, key_prefix):
 
 def test_container_id_is_a_sha256_of_all_inputs():
     cid = container_id("acme", "fp", {"size": 336, "mode": "pad"}, b"\x89PNG")
-    assert len(cid) == 64 and int(cid, 16) >= 0
+    assert re.fullmatch(r"[0-9a-f]{64}", cid)
+    parts = [b"acme", b"fp", b'{"mode":"pad","size":336}', b"\x89PNG"]  # the settings as canonical JSON
+    assert cid == hashlib.sha256(b"".join(len(p).to_bytes(8, "big") + p for p in parts)).hexdigest()
     assert cid == container_id("acme", "fp", {"mode": "pad", "size": 336}, b"\x89PNG")  # key order is irrelevant
     others = {
         container_id("other", "fp", {"size": 336, "mode": "pad"}, b"\x89PNG"),
