@@ -1,5 +1,7 @@
 """`python -m vlmq ...`: the same command line as the `vlmq` console script."""
 
+import sys
+
 from vlmq.cli import main
 
-main()
+sys.exit(main())

@@ -38,11 +38,11 @@ def resolve_model_path(text: str) -> str:
 
 
 def _demo_family(text: str) -> str:
-    """A family `vlmq demo-model` can write: checked against DEMO_FAMILIES when parsed (importing it needs torch)."""
-    from vlmq.demo_model import DEMO_FAMILIES
+    """A family `vlmq demo-model` can write: checked against FAMILIES when parsed (importing it needs torch)."""
+    from vlmq.demo_model import FAMILIES
 
-    if text not in DEMO_FAMILIES:
-        raise argparse.ArgumentTypeError(f"no demo model for family {text!r}; choose one of {', '.join(DEMO_FAMILIES)}")
+    if text not in FAMILIES:
+        raise argparse.ArgumentTypeError(f"no demo model for family {text!r}; choose one of {', '.join(FAMILIES)}")
     return text
 
 
@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo-model", help="write a tiny random-weight checkpoint (no download)")
     demo.add_argument("path")
     demo.add_argument("--family", default="llava", type=_demo_family,
-                      help="a family of vlmq.demo_model.DEMO_FAMILIES (default llava); a wrong one lists them")
+                      help="a family of vlmq.demo_model.FAMILIES (default llava); a wrong one lists them")
     demo.set_defaults(func=cmd_demo_model)
     return parser
 
@@ -226,6 +226,3 @@ def main(argv: list[str] | None = None) -> int:
         args.port = 8001 if args.kind == "embed" else 8002
     return args.func(args)
 
-
-if __name__ == "__main__":
-    sys.exit(main())
