@@ -1,12 +1,11 @@
-"""Device kernels for vlmq, each with a torch reference beside it.
+"""vlmq's compiled ops, each with a torch path beside it, in two rooms.
 
-`ops` holds the dispatchers the models call (and the switch between kernel and
-reference); `reference` the plain-torch implementations that run on the CPU and serve
-as the test oracle for kernels; `build` compiles the C++/CUDA sources in `csrc/` on
-first use.
+- `gather`: the multimodal embedding gather: a CUDA kernel, the same per-token code as a
+  CPU extension (its proof on hosts without a GPU), the torch reference, and `ops`, the
+  dispatcher between them that the generator calls.
+- `decode`: the CPU decode kernels (AVX-512, AVX2) for a float32 decode step, and `ops`,
+  which hands them to the models where they run; the torch path is the models' own.
+
+Each room's C++/CUDA sources are in its `csrc/`; `build` compiles them on first use
+(`python -m cuda_ext.build` ahead of time). `timing` times CUDA work for the benches.
 """
-
-from cuda_ext.ops import embedding_gather, multimodal_embedding, set_embedding_gather
-from cuda_ext.reference import multimodal_embedding_reference
-
-__all__ = ["embedding_gather", "multimodal_embedding", "multimodal_embedding_reference", "set_embedding_gather"]

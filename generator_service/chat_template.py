@@ -115,6 +115,11 @@ def _plain(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
+def image_parts(messages: list[dict]) -> list[dict]:
+    """The image parts of a chat (`{"type": "image", …}` in list contents), in order: the images the template renders."""
+    return [part for m in messages if isinstance(m.get("content"), list) for part in m["content"] if part.get("type") == "image"]
+
+
 class ChatTemplate:
     """One compiled template plus the special-token variables it sees."""
 

@@ -1,4 +1,4 @@
-"""A generate request → text: resolve aliases in the store, encode, run the engine, stream.
+"""A generate request → text: fetch its images' containers, encode, run the engine, stream.
 
 Requests come as JSON-able payloads (from the Celery task):
 
@@ -7,10 +7,11 @@ Requests come as JSON-able payloads (from the Celery task):
     "sampling": {temperature, top_p, top_k, repetition_penalty, max_tokens, seed},
     "stop": [str], "stream": bool
 
-Chat messages' image parts are `{"type": "image", "container_id": id}`; the
-model's chat template renders each as its image token (`<image>` for LLaVA),
-which is then bound, in order, to those containers. Default aliases
-`<image:{id}>` in a prompt resolve without explicit bindings. All containers are
+A prompt names its images by alias: default aliases `<image:{id}>` resolve
+without explicit bindings. Chat messages name theirs in their image parts,
+`{"type": "image", "container_id": id}`: the chat template's text is cut where it
+writes each image part (the family's placeholder, `<image>` for LLaVA) and each
+container's IDs go in its place, with no alias in between. All containers are
 fetched in one round trip, within the caller's tenant, and must come from this
 model with this hidden size.
 """
@@ -22,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 
+from generator_service.chat_template import image_parts
 from generator_service.engine import Engine, GenerationRequest
 from generator_service.sampling import SamplingParams
 from generator_service.stops import StopMatcher
@@ -36,50 +38,50 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_t
 
 class GeneratePipeline:
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, engine: Engine, store: ContainerStore,
-                 settings: Settings, fingerprint: str, image_token: str | None):
+                 settings: Settings, fingerprint: str, image_placeholder: str | None):
         self.model, self.tokenizer, self.engine, self.store = model, tokenizer, engine, store
         self.settings = settings
         self.fingerprint = fingerprint
-        self.image_token = image_token  # what the chat template writes for an image part
+        self.image_placeholder = image_placeholder  # what the chat template writes for an image part
         self.hidden_size = model.config.hidden_size
 
     # -- prompt ---------------------------------------------------------------------------
 
-    def _render_chat(self, messages: list[dict]) -> tuple[str, list[str]]:
-        """The chat prompt text with each image part as a default alias, and those containers' ids."""
-        if self.tokenizer.chat_template is None:
-            raise InvalidInput("this model has no chat template; use /v1/generate with a prompt")
-        image_ids = [part["container_id"] for m in messages if isinstance(m.get("content"), list)
-                     for part in m["content"] if part.get("type") == "image"]
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        if not image_ids:
-            return text, []
-        if self.image_token is None or text.count(self.image_token) != len(image_ids):
-            raise InvalidInput(
-                f"the chat has {len(image_ids)} images but its rendered prompt has {text.count(self.image_token or '')} "
-                f"image tokens {self.image_token!r} (message text must not contain that token)"
-            )
-        pieces = text.split(self.image_token)
-        aliased = pieces[0] + "".join(f"<image:{cid}>" + piece for cid, piece in zip(image_ids, pieces[1:]))
-        return aliased, image_ids
-
     def encode(self, tenant: str, payload: dict) -> EncodedPrompt:
         if (payload.get("prompt") is None) == (payload.get("messages") is None):
             raise InvalidInput("give exactly one of `prompt` or `messages`")
-        if payload.get("messages") is not None:
-            text, _ = self._render_chat(payload["messages"])
-            add_special_tokens = False  # the template writes BOS itself where the model wants it
-        else:
-            text, add_special_tokens = payload["prompt"], True
-        explicit: dict[str, str] = payload.get("images") or {}
-        wanted = list(dict.fromkeys([*default_alias_ids(text), *explicit.values()]))
-        by_id = {c.id: c for c in self.store.get_many(wanted, tenant=tenant)} if wanted else {}
-        for container in by_id.values():
-            self._check_container(container)
+        max_length = min(self.settings.max_prompt_tokens, self.engine.max_seq_len - 1)
+        if payload.get("messages") is None:
+            return self._encode_prompt(tenant, payload["prompt"], payload.get("images") or {}, max_length)
+        if payload.get("images"):
+            raise InvalidInput("`images` binds the aliases of a `prompt`; chat messages name their containers in their image parts")
+        return self._encode_chat(tenant, payload["messages"], max_length)
+
+    def _encode_prompt(self, tenant: str, prompt: str, explicit: dict[str, str], max_length: int) -> EncodedPrompt:
+        by_id = self._containers(tenant, [*default_alias_ids(prompt), *explicit.values()])
         bindings: dict[str, EmbeddingContainer] = {f"<image:{c.id}>": c for c in by_id.values()}
         bindings.update({alias: by_id[cid] for alias, cid in explicit.items()})
-        max_length = min(self.settings.max_prompt_tokens, self.engine.max_seq_len - 1)
-        return self.tokenizer.encode_prompt(text, bindings, add_special_tokens=add_special_tokens, max_length=max_length)
+        return self.tokenizer.encode_prompt(prompt, bindings, add_special_tokens=True, max_length=max_length)
+
+    def _encode_chat(self, tenant: str, messages: list[dict], max_length: int) -> EncodedPrompt:
+        if self.tokenizer.chat_template is None:
+            raise InvalidInput("this model has no chat template; use /v1/generate with a prompt")
+        pieces = self.tokenizer.render_chat(messages, self.image_placeholder)
+        ids = [part.get("container_id") for part in image_parts(messages)]
+        for index, cid in enumerate(ids):
+            if not isinstance(cid, str) or not cid:
+                raise InvalidInput(f"image part {index} names no container (`container_id`)")
+        by_id = self._containers(tenant, ids)
+        # The template writes BOS itself where the model wants it.
+        return self.tokenizer.encode_with_images(pieces, [by_id[cid] for cid in ids], add_special_tokens=False, max_length=max_length)
+
+    def _containers(self, tenant: str, ids: list[str]) -> dict[str, EmbeddingContainer]:
+        """The containers named, by id, fetched in one round trip and each checked to be this model's."""
+        wanted = list(dict.fromkeys(ids))
+        by_id = {c.id: c for c in self.store.get_many(wanted, tenant=tenant)}
+        for container in by_id.values():
+            self._check_container(container)
+        return by_id
 
     def _check_container(self, container: EmbeddingContainer) -> None:
         if container.model != self.fingerprint:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable
 
 from celery import Celery
 
+from generator_service.chat_template import image_parts
 from shared.config.errors import InvalidInput, StoreUnavailable, VlmqError
 from shared.queue.celery_app import AttemptLimitedTask
 from shared.queue.metrics import WorkerStats
@@ -33,12 +34,11 @@ def _fill_chained_images(payload: dict, embed_result: dict) -> dict:
         raise VlmqError(error.get("message", "the image could not be embedded"), code=error.get("code", "embed_failed"), status=400)
     ids = iter(embed_result["container_ids"])
     payload = copy.deepcopy(payload)
-    for message in payload.get("messages") or []:
-        for part in message["content"] if isinstance(message.get("content"), list) else []:
-            if part.get("type") == "image" and not part.get("container_id"):
-                part["container_id"] = next(ids, None)
-                if part["container_id"] is None:
-                    raise InvalidInput("the chat has more image parts than the embed job produced containers")
+    for part in image_parts(payload.get("messages") or []):
+        if not part.get("container_id"):
+            part["container_id"] = next(ids, None)
+            if part["container_id"] is None:
+                raise InvalidInput("the chat has more image parts than the embed job produced containers")
     return payload
 
 

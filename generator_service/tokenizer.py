@@ -5,13 +5,17 @@ Reads a checkpoint's `tokenizer.json`, `tokenizer_config.json` (special tokens,
 and `generation_config.json` (EOS IDs), and encodes as `transformers`'
 `AutoTokenizer` does.
 
-Images enter prompts as aliases: `encode_prompt` replaces each alias bound to an
-embedding container by the container's token IDs (per its layout). Every alias
-is tokenized exactly where the model's own image token would be: the text is
-encoded once with a private special token in each alias's place, so the text
-around an alias splits as it does around `<image>`. A layout's own text (Gemma 3's
-"\n\n" either side of the image) goes into that text around the private token, so it
-merges with the prompt's neighbouring text as in the model's processor.
+Images enter prompts as embedding containers, which `encode_with_images` puts
+between pieces of text: the text is encoded once with a private special token in
+each image's place, so the text around an image splits as it does around the
+model's own image token, and the token is then replaced by the container's IDs
+(per its layout). A layout's own text (Gemma 3's "\n\n" either side of the image)
+goes into that text around the private token, so it merges with the prompt's
+neighbouring text as in the model's processor.
+
+The pieces come from one of two places: a prompt cut at its aliases
+(`encode_prompt`; `<image:{id}>` or the caller's own), or a chat template's text
+cut where it writes each image part (`render_chat`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as HFTokenizer
 
-from generator_service.chat_template import ChatTemplate
+from generator_service.chat_template import ChatTemplate, image_parts
 from shared.config.errors import CheckpointError, InvalidInput
 from shared.modeling.checkpoint import Checkpoint
 from shared.store.token_ids import EMBEDDING_INDEX_BASE
@@ -34,8 +38,8 @@ from shared.store.token_ids import EMBEDDING_INDEX_BASE
 # A container's default alias, `<image:{id}>`.
 DEFAULT_ALIAS = re.compile(r"<image:([^<>\s]+)>")
 
-# Stands for one alias while the text is encoded; never accepted in a prompt.
-_PLACEHOLDER = "<|vlmq:alias|>"
+# Stands for one image while the text around it is encoded; never accepted in a prompt.
+_IMAGE_SLOT = "<|vlmq:alias|>"
 
 # transformers' named special tokens: the variables a chat template sees.
 _NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -81,10 +85,10 @@ def check_token_ids(ids: Sequence[int], containers: Iterable[Any], vocab_size: i
             raise InvalidInput(f"token id {token} is outside the vocabulary of {vocab_size} tokens")
 
 
-def _alias_text(container: Any) -> str:
-    """What stands for an alias in the text that is tokenized: the placeholder inside its layout's text."""
+def _image_text(container: Any) -> str:
+    """What stands for an image in the text that is tokenized: the private token inside its layout's text."""
     layout = getattr(container, "layout", None)
-    return getattr(layout, "text_before", "") + _PLACEHOLDER + getattr(layout, "text_after", "")
+    return getattr(layout, "text_before", "") + _IMAGE_SLOT + getattr(layout, "text_after", "")
 
 
 @dataclass(frozen=True)
@@ -129,10 +133,10 @@ class Tokenizer:
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self.chat_template = ChatTemplate(chat_template, self.special_tokens) if chat_template else None
 
-        # The copy that encodes prompts with aliases: the placeholder is one more special token.
-        self._alias_tok = HFTokenizer.from_str(tokenizer.to_str())
-        self._alias_tok.add_special_tokens([AddedToken(_PLACEHOLDER, special=True, normalized=False)])
-        self._placeholder_id = self._alias_tok.token_to_id(_PLACEHOLDER)
+        # The copy that encodes text around images: the image slot is one more special token.
+        self._image_tok = HFTokenizer.from_str(tokenizer.to_str())
+        self._image_tok.add_special_tokens([AddedToken(_IMAGE_SLOT, special=True, normalized=False)])
+        self._image_slot_id = self._image_tok.token_to_id(_IMAGE_SLOT)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint | str | Path) -> Tokenizer:
@@ -219,23 +223,59 @@ class Tokenizer:
             unbound = DEFAULT_ALIAS.search(piece)
             if unbound:
                 raise InvalidInput(f"unknown image alias {unbound.group(0)}: no container {unbound.group(1)} is bound")
-            if _PLACEHOLDER in piece:
-                raise InvalidInput(f"the prompt contains the reserved text {_PLACEHOLDER}")
+        images = [bindings[alias] for alias in aliases]
+        return self.encode_with_images(pieces, images, add_special_tokens=add_special_tokens, max_length=max_length)
 
-        text = pieces[0] + "".join(_alias_text(bindings[alias]) + piece for alias, piece in zip(aliases, pieces[1:]))
-        encoded = self._alias_tok.encode(text, add_special_tokens=add_special_tokens).ids
+    def render_chat(self, messages: list[dict], image_placeholder: str | None) -> list[str]:
+        """The chat template's prompt for `messages`, cut where it writes each image part: the text before, between
+        and after the images, one piece more than there are image parts.
+
+        image_placeholder: what the template writes for an image part (the family's, `shared.modeling.families`).
+        Every occurrence is cut, so message text must not contain it: a count that differs from the image parts
+        is an error naming both.
+        """
+        text = self.apply_chat_template(messages, add_generation_prompt=True)
+        count = len(image_parts(messages))
+        if not count:
+            return [text]
+        if not image_placeholder:
+            raise InvalidInput(f"the chat has {count} images, but this model's checkpoint names no image placeholder for its chat template")
+        found = text.count(image_placeholder)
+        if found != count:
+            raise InvalidInput(
+                f"the chat has {count} images but its rendered prompt has {found} image placeholders {image_placeholder!r} "
+                "(message text must not contain the placeholder)"
+            )
+        return text.split(image_placeholder)
+
+    def encode_with_images(
+        self,
+        pieces: Sequence[str],
+        images: Sequence[Any],
+        *,
+        add_special_tokens: bool = True,
+        max_length: int | None = None,
+    ) -> EncodedPrompt:
+        """Token IDs of pieces[0], images[0], pieces[1], …, images[-1], pieces[-1]: each image the IDs of its
+        container (anything with `token_ids()` and a `layout`), the text encoded as around the model's image token."""
+        if len(pieces) != len(images) + 1:
+            raise ValueError(f"{len(images)} images go between {len(images) + 1} pieces of text, not {len(pieces)}")
+        if any(_IMAGE_SLOT in piece for piece in pieces):
+            raise InvalidInput(f"the prompt contains the reserved text {_IMAGE_SLOT}")
+        text = pieces[0] + "".join(_image_text(image) + piece for image, piece in zip(images, pieces[1:]))
+        encoded = self._image_tok.encode(text, add_special_tokens=add_special_tokens).ids
         ids: list[int] = []
-        slots = iter(aliases)
+        slots = iter(images)
         used: dict[int, Any] = {}
         for token in encoded:
-            if token != self._placeholder_id:
+            if token != self._image_slot_id:
                 ids.append(token)
                 continue
-            container = bindings[next(slots)]
+            container = next(slots)
             used.setdefault(id(container), container)
             ids.extend(container.token_ids())
-        if next(slots, None) is not None:  # a normalizer ate a placeholder: refuse rather than misplace images
-            raise InvalidInput("the prompt's aliases could not be placed in its tokens")
+        if next(slots, None) is not None:  # a normalizer ate an image slot: refuse rather than misplace images
+            raise InvalidInput("the prompt's images could not be placed in its tokens")
         if max_length is not None and len(ids) > max_length:
             raise InvalidInput(f"prompt of {len(ids)} tokens exceeds the context of {max_length} tokens")
         image_tokens = sum(1 for i in ids if i >= EMBEDDING_INDEX_BASE)

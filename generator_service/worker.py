@@ -16,36 +16,18 @@ from shared.queue.worker import run_celery_worker
 from shared.store.containers import ContainerStore
 from shared.store.redis_conn import connect
 
-MAX_SEQ_LEN = 4096
-
-
-def image_token_text(checkpoint: Checkpoint, tokenizer: Tokenizer) -> str | None:
-    """The text the chat template writes for an image part (`<image>` for LLaVA).
-
-    A family that names its placeholder's tokens (Qwen2-VL: `<|vision_start|><|image_pad|><|vision_end|>`)
-    gets their texts joined: the whole of it becomes the alias, and the container's layout restores the rest.
-    """
-    keys = family_for(checkpoint.config).image_placeholder
-    if keys:
-        tokens = [tokenizer.id_to_token(checkpoint.config[key]) if key in checkpoint.config else None for key in keys]
-        return "".join(tokens) if all(tokens) else None
-    config = checkpoint.optional_json("tokenizer_config.json")
-    if isinstance(config.get("image_token"), str):
-        return config["image_token"]
-    index = checkpoint.config.get("image_token_index", checkpoint.config.get("image_token_id"))
-    return tokenizer.id_to_token(index) if index is not None else None
-
 
 def build_pipeline(settings: Settings, model_path: str, device: str) -> GeneratePipeline:
     checkpoint = Checkpoint(model_path)
-    model_class = family_for(checkpoint.config).load_language_class()
-    model = model_class.from_checkpoint(checkpoint, device=device, dtype=resolve_dtype(settings.dtype, device))
+    family = family_for(checkpoint.config)
+    model = family.load_language_class().from_checkpoint(checkpoint, device=device, dtype=resolve_dtype(settings.dtype, device))
     tokenizer = Tokenizer.from_checkpoint(checkpoint)
-    engine = Engine(model, max_batch=settings.generate_max_batch, max_seq_len=MAX_SEQ_LEN, eos_token_ids=tokenizer.eos_token_ids)
+    engine = Engine(model, max_batch=settings.generate_max_batch, max_seq_len=settings.generate_max_seq_len, eos_token_ids=tokenizer.eos_token_ids)
     threading.Thread(target=engine.run_forever, args=(threading.Event(),), name="vlmq-engine", daemon=True).start()
     client = connect(settings.effective_store_url)
     store = ContainerStore(client, settings.key_prefix, settings.container_ttl_s, settings.max_container_bytes)
-    return GeneratePipeline(model, tokenizer, engine, store, settings, checkpoint.fingerprint, image_token_text(checkpoint, tokenizer))
+    image_placeholder = family.image_prompt(checkpoint).placeholder(tokenizer)
+    return GeneratePipeline(model, tokenizer, engine, store, settings, checkpoint.fingerprint, image_placeholder)
 
 
 def run(settings: Settings, model_path: str, device: str, concurrency: int | None = None) -> None:

@@ -11,8 +11,9 @@ import pytest
 import redis
 import torch
 
-from cuda_ext.decode import cpu_decode_ops
+from cuda_ext.decode.ops import cpu_decode_ops
 from shared.config.settings import Settings
+from shared.config.switch import Switch
 from shared.store.redis_conn import connect
 from vlmq.redis_server import EmbeddedRedis
 
@@ -99,7 +100,8 @@ def every_gemm_mkl_packed(monkeypatch) -> list[int]:
 
     if not mkl_packed.available():
         pytest.skip("this torch build has no MKL packed GEMM")
-    monkeypatch.setattr(mkl_packed, "MODE", "on")  # also on a CPU where oneDNN is faster
+    # "on": also on a CPU where oneDNN is faster
+    monkeypatch.setattr(mkl_packed, "packed_weights", Switch("packed_weights", Settings(packed_weights="on")))
     monkeypatch.setattr(mkl_packed, "MIN_PACKED_ELEMENTS", 0)
     monkeypatch.setattr(mkl_packed, "BLOCK_ROWS", 8)
     calls = [0]

@@ -7,35 +7,32 @@ Matches `Gemma3ForConditionalGeneration.get_image_features`: the SigLIP tower's
 (1 + weight, the vision config's eps) and multiplied by `mm_input_projection_weight`
 ([vision hidden, LM hidden]). Every image is the same size, so a batch is one stack.
 
-The container layout is what `Gemma3Processor` writes for an image, which is text:
-"\\n\\n<start_of_image>" + the image tokens + "<end_of_image>\\n\\n". The start and end are
-special tokens (`before`/`after` IDs); the newlines are text that the generator's tokenizer
-encodes together with the prompt's neighbouring text (`Layout.text_before`/`text_after`),
-because in the reference they merge with the newlines around the image.
+The container layout, `Gemma3Processor`'s "\\n\\n<start_of_image>" + the image tokens +
+"<end_of_image>\\n\\n", is the family's: `shared.modeling.families.gemma3`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embedder_service.models import FixedSizeVisionModel, open_checkpoint
-from embedder_service.models.clip import linear
-from embedder_service.models.siglip import SiglipVisionConfig, SiglipVisionTower
+from embedder_service.models import FixedSizeVisionModel, check_tower_names
+from embedder_service.models.gemm import linear
+from embedder_service.models.siglip import (
+    UNREAD_NAMES,
+    SiglipVisionConfig,
+    SiglipVisionTower,
+)
 from embedder_service.preprocess.gemma3 import Gemma3Preprocessor
 from shared.config.errors import CheckpointError
 from shared.modeling.checkpoint import Checkpoint
 from shared.modeling.layers import RMSNorm
-from shared.store.container import Layout
 
 VISION_PREFIX = "vision_tower.vision_model."
 PROJECTOR_PREFIX = "multi_modal_projector."
-# The text Gemma3Processor writes on either side of an image's <start_of_image> … <end_of_image>.
-IMAGE_TEXT_AROUND = "\n\n"
 
 
 @dataclass(frozen=True)
@@ -43,8 +40,6 @@ class Gemma3VisionConfig:
     vision: SiglipVisionConfig
     tokens_per_image: int  # mm_tokens_per_image
     lm_hidden_size: int
-    boi_token_id: int
-    eoi_token_id: int
 
     @classmethod
     def from_config(cls, config: dict) -> Gemma3VisionConfig:
@@ -54,8 +49,6 @@ class Gemma3VisionConfig:
             vision=vision,
             tokens_per_image=int(config.get("mm_tokens_per_image", 256)),
             lm_hidden_size=int((config.get("text_config") or {}).get("hidden_size", 2304)),  # Gemma3TextConfig's default
-            boi_token_id=int(config.get("boi_token_index", 255_999)),
-            eoi_token_id=int(config.get("eoi_token_index", 256_000)),
         )
         side = vision.image_size // vision.patch_size
         if out.tokens_per_side**2 != out.tokens_per_image or side % out.tokens_per_side:
@@ -84,12 +77,11 @@ class Gemma3Projector(nn.Module):
         self.mm_soft_emb_norm = RMSNorm(config.vision.hidden_size, config.vision.layer_norm_eps, offset=1.0)
 
     def prepare(self) -> None:
-        self.mm_soft_emb_norm.prepare()
         self.w = self.mm_input_projection_weight.detach().t().contiguous()  # [D, Dv]: `linear`'s layout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, N, Dv] → grid [B, Dv, g, g] → pooled [B, Dv, s, s] → [B, s², Dv] → [B, s², D]
-        B, N, Dv = x.shape
+        B, _, Dv = x.shape
         g = self.config.vision.grid
         grid = x.transpose(1, 2).reshape(B, Dv, g, g)
         pooled = F.avg_pool2d(grid, self.config.pool).flatten(2).transpose(1, 2)  # the reference's AvgPool2d
@@ -107,10 +99,7 @@ class Gemma3VisionModel(FixedSizeVisionModel):
         self.preprocessor: Gemma3Preprocessor | None = None  # set by from_checkpoint
 
     @classmethod
-    def from_checkpoint(
-        cls, ckpt: Checkpoint | str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32
-    ) -> Gemma3VisionModel:
-        ckpt, dtype = open_checkpoint(cls, ckpt, device, dtype)
+    def build(cls, ckpt: Checkpoint) -> Gemma3VisionModel:
         config = Gemma3VisionConfig.from_config(ckpt.config)
         preprocessor = Gemma3Preprocessor.from_checkpoint(ckpt)
         size = dict(preprocessor.size)
@@ -121,19 +110,16 @@ class Gemma3VisionModel(FixedSizeVisionModel):
             )
         with torch.device("meta"):
             model = cls(config)
-        tower = model.vision_tower
-        _check_vision_names(ckpt, tower)
-        # Module by module, so the pooling head a SigLIP checkpoint may hold is never read; each load is strict.
-        for name in ("embeddings", "encoder", "post_layernorm"):
-            ckpt.load_into(getattr(tower, name), f"{VISION_PREFIX}{name}.", dtype, device)
-        ckpt.load_into(model.multi_modal_projector, PROJECTOR_PREFIX, dtype, device)
-
-        model.requires_grad_(False).eval()
-        tower.fuse_()
-        model.multi_modal_projector.prepare()
+        layers = config.vision.num_hidden_layers
+        check_tower_names(ckpt, VISION_PREFIX, model.vision_tower, f"a {layers}-layer SigLIP", unread=UNREAD_NAMES)
         model.preprocessor = preprocessor
-        model._fingerprint = ckpt.fingerprint
         return model
+
+    def checkpoint_parts(self) -> dict[str, nn.Module]:
+        """Module by module, so the pooling head a SigLIP checkpoint may hold is never read."""
+        tower = self.vision_tower
+        parts = {f"{VISION_PREFIX}{name}.": getattr(tower, name) for name in ("embeddings", "encoder", "post_layernorm")}
+        return parts | {PROJECTOR_PREFIX: self.multi_modal_projector}
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # pixel_values: [B, 3, H, W] → [B, tokens, hidden]
@@ -147,19 +133,3 @@ class Gemma3VisionModel(FixedSizeVisionModel):
     def hidden_size(self) -> int:
         """The language model's hidden size: the width of every embedding row."""
         return self.config.lm_hidden_size
-
-    def layout_for(self, pixel_values: torch.Tensor) -> Layout:
-        """`Gemma3Processor`'s expansion, the same for every image (see the module docstring)."""
-        return Layout(
-            before=(self.config.boi_token_id,), after=(self.config.eoi_token_id,),
-            text_before=IMAGE_TEXT_AROUND, text_after=IMAGE_TEXT_AROUND,
-        )
-
-
-def _check_vision_names(ckpt: Checkpoint, tower: SiglipVisionTower) -> None:
-    """Refuse vision tensors a SigLIP of this config does not have (a deeper tower, another family's names)."""
-    known = set(tower.state_dict())
-    names = ckpt.tensor_names("vision_tower.")
-    unexpected = [n for n in names if not (n.startswith(VISION_PREFIX) and tower.is_checkpoint_name(n[len(VISION_PREFIX) :], known))]
-    if unexpected:
-        raise CheckpointError(f"{ckpt.path}: unexpected vision tensors for a {tower.config.num_hidden_layers}-layer SigLIP: {unexpected}")

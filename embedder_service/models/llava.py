@@ -17,17 +17,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from embedder_service.models import FixedSizeVisionModel, open_checkpoint
-from embedder_service.models.clip import (
-    ClipVisionConfig,
-    ClipVisionTower,
-    activation,
-    linear,
-)
+from embedder_service.models import FixedSizeVisionModel, check_tower_names
+from embedder_service.models.clip import UNREAD_NAMES, ClipVisionConfig, ClipVisionTower
+from embedder_service.models.gemm import activation, linear
 from embedder_service.preprocess.clip import ClipPreprocessor
 from shared.config.errors import CheckpointError
 from shared.modeling.checkpoint import Checkpoint
-from shared.store.container import Layout
 
 VISION_PREFIX = "vision_tower.vision_model."
 PROJECTOR_PREFIX = "multi_modal_projector."
@@ -47,11 +42,6 @@ class LlavaVisionConfig:
     def from_config(cls, config: dict) -> LlavaVisionConfig:
         """From a LLaVA `config.json`; missing keys take LlavaConfig's defaults."""
         vision = ClipVisionConfig.from_dict(config.get("vision_config") or {})
-        layer = config.get("vision_feature_layer", -2)
-        layers = [layer] if isinstance(layer, int) else list(layer)
-        num_states = vision.num_hidden_layers + 1  # embeddings + one per layer
-        if not layers or not all(isinstance(i, int) and -num_states <= i < num_states for i in layers):
-            raise CheckpointError(f"vision_feature_layer {layer!r} must be an index (or list of indices) in [-{num_states}, {num_states - 1}]")
         strategy = config.get("vision_feature_select_strategy", "default")
         if strategy not in STRATEGIES:
             raise CheckpointError(f"vision_feature_select_strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
@@ -59,7 +49,7 @@ class LlavaVisionConfig:
         activation(act)
         return cls(
             vision=vision,
-            feature_layers=tuple(i % num_states for i in layers),
+            feature_layers=feature_layers(config, vision.num_hidden_layers, default=-2),
             select_strategy=strategy,
             projector_act=act,
             projector_bias=bool(config.get("multimodal_projector_bias", True)),
@@ -70,6 +60,23 @@ class LlavaVisionConfig:
     def num_layers(self) -> int:
         """Encoder layers to build and run: up to the deepest selected hidden state."""
         return max(self.feature_layers)
+
+
+def feature_layers(config: dict, num_layers: int, default: int) -> tuple[int, ...]:
+    """`vision_feature_layer` of a LLaVA-style `config.json`: indices into the hidden states (embeddings, then one
+    per each of `num_layers` layers), negative ones resolved, in concatenation order."""
+    layer = config.get("vision_feature_layer", default)
+    layers = [layer] if isinstance(layer, int) else list(layer)
+    num_states = num_layers + 1
+    if not layers or not all(isinstance(i, int) and -num_states <= i < num_states for i in layers):
+        raise CheckpointError(f"vision_feature_layer {layer!r} must be an index (or list of indices) in [-{num_states}, {num_states - 1}]")
+    return tuple(i % num_states for i in layers)
+
+
+def select_features(states: dict[int, torch.Tensor], layers: tuple[int, ...], start: int = 0) -> torch.Tensor:
+    """The hidden states of `layers`, each [..., N, D] from token `start` on, side by side: [..., N - start, D·k]."""
+    selected = [states[k][..., start:, :] for k in layers]
+    return selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)
 
 
 class LlavaProjector(nn.Module):
@@ -98,43 +105,37 @@ class LlavaVisionModel(FixedSizeVisionModel):
         self.preprocessor: ClipPreprocessor | None = None  # set by from_checkpoint
 
     @classmethod
-    def from_checkpoint(
-        cls, ckpt: Checkpoint | str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32
-    ) -> LlavaVisionModel:
-        ckpt, dtype = open_checkpoint(cls, ckpt, device, dtype)
+    def build(cls, ckpt: Checkpoint) -> LlavaVisionModel:
         config = LlavaVisionConfig.from_config(ckpt.config)
         preprocessor = ClipPreprocessor.from_checkpoint(ckpt)
         _check_preprocessor(preprocessor, config.vision, ckpt.path)
-        _check_vision_names(ckpt, config.vision)
-
+        vision = config.vision
         with torch.device("meta"):
+            full = ClipVisionTower(vision, vision.num_hidden_layers)
+            check_tower_names(ckpt, VISION_PREFIX, full, f"a {vision.num_hidden_layers}-layer CLIP", unread=UNREAD_NAMES)
             model = cls(config)
-        tower = model.vision_tower
-        # Module by module, so deeper layers and post_layernorm are never read; each load is strict.
-        embedding_names = ckpt.tensor_names(VISION_PREFIX + "embeddings.")
-        if VISION_PREFIX + "embeddings.position_ids" in embedding_names:  # a buffer older transformers saved
-            tower.embeddings.register_buffer("position_ids", torch.empty(1, config.vision.num_patches + 1, device="meta"))
-        ckpt.load_into(tower.embeddings, VISION_PREFIX + "embeddings.", dtype, device)
-        tower.embeddings._buffers.pop("position_ids", None)
-        ckpt.load_into(tower.pre_layrnorm, VISION_PREFIX + "pre_layrnorm.", dtype, device)
-        for i, layer in enumerate(tower.encoder.layers):
-            ckpt.load_into(layer, f"{VISION_PREFIX}encoder.layers.{i}.", dtype, device)
-        ckpt.load_into(model.multi_modal_projector, PROJECTOR_PREFIX, dtype, device)
-
-        model.requires_grad_(False).eval()
-        tower.fuse_()
+            if VISION_PREFIX + "embeddings.position_ids" in ckpt.tensor_names(VISION_PREFIX + "embeddings."):
+                # a buffer older transformers saved: loaded, for a strict load, then dropped by `prepare()`
+                model.vision_tower.embeddings.register_buffer("position_ids", torch.empty(1, vision.num_patches + 1))
         model.preprocessor = preprocessor
-        model._fingerprint = ckpt.fingerprint
         return model
+
+    def checkpoint_parts(self) -> dict[str, nn.Module]:
+        """Module by module, so deeper layers and post_layernorm are never read."""
+        tower = self.vision_tower
+        return {
+            VISION_PREFIX + "embeddings.": tower.embeddings,
+            VISION_PREFIX + "pre_layrnorm.": tower.pre_layrnorm,
+            **{f"{VISION_PREFIX}encoder.layers.{i}.": layer for i, layer in enumerate(tower.encoder.layers)},
+            PROJECTOR_PREFIX: self.multi_modal_projector,
+        }
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # pixel_values: [B, 3, H, W] → [B, N, hidden]
         layers = self.config.feature_layers
         states = self.vision_tower(pixel_values, keep=tuple(set(layers)))  # k → [B, 1 + P, D]
         start = 1 if self.config.select_strategy == "default" else 0  # "default" drops CLS
-        selected = [states[k][:, start:] for k in layers]
-        features = selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)  # [B, N, D·k]
-        return self.multi_modal_projector(features)
+        return self.multi_modal_projector(select_features(states, layers, start))  # [B, N, D·k] → [B, N, hidden]
 
     @property
     def tokens_per_image(self) -> int:
@@ -144,15 +145,6 @@ class LlavaVisionModel(FixedSizeVisionModel):
     def hidden_size(self) -> int:
         """The language model's hidden size: the width of every embedding row."""
         return self.config.lm_hidden_size
-
-    @property
-    def layout(self) -> Layout:
-        """LLaVA-1.5's processor expands `<image>` into image tokens only: nothing before, after or between rows."""
-        return Layout()
-
-    def layout_for(self, pixel_values: torch.Tensor) -> Layout:
-        """The same for every image."""
-        return self.layout
 
 
 def _check_preprocessor(preprocessor: ClipPreprocessor, vision: ClipVisionConfig, path: Path) -> None:
@@ -165,11 +157,3 @@ def _check_preprocessor(preprocessor: ClipPreprocessor, vision: ClipVisionConfig
         raise CheckpointError(f"{path}: the preprocessor does not produce fixed-size images, but CLIP needs {vision.image_size}×{vision.image_size}")
     if size != (vision.image_size, vision.image_size):
         raise CheckpointError(f"{path}: the preprocessor produces {size[0]}×{size[1]} images, the vision tower takes {vision.image_size}×{vision.image_size}")
-
-
-def _check_vision_names(ckpt: Checkpoint, vision: ClipVisionConfig) -> None:
-    """Refuse vision tensors a CLIP of this config does not have, anywhere in the tower, read or not."""
-    known = ClipVisionTower.checkpoint_names(vision)
-    unexpected = [n for n in ckpt.tensor_names("vision_tower.") if not (n.startswith(VISION_PREFIX) and n[len(VISION_PREFIX) :] in known)]
-    if unexpected:
-        raise CheckpointError(f"{ckpt.path}: unexpected vision tensors for a {vision.num_hidden_layers}-layer CLIP: {unexpected}")

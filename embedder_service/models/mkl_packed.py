@@ -26,7 +26,7 @@ Two properties of it shape this module:
 
 MKL picks its kernels by CPU vendor: on AMD EPYC its GEMMs, packed or not, run an AVX2
 code path at less than half of what oneDNN's AVX-512 JIT does on the same shapes
-(170–190 against 370–410 GFLOP/s on 2 cores, measured 2026-12-02). So by default
+(docs/PERFORMANCE.md). So by default
 (`VLMQ_PACKED_WEIGHTS=auto`) the packed GEMM is used only where it beat oneDNN's linear
 on a ViT-B GEMM timed once per process; `on` uses it wherever it applies, `off` never
 (every GEMM on the caller's path, oneDNN: for a CPU worker that cannot spare the memory).
@@ -35,13 +35,13 @@ on a ViT-B GEMM timed once per process; `on` uses it wherever it applies, `off` 
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from shared.config.switch import Switch
 from shared.modeling.timing import fastest
 
 BLOCK_ROWS = 256  # rows per GEMM of a count not settled on: past ~200 rows the packed GEMM runs within 5–15% of its rate on 1568
@@ -59,18 +59,7 @@ class _Packed:
 _packs: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight → _Packed
 
 
-MODES = ("auto", "on", "off")
-
-
-def mode_from_env() -> str:
-    """`VLMQ_PACKED_WEIGHTS`: auto (default), on or off; ValueError for anything else."""
-    value = os.environ.get("VLMQ_PACKED_WEIGHTS", "auto").strip().lower()
-    if value not in MODES:
-        raise ValueError(f"VLMQ_PACKED_WEIGHTS={value!r}: expected one of {', '.join(MODES)}")
-    return value
-
-
-MODE = mode_from_env()
+packed_weights = Switch("packed_weights")  # VLMQ_PACKED_WEIGHTS: auto (default), on or off
 
 
 @functools.cache
@@ -107,7 +96,8 @@ def faster_than_onednn(rounds: int = 5) -> bool:
 
 def in_use() -> bool:
     """Whether `linear` packs weights in this process (`VLMQ_PACKED_WEIGHTS`, and for auto the timing above)."""
-    return MODE != "off" and available() and (MODE == "on" or faster_than_onednn())
+    mode = packed_weights()
+    return mode != "off" and available() and (mode == "on" or faster_than_onednn())
 
 
 def _reorder(weight: Tensor, rows: int) -> Tensor:

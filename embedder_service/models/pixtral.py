@@ -14,39 +14,39 @@ Matches `get_image_features` of `LlavaForConditionalGeneration` with a
 - Mistral 3.1: RMSNorm → 2×2 patch merger (`spatial_merge_size`) → the same
   projector, so an image gives (rows / 2) · (cols / 2) rows.
 
-The container layout is what `PixtralProcessor` writes for an image of
-rows × cols tokens: `[IMG]`×cols `[IMG_BREAK]` per row, the last break
-replaced by `[IMG_END]`; only the `[IMG]` positions are container rows.
+The container layout, `PixtralProcessor`'s `[IMG]`/`[IMG_BREAK]`/`[IMG_END]`
+rows, is the family's: `shared.modeling.families.pixtral`.
 
-Attention reuses `shared.modeling.layers`' RMSNorm and RoPE helpers: after loading, Q/K/V
-are fused with their RoPE rows interleaved and the softmax scale folded into Q
-(`prepare()`), as in the language model; every GEMM is the towers' `linear`. The
-per-image attention, the MLP and the batching are `embedder_service.models.vision`'s,
-shared with Qwen2-VL.
+The attention (2D RoPE, each image within itself) and the gated MLP are the towers'
+shared `attention.VisionAttention` and `blocks.GatedVisionMLP`, as Qwen2-VL's are; only
+the RoPE's frequencies, the names and the projectors are Pixtral's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from embedder_service.models import VisionModel, open_checkpoint
-from embedder_service.models.clip import activation, linear
-from embedder_service.models.llava import LlavaProjector
-from embedder_service.models.vision import (
+from embedder_service.models import VisionModel, check_tower_names, image_groups
+from embedder_service.models.attention import Segments, VisionAttention, rope_2d
+from embedder_service.models.blocks import (
     GatedVisionMLP,
-    Segments,
-    image_groups,
-    rotate_into_heads,
+    embed_patches,
+    hidden_states,
+    image_patches,
+)
+from embedder_service.models.gemm import activation, linear
+from embedder_service.models.llava import (
+    LlavaProjector,
+    feature_layers,
+    select_features,
 )
 from embedder_service.preprocess.pixtral import PixtralPreprocessor
 from shared.config.errors import CheckpointError, InvalidInput
 from shared.modeling.checkpoint import Checkpoint
-from shared.modeling.layers import RMSNorm, interleave_rope_rows
-from shared.store.container import Layout
+from shared.modeling.layers import RMSNorm, RopeConfig, rope_inverse_frequencies
 
 VISION_PREFIX = "vision_tower."
 PROJECTOR_PREFIX = "multi_modal_projector."
@@ -101,11 +101,7 @@ class PixtralModelConfig:
         mistral3 = config.get("model_type") == "mistral3"
         vision = PixtralVisionConfig.from_dict(config.get("vision_config") or {})
         text = config.get("text_config") or {}
-        layer = config.get("vision_feature_layer", -1 if mistral3 else -2)
-        layers = [layer] if isinstance(layer, int) else list(layer)
-        num_states = vision.num_hidden_layers + 1  # after ln_pre + one per layer
-        if not layers or not all(isinstance(i, int) and -num_states <= i < num_states for i in layers):
-            raise CheckpointError(f"vision_feature_layer {layer!r} must be an index (or list of indices) in [-{num_states}, {num_states - 1}]")
+        layers = feature_layers(config, vision.num_hidden_layers, default=-1 if mistral3 else -2)  # 0: after ln_pre
         if mistral3 and len(layers) != 1:
             raise CheckpointError("Mistral 3.1's patch merger takes one vision feature layer, not a list")
         strategy = config.get("vision_feature_select_strategy", "default")
@@ -119,7 +115,7 @@ class PixtralModelConfig:
             raise CheckpointError(f"spatial_merge_size must be positive, got {merge}")
         return cls(
             vision=vision,
-            feature_layers=tuple(i % num_states for i in layers),
+            feature_layers=layers,
             merge=merge,
             projector_norm_eps=float(text.get("rms_norm_eps", 1e-6)) if mistral3 else None,  # MistralConfig's default
             projector_act=act,
@@ -142,50 +138,18 @@ class PixtralModelConfig:
 # The tower
 
 
-class PixtralAttention(nn.Module):
-    """Bidirectional multi-head attention with 2D RoPE (transformers' parameter names, no biases)."""
-
-    def __init__(self, config: PixtralVisionConfig):
-        super().__init__()
-        self.config = config
-        d = config.hidden_size
-        self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, d, bias=False)
-        self.v_proj = nn.Linear(d, d, bias=False)
-        self.o_proj = nn.Linear(d, d, bias=False)
-
-    def prepare(self) -> None:
-        """One QKV projection, Q/K rows RoPE-interleaved (see `shared.modeling.layers`), 1/√hd folded into Q."""
-        c = self.config
-        h, hd = c.num_attention_heads, c.head_dim
-        weights = [
-            interleave_rope_rows(self.q_proj.weight, h, hd) * hd**-0.5,
-            interleave_rope_rows(self.k_proj.weight, h, hd),
-            self.v_proj.weight,
-        ]
-        self.wqkv = torch.cat(weights)  # [3D, D]
-        self.wo = self.o_proj.weight.detach()
-        del self.q_proj, self.k_proj, self.v_proj, self.o_proj
-
-    def forward(self, x: Tensor, residual: Tensor, rotations: Tensor, images: Segments) -> Tensor:
-        """x: [N, D] normed, residual: [N, D], rotations: [N, 1, hd/2] complex → residual + attention: [N, D]."""
-        qkv = rotate_into_heads(linear(x, self.wqkv, None), rotations, self.config.num_attention_heads)  # [3, H, N, hd]
-        out = images.attention(qkv, scale=1.0)  # [N, D]; 1/√hd is in Q's weights
-        return linear(out, self.wo, None, residual=residual)
-
-
 class PixtralBlock(nn.Module):
     """Pre-norm block: x + attention(norm(x)), then + feed_forward(norm(x))."""
 
     def __init__(self, config: PixtralVisionConfig):
         super().__init__()
         self.attention_norm = RMSNorm(config.hidden_size, NORM_EPS)
-        self.attention = PixtralAttention(config)
+        self.attention = VisionAttention(config.hidden_size, config.num_attention_heads, bias=False, rope=True, out_name="o_proj")
         self.ffn_norm = RMSNorm(config.hidden_size, NORM_EPS)
         self.feed_forward = GatedVisionMLP(config.hidden_size, config.intermediate_size, config.hidden_act, bias=False)
 
-    def forward(self, x: Tensor, rotations: Tensor, images: Segments) -> Tensor:
-        x = self.attention(self.attention_norm(x), x, rotations, images)
+    def forward(self, x: Tensor, images: Segments, rotations: Tensor) -> Tensor:
+        x = self.attention(self.attention_norm(x), x, images, rotations)
         return self.feed_forward(self.ffn_norm(x), x)
 
 
@@ -208,50 +172,32 @@ class PixtralVisionTower(nn.Module):
         self.ln_pre = RMSNorm(config.hidden_size, NORM_EPS)
         self.transformer = PixtralTransformer(config, num_layers)
 
-    def prepare(self) -> None:
-        c = self.config
-        # A P×P, stride-P convolution is one GEMM over the flattened (C, P, P) patches.
-        self.w_patch = self.patch_conv.weight.detach().reshape(c.hidden_size, -1)  # [D, C·P·P]
-        for layer in self.transformer.layers:
-            layer.attention.prepare()
-        hd = c.head_dim
-        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float) / hd))  # [hd/2], as the reference
-        # Rotation pair i < hd/4 turns with the patch's row at the even frequencies, pair hd/4 + i with its
-        # column at the odd ones (the reference's "H-W" recomposition of the frequencies).
-        self.row_freq, self.col_freq = inv_freq[0::2].to(self.ln_pre.weight.device), inv_freq[1::2].to(self.ln_pre.weight.device)
-
     def rotations(self, grids: list[tuple[int, int]], device) -> Tensor:
-        """Each patch's 2D RoPE, images in order: [N, 1, hd/2] complex64."""
+        """Each patch's 2D RoPE, images in order: [N, 1, hd/2] complex64.
+
+        Rotation pair i < hd/4 turns with the patch's row at the even frequencies, pair hd/4 + i with its
+        column at the odd ones (the reference's "H-W" recomposition of the frequencies).
+        """
+        inv_freq = rope_inverse_frequencies(RopeConfig(theta=self.config.rope_theta), self.config.head_dim).to(device)  # [hd/2]
         rows = torch.cat([torch.arange(h, device=device).repeat_interleave(w) for h, w in grids]).float()  # [N]
         cols = torch.cat([torch.arange(w, device=device).repeat(h) for h, w in grids]).float()  # [N]
-        angles = torch.cat([rows[:, None] * self.row_freq, cols[:, None] * self.col_freq], dim=1)  # [N, hd/2]
-        return torch.polar(torch.ones_like(angles), angles).unsqueeze(1)
+        return rope_2d(rows, cols, inv_freq[0::2], inv_freq[1::2])
 
     def forward(self, pixels: list[Tensor], keep: tuple[int, ...]) -> dict[int, Tensor]:
         """B × [C, H_i, W_i] (sides multiples of the patch) → {k: hidden states after k blocks [N, D]}, images packed."""
-        c = self.config
-        P = c.patch_size
+        P = self.config.patch_size
         grids = [(p.shape[-2] // P, p.shape[-1] // P) for p in pixels]
-        patches = torch.cat([
-            p.view(c.num_channels, h, P, w, P).permute(1, 3, 0, 2, 4).reshape(h * w, -1)  # [h·w, C·P·P], row-major
-            for p, (h, w) in zip(pixels, grids)
-        ])
-        x = self.ln_pre(linear(patches, self.w_patch, None))  # [N, D]
-        rotations = self.rotations(grids, x.device)
+        patches = torch.cat([image_patches(p, P) for p in pixels])  # [N, C·P·P], each image's row-major
+        x = self.ln_pre(embed_patches(self.patch_conv, patches))  # [N, D]
         images = Segments(lengths=[h * w for h, w in grids])  # each image attends within itself
-        states = {0: x} if 0 in keep else {}
-        for k, layer in enumerate(self.transformer.layers, start=1):
-            x = layer(x, rotations, images)
-            if k in keep:
-                states[k] = x
-        return states
+        return hidden_states(x, self.transformer.layers, keep, images, self.rotations(grids, x.device))
 
 
 # ---------------------------------------------------------------------------
 # Projectors
 
 
-class PatchMerger(nn.Module):
+class Mistral3PatchMerger(nn.Module):
     """Mistral 3.1: each m×m block of patches → one vector (concatenated as `unfold` orders it) → Linear."""
 
     def __init__(self, hidden_size: int, merge: int):
@@ -276,7 +222,7 @@ class Mistral3Projector(LlavaProjector):
     def __init__(self, vision_hidden: int, hidden_size: int, act: str, bias: bool, merge: int, eps: float):
         super().__init__(vision_hidden, hidden_size, act, bias)
         self.norm = RMSNorm(vision_hidden, eps)
-        self.patch_merger = PatchMerger(vision_hidden, merge)
+        self.patch_merger = Mistral3PatchMerger(vision_hidden, merge)
 
     def forward(self, x: Tensor, grids: list[tuple[int, int]]) -> Tensor:
         # x: [N, D] → [N / m², D] → [N / m², hidden]
@@ -290,7 +236,7 @@ class Mistral3Projector(LlavaProjector):
 class PixtralVisionModel(VisionModel):
     """Preprocessed images [3, H_i, W_i] → projected rows, (H_i / block) · (W_i / block) per image."""
 
-    def __init__(self, config: PixtralModelConfig, break_id: int = 0, end_id: int = 0):
+    def __init__(self, config: PixtralModelConfig):
         super().__init__()
         self.config = config
         v = config.vision
@@ -302,14 +248,10 @@ class PixtralVisionModel(VisionModel):
             self.multi_modal_projector = Mistral3Projector(
                 in_features, config.lm_hidden_size, config.projector_act, config.projector_bias, config.merge, config.projector_norm_eps
             )
-        self.break_id, self.end_id = break_id, end_id  # [IMG_BREAK], [IMG_END]
         self.preprocessor: PixtralPreprocessor | None = None  # set by from_checkpoint
 
     @classmethod
-    def from_checkpoint(
-        cls, ckpt: Checkpoint | str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32
-    ) -> PixtralVisionModel:
-        ckpt, dtype = open_checkpoint(cls, ckpt, device, dtype)
+    def build(cls, ckpt: Checkpoint) -> PixtralVisionModel:
         config = PixtralModelConfig.from_config(ckpt.config)
         preprocessor = PixtralPreprocessor.from_checkpoint(ckpt, patch_size=config.block)
         if preprocessor.patch_size != config.block:
@@ -317,24 +259,23 @@ class PixtralVisionModel(VisionModel):
                 f"{ckpt.path}: the processor resizes to multiples of {preprocessor.patch_size} pixels, but the vision tower "
                 f"needs multiples of patch {config.vision.patch_size} × merge {config.merge} = {config.block}"
             )
-        break_id, end_id = _layout_token_ids(ckpt)
-        _check_vision_names(ckpt, config.vision)
-
+        vision = config.vision
         with torch.device("meta"):
-            model = cls(config, break_id, end_id)
-        tower = model.vision_tower
-        # Module by module, so blocks past the deepest selected one are never read; each load is strict.
-        ckpt.load_into(tower.patch_conv, VISION_PREFIX + "patch_conv.", dtype, device)
-        ckpt.load_into(tower.ln_pre, VISION_PREFIX + "ln_pre.", dtype, device)
-        for i, layer in enumerate(tower.transformer.layers):
-            ckpt.load_into(layer, f"{VISION_PREFIX}transformer.layers.{i}.", dtype, device)
-        ckpt.load_into(model.multi_modal_projector, PROJECTOR_PREFIX, dtype, device)
-
-        model.requires_grad_(False).eval()
-        tower.prepare()
+            full = PixtralVisionTower(vision, vision.num_hidden_layers)
+            check_tower_names(ckpt, VISION_PREFIX, full, f"a {vision.num_hidden_layers}-layer Pixtral tower")
+            model = cls(config)
         model.preprocessor = preprocessor
-        model._fingerprint = ckpt.fingerprint
         return model
+
+    def checkpoint_parts(self) -> dict[str, nn.Module]:
+        """Module by module, so blocks past the deepest selected one are never read."""
+        tower = self.vision_tower
+        return {
+            VISION_PREFIX + "patch_conv.": tower.patch_conv,
+            VISION_PREFIX + "ln_pre.": tower.ln_pre,
+            **{f"{VISION_PREFIX}transformer.layers.{i}.": layer for i, layer in enumerate(tower.transformer.layers)},
+            PROJECTOR_PREFIX: self.multi_modal_projector,
+        }
 
     def forward(self, pixels: list[Tensor]) -> list[Tensor]:
         """B × [3, H_i, W_i] on the model's device and dtype → B × [rows_i · cols_i, hidden]."""
@@ -343,8 +284,7 @@ class PixtralVisionModel(VisionModel):
             if p.dim() != 3 or p.shape[0] != c.vision.num_channels or p.shape[1] % c.block or p.shape[2] % c.block or 0 in p.shape:
                 raise InvalidInput(f"pixel values must be [{c.vision.num_channels}, H, W] with H and W positive multiples of {c.block}, got {list(p.shape)}")
         states = self.vision_tower(pixels, keep=tuple(set(c.feature_layers)))  # k → [N, D]
-        selected = [states[k] for k in c.feature_layers]
-        features = selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)  # [N, D·k]
+        features = select_features(states, c.feature_layers)  # [N, D·k]
         if isinstance(self.multi_modal_projector, Mistral3Projector):
             P = c.vision.patch_size
             rows = self.multi_modal_projector(features, [(p.shape[1] // P, p.shape[2] // P) for p in pixels])
@@ -357,7 +297,7 @@ class PixtralVisionModel(VisionModel):
         """Preprocessed images of any sizes → one [rows · cols, hidden] tensor each (on the model's device), a few per pass."""
         P = self.config.vision.patch_size
         rows = []
-        for group in image_groups([(p.shape[-2] // P) * (p.shape[-1] // P) for p in pixels]):  # see `vision`
+        for group in image_groups([(p.shape[-2] // P) * (p.shape[-1] // P) for p in pixels]):
             rows += self([pixels[i].to(self.device, self.dtype) for i in group])
         return rows
 
@@ -373,37 +313,7 @@ class PixtralVisionModel(VisionModel):
         """(1, rows, cols) after merging: the row layout of the container."""
         return (1, *self.grid_size(pixels))
 
-    def layout_for(self, pixels: Tensor) -> Layout:
-        """`[IMG]`×cols `[IMG_BREAK]` per row, the last break an `[IMG_END]` (PixtralProcessor.replace_image_token)."""
-        return Layout(after=(self.end_id,), row_length=self.grid_size(pixels)[1], row_break_id=self.break_id)
-
     @property
     def hidden_size(self) -> int:
         """The language model's hidden size: the width of every embedding row."""
         return self.config.lm_hidden_size
-
-
-def _layout_token_ids(ckpt: Checkpoint) -> tuple[int, int]:
-    """IDs of the processor's `[IMG_BREAK]` and `[IMG_END]` (token texts from processor_config.json, IDs from tokenizer.json)."""
-    from tokenizers import Tokenizer
-
-    processor = ckpt.optional_json("processor_config.json")
-    names = (processor.get("image_break_token") or "[IMG_BREAK]", processor.get("image_end_token") or "[IMG_END]")
-    file = ckpt.path / "tokenizer.json"
-    if not file.is_file():
-        raise CheckpointError(f"{ckpt.path}: tokenizer.json is missing (the ids of {names[0]} and {names[1]} come from it)")
-    tokenizer = Tokenizer.from_file(str(file))
-    ids = [tokenizer.token_to_id(name) for name in names]
-    missing = [name for name, i in zip(names, ids) if i is None]
-    if missing:
-        raise CheckpointError(f"{ckpt.path}: tokenizer.json has no {' or '.join(missing)} token")
-    return ids[0], ids[1]
-
-
-def _check_vision_names(ckpt: Checkpoint, vision: PixtralVisionConfig) -> None:
-    """Refuse vision tensors a Pixtral tower of this config does not have, in blocks read or not."""
-    with torch.device("meta"):
-        known = set(PixtralVisionTower(vision, vision.num_hidden_layers).state_dict())
-    unexpected = [n for n in ckpt.tensor_names(VISION_PREFIX) if n[len(VISION_PREFIX) :] not in known]
-    if unexpected:
-        raise CheckpointError(f"{ckpt.path}: unexpected vision tensors for a {vision.num_hidden_layers}-layer Pixtral tower: {unexpected}")

@@ -1,4 +1,4 @@
-"""Qwen2-VL and Qwen2.5-VL's image side: a dynamic-resolution ViT and its 2×2 PatchMerger, in plain torch.
+"""Qwen2-VL and Qwen2.5-VL's image side: a dynamic-resolution ViT and its 2×2 patch merger, in plain torch.
 
 Matches `Qwen2VLForConditionalGeneration.get_image_features` (and Qwen2.5-VL's).
 An image is its patches ([t·h·w, C·T·P·P], `preprocess.qwen2_vl`) and its grid
@@ -25,30 +25,19 @@ Parameter names are the checkpoint's under `visual.`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from embedder_service.models import VisionModel, open_checkpoint
-from embedder_service.models.clip import ClipMLP, ClipVisionConfig, activation, linear
-from embedder_service.models.vision import (
-    GatedVisionMLP,
-    Segments,
-    image_groups,
-    rotate_into_heads,
-)
+from embedder_service.models import VisionModel, image_groups
+from embedder_service.models.attention import Segments, VisionAttention, rope_2d
+from embedder_service.models.blocks import GatedVisionMLP, VisionMLP, embed_patches
+from embedder_service.models.gemm import activation, linear
 from embedder_service.preprocess.qwen2_vl import PatchedImage, Qwen2VLPreprocessor
 from shared.config.errors import CheckpointError, InvalidInput
 from shared.modeling.checkpoint import Checkpoint
-from shared.modeling.layers import (
-    RMSNorm,
-    RopeConfig,
-    interleave_rope_rows,
-    rope_inverse_frequencies,
-)
-from shared.store.container import Layout
+from shared.modeling.layers import RMSNorm, RopeConfig, rope_inverse_frequencies
 
 VISION_PREFIX = "visual."
 NORM_EPS = 1e-6  # fixed in both references' vision blocks and merger
@@ -180,53 +169,25 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv3d(config.in_channels, config.embed_dim, kernel_size=kernel, stride=kernel, bias=False)
 
     def forward(self, patches: Tensor) -> Tensor:
-        # patches: [N, C·T·P·P] → [N, D]. The kernel covers exactly one patch with stride = kernel, so
-        # the Conv3d is a GEMM with the weight flattened in the patches' own (C, T, P, P) order.
-        weight = self.proj.weight
-        return linear(patches.to(weight.dtype), weight.view(weight.shape[0], -1), None)
+        # patches: [N, C·T·P·P], each in the weight's (C, T, P, P) order → [N, D]
+        return embed_patches(self.proj, patches)
 
 
-class VisionAttention(nn.Module):
+class Qwen2VLBlock(nn.Module):
     def __init__(self, config: Qwen2VLVisionConfig):
         super().__init__()
-        D = config.embed_dim
-        self.num_heads, self.head_dim = config.num_heads, config.head_dim
-        self.qkv = nn.Linear(D, 3 * D)
-        self.proj = nn.Linear(D, D)
-
-    @torch.no_grad()
-    def fuse_(self) -> None:
-        """Reorder Q's and K's rows so each RoPE pair is adjacent: rotation becomes one complex multiply."""
-        D, H, hd = self.proj.weight.shape[0], self.num_heads, self.head_dim
-        w, b = self.qkv.weight, self.qkv.bias  # [3D, D], [3D]
-        self.qkv.weight.copy_(torch.cat([interleave_rope_rows(w[:D], H, hd), interleave_rope_rows(w[D : 2 * D], H, hd), w[2 * D :]]))
-        self.qkv.bias.copy_(torch.cat([interleave_rope_rows(b[:D], H, hd), interleave_rope_rows(b[D : 2 * D], H, hd), b[2 * D :]]))
-
-    def forward(self, x: Tensor, residual: Tensor, rotations: Tensor, segments: Segments) -> Tensor:
-        # x: [N, D] normed, residual: [N, D], rotations: [N, 1, hd/2] complex → residual + attention(x)
-        H, hd = self.num_heads, self.head_dim
-        qkv = rotate_into_heads(linear(x, self.qkv.weight, self.qkv.bias), rotations, H)  # [3, H, N, hd]
-        out = segments.attention(qkv, scale=hd**-0.5)  # [N, D]
-        return linear(out, self.proj.weight, self.proj.bias, residual=residual)
-
-
-class VisionBlock(nn.Module):
-    def __init__(self, config: Qwen2VLVisionConfig):
-        super().__init__()
+        D, inner = config.embed_dim, config.intermediate_size
         self.norm1, self.norm2 = _norm(config), _norm(config)
-        self.attn = VisionAttention(config)
-        if config.gated_mlp:
-            self.mlp = GatedVisionMLP(config.embed_dim, config.intermediate_size, config.hidden_act, bias=True)
-        else:  # fc1–act–fc2 with biases: CLIP's MLP, names included
-            self.mlp = ClipMLP(ClipVisionConfig(hidden_size=config.embed_dim, intermediate_size=config.intermediate_size, hidden_act=config.hidden_act))
+        self.attn = VisionAttention(D, config.num_heads, bias=True, rope=True, fused_qkv=True, out_name="proj")
+        self.mlp = GatedVisionMLP(D, inner, config.hidden_act, bias=True) if config.gated_mlp else VisionMLP(D, inner, config.hidden_act)
 
-    def forward(self, x: Tensor, rotations: Tensor, segments: Segments) -> Tensor:
+    def forward(self, x: Tensor, segments: Segments, rotations: Tensor) -> Tensor:
         # x: [N, D], pre-norm residual blocks; the residual adds are proj's and the MLP's last GEMM's (`linear`)
-        x = self.attn(self.norm1(x), x, rotations, segments)
-        return self.mlp(self.norm2(x), residual=x)
+        x = self.attn(self.norm1(x), x, segments, rotations)
+        return self.mlp(self.norm2(x), x)
 
 
-class PatchMerger(nn.Module):
+class Qwen2VLPatchMerger(nn.Module):
     """Norm, then each merge block's patches side by side ([unit·D]) → Linear–GELU–Linear → the LM's width."""
 
     def __init__(self, config: Qwen2VLVisionConfig):
@@ -247,22 +208,15 @@ class Qwen2VisionTower(nn.Module):
         super().__init__()
         self.config = config
         self.patch_embed = PatchEmbed(config)
-        self.blocks = nn.ModuleList(VisionBlock(config) for _ in range(config.depth))
-        self.merger = PatchMerger(config)
-
-    def fuse_(self) -> None:
-        for block in self.blocks:
-            block.attn.fuse_()
-            if isinstance(block.mlp, ClipMLP):
-                block.mlp.fuse_()
+        self.blocks = nn.ModuleList(Qwen2VLBlock(config) for _ in range(config.depth))
+        self.merger = Qwen2VLPatchMerger(config)
 
     def rotations(self, grids: list[tuple[int, int, int]], device) -> Tensor:
-        """[N, 1, hd/2] complex: the first hd/4 pairs turn with the patch's row, the rest with its column."""
+        """[N, 1, hd/2] complex: the first hd/4 pairs turn with the patch's row, the rest with its column, at the same speeds."""
         c = self.config
         inv_freq = rope_inverse_frequencies(RopeConfig(theta=c.rope_theta), c.head_dim // 2)  # [hd/4]
-        positions = patch_positions(grids, c.spatial_merge_size).float()  # [N, 2]
-        angles = (positions[:, :, None] * inv_freq).flatten(1)  # [N, hd/2]: rows' angles, then columns'
-        return torch.polar(torch.ones_like(angles), angles).unsqueeze(1).to(device)
+        rows, cols = patch_positions(grids, c.spatial_merge_size).float().unbind(1)  # [N] each
+        return rope_2d(rows, cols, inv_freq, inv_freq).to(device)
 
     def forward(self, patches: Tensor, grids: list[tuple[int, int, int]]) -> Tensor:
         """patches: [N, C·T·P·P] of the images in `grids` order → [N / unit, out], image after image."""
@@ -274,7 +228,7 @@ class Qwen2VisionTower(nn.Module):
         rotations = self.rotations(grids, device)
         x = self.patch_embed(patches)  # [N, D]
         for i, block in enumerate(self.blocks):
-            x = block(x, rotations, whole if c.window_size is None or i in c.fullatt_block_indexes else windows)
+            x = block(x, whole if c.window_size is None or i in c.fullatt_block_indexes else windows, rotations)
         return self.merger(x)
 
 
@@ -284,18 +238,14 @@ class Qwen2VisionTower(nn.Module):
 class Qwen2VLVisionModel(VisionModel):
     """Images → rows for the language model: t·(h/m)·(w/m) of them per image, `out_hidden_size` wide."""
 
-    def __init__(self, config: Qwen2VLVisionConfig, layout: Layout = Layout()):
+    def __init__(self, config: Qwen2VLVisionConfig):
         super().__init__()
         self.config = config
         self.visual = Qwen2VisionTower(config)
-        self._layout = layout
         self.preprocessor: Qwen2VLPreprocessor | None = None  # set by from_checkpoint
 
     @classmethod
-    def from_checkpoint(
-        cls, ckpt: Checkpoint | str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32
-    ) -> Qwen2VLVisionModel:
-        ckpt, dtype = open_checkpoint(cls, ckpt, device, dtype)
+    def build(cls, ckpt: Checkpoint) -> Qwen2VLVisionModel:
         config = Qwen2VLVisionConfig.from_config(ckpt.config)
         preprocessor = Qwen2VLPreprocessor.from_checkpoint(ckpt)
         tower_sizes = (config.patch_size, config.temporal_patch_size, config.spatial_merge_size)
@@ -304,17 +254,14 @@ class Qwen2VLVisionModel(VisionModel):
                 f"{ckpt.path}: the preprocessor's patch, temporal patch and merge sizes "
                 f"{(preprocessor.patch_size, preprocessor.temporal_patch_size, preprocessor.merge_size)} differ from the vision tower's {tower_sizes}"
             )
-        # The processor writes <|vision_start|> <|image_pad|>×N <|vision_end|>: the pads are the container's rows.
-        layout = Layout(before=(int(ckpt.config.get("vision_start_token_id", 151652)),),
-                        after=(int(ckpt.config.get("vision_end_token_id", 151653)),))
         with torch.device("meta"):
-            model = cls(config, layout)
-        ckpt.load_into(model.visual, VISION_PREFIX, dtype, device)
-        model.requires_grad_(False).eval()
-        model.visual.fuse_()
+            model = cls(config)
         model.preprocessor = preprocessor
-        model._fingerprint = ckpt.fingerprint
         return model
+
+    def checkpoint_parts(self) -> dict[str, nn.Module]:
+        """The whole tower and merger: every tensor under `visual.` is read."""
+        return {VISION_PREFIX: self.visual}
 
     def forward(self, patches: Tensor, grids: list[tuple[int, int, int]]) -> Tensor:
         """patches: [N, C·T·P·P] (images concatenated), grids: each image's (t, h, w) in patches → [N / unit, hidden]."""
@@ -326,15 +273,11 @@ class Qwen2VLVisionModel(VisionModel):
         if not images:
             return []
         rows = []
-        for group in image_groups([image.patches.shape[0] for image in images]):  # a few images per pass: see `vision`
+        for group in image_groups([image.patches.shape[0] for image in images]):  # a few images per pass
             grids = [images[i].grid for i in group]
             out = self(torch.cat([images[i].patches for i in group]), grids)
             rows += out.split([t * h * w // self.config.merge_unit for t, h, w in grids])
         return rows
-
-    def layout_for(self, image: PatchedImage) -> Layout:
-        """The same for every image: <|vision_start|> rows <|vision_end|>."""
-        return self._layout
 
     def grid_for(self, image: PatchedImage) -> tuple[int, int, int]:
         """(t, h, w) of the merged grid: the rows' layout, which the language model's M-RoPE reads."""
@@ -349,7 +292,3 @@ class Qwen2VLVisionModel(VisionModel):
     @property
     def hidden_size(self) -> int:
         return self.config.out_hidden_size
-
-    @property
-    def layout(self) -> Layout:
-        return self._layout

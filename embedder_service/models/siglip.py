@@ -6,7 +6,7 @@ position embeddings are learned per patch with no CLS token, there is no
 pre-encoder LayerNorm, and `post_layernorm` closes the tower (its output is
 `last_hidden_state`). The blocks are `ClipEncoderLayer`s (fused QKV, the CPU's
 packed GEMMs and tanh-GELU kernel). The attention-pooling `head`, which Gemma 3
-does not use, is neither built nor read.
+does not use, is neither built nor read (`UNREAD_NAMES`).
 
 Parameter names are those under `vision_tower.vision_model.` of a checkpoint.
 """
@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from embedder_service.models.clip import ClipEncoder, ClipVisionConfig, patch_embed
+from embedder_service.models.clip import ClipEncoder, ClipVisionConfig, embed_fixed_size
+
+UNREAD_NAMES = ("head.",)  # the attention-pooling head's tensors (`vision_use_head`), under `vision_model.`
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ class SiglipEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # pixel_values: [B, C, H, W] → [B, N, D]: patches (with the conv's bias) + one learned position each
-        return patch_embed(pixel_values, self.patch_embedding, self.config) + self.position_embedding.weight
+        return embed_fixed_size(pixel_values, self.patch_embedding, self.config) + self.position_embedding.weight
 
 
 class SiglipVisionTower(nn.Module):
@@ -53,20 +55,7 @@ class SiglipVisionTower(nn.Module):
         self.encoder = ClipEncoder(config, config.num_hidden_layers)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def fuse_(self) -> None:
-        for layer in self.encoder.layers:
-            layer.self_attn.fuse_()
-            layer.mlp.fuse_()
-
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # pixel_values: [B, C, H, W] → last hidden state [B, N, D]
-        x = self.embeddings(pixel_values)
-        for layer in self.encoder.layers:
-            x = layer(x)
-        return self.post_layernorm(x)
-
-    @staticmethod
-    def is_checkpoint_name(name: str, tower_names: set[str]) -> bool:
-        """Whether a SiglipVisionModel may hold `name` under `vision_model.`: one of the tower's tensors
-        (`tower_names`, its state dict), or the attention-pooling head's (`vision_use_head`), never read."""
-        return name in tower_names or name.startswith("head.")
+        depth = self.config.num_hidden_layers
+        return self.post_layernorm(self.encoder(self.embeddings(pixel_values), keep=(depth,))[depth])

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cuda_ext.decode import KERNEL_ACTIVATIONS, cpu_decode_ops
+from cuda_ext.decode.ops import KERNEL_ACTIVATIONS, cpu_decode_ops
 from shared.modeling.layers import (
     RMSNorm,
     RopeConfig,

@@ -7,7 +7,7 @@ and an optional sliding attention window (a `DecoderConfig` field). Two
 forwards, both over a `KVCache` the caller owns:
 
 - `prefill`: one sequence's prompt into cache row `row`; prompt IDs ≥
-  EMBEDDING_INDEX_BASE read their container's rows (`cuda_ext.multimodal_embedding`);
+  EMBEDDING_INDEX_BASE read their container's rows (`cuda_ext.gather.ops.multimodal_embedding`);
 - `decode`: one new token for each of cache rows 0…N-1, each at its own position.
 
 Qwen2-VL (`qwen2.py`) and Gemma 3 (`gemma3.py`) are this class with their own
@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cuda_ext import multimodal_embedding
-from cuda_ext.decode import MATVEC_MAX_ROWS, cpu_decode_ops
+from cuda_ext.decode.ops import MATVEC_MAX_ROWS, cpu_decode_ops
+from cuda_ext.gather.ops import multimodal_embedding
 from generator_service.models.decoder import (
     DecoderConfig,
     DecoderLayer,
@@ -249,7 +249,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> Tensor:
         """ids: Long[S], the prompt (from `start` on) of the sequence in cache row `row`.
 
-        ranges/rows: the bound containers (see `cuda_ext.multimodal_embedding`).
+        ranges/rows: the bound containers (see `cuda_ext.gather.ops.multimodal_embedding`).
         positions: the tokens' RoPE positions, Long[S] or Long[3, S] with M-RoPE (see
         `prompt_positions`); default start … start+S-1.
         Returns logits [1, V] of the last token, or [S, V] with `all_logits`.

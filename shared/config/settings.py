@@ -1,11 +1,18 @@
-"""All configuration in one place, read from the environment (prefix ``VLMQ_``)."""
+"""All configuration in one place, read from the environment (prefix ``VLMQ_``).
+
+Code reads it through `get_settings()`, cached for the process; a test that changes the
+environment builds a fresh `Settings()` instead (or clears the cache). README.md's
+configuration table is generated from the fields: `python -m shared.config.settings`.
+"""
 
 from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal, get_args
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
@@ -50,8 +57,44 @@ class Settings(BaseSettings):
     embed_max_batch: int = Field(8, gt=0, description="Images per batched vision forward")
     embed_max_wait_ms: int = Field(20, ge=0, description="How long the embedder waits to fill a batch")
     generate_max_batch: int = Field(8, gt=0, description="Requests decoded together by one generator worker")
+    generate_max_seq_len: int = Field(
+        4096, ge=2, description="Positions per request in a generator worker's KV cache (prompt + new tokens), at most the model's context"
+    )
+    # Switches between a compiled kernel and its torch path (cuda_ext, the vision towers), read once per process.
+    packed_weights: Literal["auto", "on", "off"] = Field(
+        "auto", description="Vision towers' float32 CPU linears on MKL-packed weights: auto (where that beat oneDNN, "
+        "timed once per process), on, off"
+    )
+    decode_kernel: Literal["auto", "reference"] = Field(
+        "auto", description="CPU float32 decode steps and vision activations: auto (the C++ kernels, built on first use; "
+        "torch's path where they cannot be), reference (torch's path)"
+    )
+    embed_gather: Literal["auto", "kernel", "reference"] = Field(
+        "auto", description="Multimodal embedding gather: auto (the CUDA kernel for CUDA tensors, else the torch reference), "
+        "kernel (the compiled gather on either device), reference"
+    )
+    extensions_dir: Path | None = Field(
+        None, description="Where the C++/CUDA extensions are built and cached; unset: vlmq/ under $TORCH_EXTENSIONS_DIR "
+        "or torch's default (~/.cache/torch_extensions)"
+    )
 
     _split = field_validator("api_keys", "allowed_path_roots", mode="before")(_split_list)
+
+    @field_validator("packed_weights", "decode_kernel", "embed_gather", mode="before")
+    @classmethod
+    def _mode(cls, value: object, info: ValidationInfo) -> object:
+        # A mode is a word, whatever its case or spacing (" OFF " is off); a bad one names its
+        # variable and the choices, where pydantic's own literal error would name only the field.
+        choices = get_args(cls.model_fields[info.field_name].annotation)
+        mode = value.strip().lower() if isinstance(value, str) else value
+        if mode not in choices:
+            raise ValueError(f"VLMQ_{info.field_name.upper()}={value!r}: expected one of {', '.join(choices)}")
+        return mode
+
+    @field_validator("extensions_dir", mode="before")
+    @classmethod
+    def _unset_if_empty(cls, value: object) -> object:
+        return value or None  # an empty variable is no folder (pydantic would read it as ".")
 
     @property
     def effective_store_url(self) -> str:
@@ -62,3 +105,23 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process-wide settings, read once from the environment."""
     return Settings()
+
+
+def settings_table() -> str:
+    """README.md's configuration table: one row per setting, from its field (tests/unit/test_settings.py compares)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    rows += [f"| `VLMQ_{name.upper()}` | {_shown_default(field)} | {field.description} |" for name, field in Settings.model_fields.items()]
+    return "\n".join(rows) + "\n"
+
+
+def _shown_default(field: FieldInfo) -> str:
+    default = field.get_default(call_default_factory=True, validated_data={})
+    if default is None:
+        return "(unset)"
+    if default == []:
+        return "(empty)"
+    return f"`{default}`"
+
+
+if __name__ == "__main__":
+    print(settings_table(), end="")

@@ -71,7 +71,9 @@ def _is_text_token_id(value: object) -> bool:
 
 @dataclass(frozen=True)
 class Layout:
-    """How a container's alias expands into token IDs, as the model's own processor expands it.
+    """How a container's image expands into token IDs, as the model's own processor expands it.
+
+    Data only: which layout a family's images get is decided in its module in ``shared.modeling.families``.
 
     ``before``/``after`` are literal text-token IDs around the image IDs (e.g.
     Qwen2-VL's ``<|vision_start|>``/``<|vision_end|>``). For Pixtral-style row
@@ -184,7 +186,7 @@ class EmbeddingContainer:
         return self.first_token_id + self.num_tokens - 1
 
     def token_ids(self) -> list[int]:
-        """The token IDs the alias expands into, per the layout."""
+        """The token IDs that stand for the image in a prompt (for its alias or its chat image part), per the layout."""
         return self.layout.expand(self.first_token_id, self.num_tokens)
 
     def metadata(self) -> dict[str, Any]:

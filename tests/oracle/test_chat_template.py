@@ -1,4 +1,5 @@
-"""Chat templates render exactly as transformers' apply_chat_template(tokenize=False)."""
+"""Chat templates render exactly as transformers' apply_chat_template(tokenize=False); a chat's images become
+container IDs exactly where transformers puts the image token."""
 
 from __future__ import annotations
 
@@ -6,10 +7,15 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from generator_service.chat_template import ChatTemplate
 from generator_service.tokenizer import Tokenizer
 from shared.config.errors import InvalidInput
+from shared.modeling.checkpoint import Checkpoint
+from shared.modeling.families.llava import LlavaImagePrompt
+from shared.store.container import EmbeddingContainer
+from shared.store.token_ids import EMBEDDING_INDEX_BASE as BASE
 from tests.support.tiny_models import build_tiny_llava
 
 CONVERSATIONS = {
@@ -100,3 +106,52 @@ def test_template_inside_tokenizer_config_of_older_checkpoints(checkpoint, hf, t
     messages = CONVERSATIONS["system and turns"]
     ours = Tokenizer.from_checkpoint(folder).apply_chat_template(messages, add_generation_prompt=True)
     assert ours == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+# -- images -------------------------------------------------------------------------------
+
+
+def container(cid: str, first: int, count: int) -> EmbeddingContainer:
+    return EmbeddingContainer(id=cid, model="m", tenant="t", first_token_id=first, num_tokens=count, embeddings=torch.zeros(count, 4))
+
+
+@pytest.fixture(scope="module")
+def tok(checkpoint):
+    return Tokenizer.from_checkpoint(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def placeholder(checkpoint, tok):
+    return LlavaImagePrompt(Checkpoint(checkpoint)).placeholder(tok)
+
+
+@pytest.mark.parametrize("name", ["list content", "system and turns"])
+def test_chat_images_become_ids_where_transformers_puts_the_image_token(tok, hf, placeholder, name):
+    """The generator's chat path: the rendered template cut at each image part's `<image>`, a container's IDs in each place."""
+    messages = CONVERSATIONS[name]
+    images = [container(f"c{i}", BASE + 100 * i, 3 + i) for i in range(sum(
+        part.get("type") == "image" for m in messages if isinstance(m["content"], list) for part in m["content"]))]
+    encoded = tok.encode_with_images(tok.render_chat(messages, placeholder), images, add_special_tokens=False)
+
+    text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    image_id, queue = hf.convert_tokens_to_ids(placeholder), iter(images)
+    expected = [i for token in hf(text, add_special_tokens=False)["input_ids"]
+                for i in (next(queue).token_ids() if token == image_id else [token])]
+    assert placeholder == "<image>" and encoded.ids == expected
+    assert encoded.containers == images and encoded.image_tokens == sum(c.num_tokens for c in images)
+
+
+def test_placeholders_that_are_not_the_image_parts_are_refused_by_count(tok, placeholder):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and <image> typed by hand"}]}]
+    with pytest.raises(InvalidInput, match=r"1 images but its rendered prompt has 2 image placeholders '<image>'"):
+        tok.render_chat(messages, placeholder)
+    with pytest.raises(InvalidInput, match="names no image placeholder"):
+        tok.render_chat(messages, None)
+
+
+def test_without_image_parts_the_placeholder_is_text(tok, hf, placeholder):
+    messages = [{"role": "user", "content": "what does <image> mean?"}]
+    (text,) = tok.render_chat(messages, placeholder)
+    assert text == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert tok.encode_with_images([text], [], add_special_tokens=False).ids == hf(text, add_special_tokens=False)["input_ids"]
+    assert hf.convert_tokens_to_ids(placeholder) in hf(text, add_special_tokens=False)["input_ids"]  # the image token, as text

@@ -74,11 +74,19 @@ def reference_ids(s, ids: list[int]) -> list[int]:
     return [s.ref.config.image_token_id if i >= BASE else i for i in ids]
 
 
-def encode(s, prompt: str, cs, **kwargs) -> list[int]:
+def encode(s, prompt: str, cs) -> list[int]:
     """`prompt` with `<start_of_image>` standing for each image, as our aliases of `cs`, encoded by our tokenizer."""
     pieces = prompt.split("<start_of_image>")
     aliased = pieces[0] + "".join(c.alias + piece for c, piece in zip(cs, pieces[1:]))
-    return s.tok.encode_prompt(aliased, {c.alias: c for c in cs}, **kwargs).ids
+    return s.tok.encode_prompt(aliased, {c.alias: c for c in cs}).ids
+
+
+def encode_chat(s, messages, cs) -> list[int]:
+    """`messages` through the generator's chat path: the template's `<start_of_image>` for each image part replaced
+    by its container's IDs (and the layout's text around them)."""
+    placeholder = s.vision.image_prompt.placeholder(s.tok)
+    assert placeholder == "<start_of_image>"
+    return s.tok.encode_with_images(s.tok.render_chat(messages, placeholder), cs, add_special_tokens=False).ids
 
 
 def reference_inputs(s, prompt: str, imgs, **kwargs) -> dict:
@@ -225,7 +233,7 @@ def test_chat_template_ids_equal_gemma3_processor(s, count):
     assert text == s.processor.apply_chat_template(chat_messages(count), add_generation_prompt=True, tokenize=False)
     cs = containers(s, images(SIZES[:count]))
     expected = reference_inputs(s, text, images(SIZES[:count]), add_special_tokens=False)["input_ids"][0].tolist()
-    assert reference_ids(s, encode(s, text, cs, add_special_tokens=False)) == expected
+    assert reference_ids(s, encode_chat(s, chat_messages(count), cs)) == expected
 
 
 # --- the language model --------------------------------------------------------------------------------------
@@ -313,7 +321,7 @@ def test_greedy_32_tokens_match_generate(s):
     text = s.tok.apply_chat_template(chat_messages(2), add_generation_prompt=True)
     imgs = images(SIZES[:2])
     cs = containers(s, imgs)
-    ids = encode(s, text, cs, add_special_tokens=False)
+    ids = encode_chat(s, chat_messages(2), cs)
     inputs = reference_inputs(s, text, imgs, add_special_tokens=False)
     with torch.inference_mode():
         out = s.ref.generate(**inputs, max_new_tokens=32, do_sample=False)

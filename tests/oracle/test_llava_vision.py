@@ -11,8 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import embedder_service.models.clip as clip
-from embedder_service.models import embed_images, load_vision_model
+from embedder_service.models import embed_images, gemm, load_vision_model
 from embedder_service.models.llava import LlavaVisionModel
 from shared.config.errors import CheckpointError, InvalidInput
 from shared.modeling.checkpoint import Checkpoint, canonical_name
@@ -89,7 +88,7 @@ def test_torch_op_path_matches_too(checkpoint, reference, monkeypatch):
     expected = reference_features(reference(-2, "default"), x, -2, "default")
     with torch.inference_mode():
         fast = model(x)
-        monkeypatch.setattr(clip, "CPU_FAST_PATHS", False)
+        monkeypatch.setattr(gemm, "CPU_FAST_PATHS", False)
         plain = model(x)
     assert (plain - expected).abs().max() <= ATOL
     assert (fast - expected).abs().max() <= ATOL
@@ -102,29 +101,29 @@ def test_linear_paths_agree(act, residual, monkeypatch):
     g = torch.Generator().manual_seed(0)
     x, w, b, r = torch.randn(2, 7, 16, generator=g), torch.randn(24, 16, generator=g), torch.randn(24, generator=g), torch.randn(2, 7, 24, generator=g)
     kwargs = {"act": act, "residual": r if residual else None}
-    fast = clip.linear(x, w, b, **kwargs)
-    monkeypatch.setattr(clip, "CPU_FAST_PATHS", False)
-    plain = clip.linear(x, w, b, **kwargs)
+    fast = gemm.linear(x, w, b, **kwargs)
+    monkeypatch.setattr(gemm, "CPU_FAST_PATHS", False)
+    plain = gemm.linear(x, w, b, **kwargs)
     expected = torch.nn.functional.linear(x.double(), w.double(), b.double())
-    expected = expected + r.double() if residual else clip.apply_activation(expected, act) if act else expected
+    expected = expected + r.double() if residual else gemm.apply_activation(expected, act) if act else expected
     torch.testing.assert_close(fast.double(), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(plain.double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_onednn_weight_is_reordered_once_per_weight_and_again_after_an_in_place_change():
-    if not clip.onednn_linear_available():
+    if not gemm.onednn_linear_available():
         pytest.skip("optional path: this torch build has no oneDNN linear (the torch path runs)")
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(24, 16, generator=g), torch.randn(3, 16, generator=g)
-    first = clip.onednn_weight(w)
-    assert first.is_mkldnn and clip.onednn_weight(w) is first
+    first = gemm.onednn_weight(w)
+    assert first.is_mkldnn and gemm.onednn_weight(w) is first
     w.mul_(2)
-    second = clip.onednn_weight(w)
+    second = gemm.onednn_weight(w)
     assert second is not first
     got = torch.ops.mkldnn._linear_pointwise(x, second, None, "none", [], "")
     torch.testing.assert_close(got.double(), x.double() @ w.double().T, atol=1e-5, rtol=1e-5)
     view = torch.randn(24 * 16, generator=g).view(24, 16)  # made per call: reordering it would be per call
-    assert clip.onednn_weight(view) is view
+    assert gemm.onednn_weight(view) is view
 
 
 def test_images_end_to_end_match_reference_processor_and_model(checkpoint, reference):
@@ -149,7 +148,7 @@ def test_properties(checkpoint):
     assert model.hidden_size == json.loads((path / "config.json").read_text())["text_config"]["hidden_size"]
     assert model.fingerprint == Checkpoint(path).fingerprint
     assert model.preprocessor.crop_size == (56, 56)
-    assert model.layout == Layout() and model.grid_for(pixels(1)) is None
+    assert model.layout_for(pixels(1)) == Layout() and model.grid_for(pixels(1)) is None
     assert model.device == torch.device("cpu") and model.dtype == torch.float32
 
 

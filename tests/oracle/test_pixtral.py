@@ -256,13 +256,12 @@ def test_a_stored_head_unlike_the_table_is_used_when_the_config_defaults_to_tied
 
 
 def chat_prompt(s, cs) -> list[int]:
-    """A chat turn with the images, through the model's chat template, image tokens bound to the containers."""
+    """A chat turn with the images through the generator's chat path: the template's `[IMG]` for each image part
+    replaced by its container's IDs."""
     messages = [{"role": "user", "content": [*({"type": "image"} for _ in cs), {"type": "text", "text": "Describe the picture."}]}]
-    text = s.tok.apply_chat_template(messages, add_generation_prompt=True)
-    pieces = text.split("[IMG]")
-    assert len(pieces) == len(cs) + 1
-    prompt = pieces[0] + "".join(c.alias + piece for c, piece in zip(cs, pieces[1:]))
-    return s.tok.encode_prompt(prompt, {c.alias: c for c in cs}, add_special_tokens=False).ids
+    placeholder = s.vision.image_prompt.placeholder(s.tok)
+    assert placeholder == "[IMG]"
+    return s.tok.encode_with_images(s.tok.render_chat(messages, placeholder), cs, add_special_tokens=False).ids
 
 
 def generate_alone(s, ids, params, cs=()) -> list[int]:

@@ -11,16 +11,15 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import embedder_service.models.clip as clip
-from embedder_service.models import load_vision_model
+from embedder_service.models import gemm, load_vision_model
 from embedder_service.models.qwen2_vl import Qwen2VLVisionModel
 from generator_service.engine import Engine, GenerationRequest
 from generator_service.models.qwen2 import Qwen2VLForCausalLM, mrope_positions
 from generator_service.sampling import SamplingParams
-from generator_service.tokenizer import Tokenizer
-from generator_service.worker import image_token_text
+from generator_service.tokenizer import EncodedPrompt, Tokenizer
 from shared.config.errors import CheckpointError, InvalidInput
 from shared.modeling.checkpoint import Checkpoint
+from shared.modeling.families.qwen2_vl import Qwen2VLImagePrompt
 from shared.store.container import EmbeddingContainer, Layout
 from shared.store.token_ids import EMBEDDING_INDEX_BASE as BASE
 from tests.support.tiny_models import (
@@ -73,7 +72,7 @@ def test_vision_and_merger_match_get_image_features(setup, count, gemm_paths, mo
     expected = reference_features(ref, pre)
     fast = vision.embed_batch(pre)
     assert gemm_paths is None or gemm_paths[0] > 0  # the packed run packed
-    monkeypatch.setattr(clip, "CPU_FAST_PATHS", False)  # the torch-op path every non-CPU device takes
+    monkeypatch.setattr(gemm, "CPU_FAST_PATHS", False)  # the torch-op path every non-CPU device takes
     plain = vision.embed_batch(pre)
     for got in (fast, plain):
         assert [g.shape for g in got] == [e.shape for e in expected]
@@ -105,17 +104,13 @@ def test_container_shape_grid_and_layout(setup):
 # --- language model --------------------------------------------------------------------------------
 
 
-def chat_prompt(tok: Tokenizer, path, conts: list[EmbeddingContainer], question: str) -> tuple[str, str]:
-    """The chat template's text for one user turn of the images then `question`: as rendered, and with each image's
-    placeholder replaced by its alias (what the generator does)."""
-    content = [{"type": "image"} for _ in conts] + [{"type": "text", "text": question}]
-    text = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    placeholder = image_token_text(Checkpoint(path), tok)
-    assert placeholder == "<|vision_start|><|image_pad|><|vision_end|>" and text.count(placeholder) == len(conts)
-    aliased = text
-    for c in conts:
-        aliased = aliased.replace(placeholder, c.alias, 1)
-    return text, aliased
+def chat_prompt(tok: Tokenizer, path, conts: list[EmbeddingContainer], question: str) -> tuple[str, EncodedPrompt]:
+    """One user turn of the images then `question`: the chat template's text, and our IDs for it (the generator's chat path)."""
+    messages = [{"role": "user", "content": [*({"type": "image"} for _ in conts), {"type": "text", "text": question}]}]
+    placeholder = Qwen2VLImagePrompt(Checkpoint(path)).placeholder(tok)
+    assert placeholder == "<|vision_start|><|image_pad|><|vision_end|>"
+    text = tok.apply_chat_template(messages, add_generation_prompt=True)
+    return text, tok.encode_with_images(tok.render_chat(messages, placeholder), conts, add_special_tokens=False)
 
 
 @pytest.mark.parametrize("count", [1, 2])
@@ -125,8 +120,7 @@ def test_prompt_logits_and_greedy_tokens_match_the_reference(setup, count):
     ims = images(SIZES[:count])
     pre = [vision.preprocessor(im) for im in ims]
     conts = containers(vision, pre, vision.embed_batch(pre))
-    text, aliased = chat_prompt(tok, path, conts, "Compare these." if count > 1 else "Describe this image.")
-    encoded = tok.encode_prompt(aliased, {c.alias: c for c in conts}, add_special_tokens=False)
+    text, encoded = chat_prompt(tok, path, conts, "Compare these." if count > 1 else "Describe this image.")
     inputs = reference_inputs(path, text, ims)
     image_token = ref.config.image_token_id
     assert [image_token if i >= BASE else i for i in encoded.ids] == inputs["input_ids"][0].tolist()
@@ -170,9 +164,9 @@ def test_batched_generation_equals_one_by_one(setup):
     pre = [vision.preprocessor(im) for im in images()]
     conts = containers(vision, pre, vision.embed_batch(pre))
     prompts = [
-        tok.encode_prompt(chat_prompt(tok, path, conts[:1], "What is it?")[1], {conts[0].alias: conts[0]}, add_special_tokens=False),
+        chat_prompt(tok, path, conts[:1], "What is it?")[1],
         tok.encode_prompt("<|im_start|>user\nJust text.<|im_end|>\n<|im_start|>assistant\n", {}, add_special_tokens=False),
-        tok.encode_prompt(chat_prompt(tok, path, conts[1:], "Both?")[1], {c.alias: c for c in conts[1:]}, add_special_tokens=False),
+        chat_prompt(tok, path, conts[1:], "Both?")[1],
     ]
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 

@@ -9,6 +9,7 @@ the CUDA runs skip saying so.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import shutil
@@ -21,16 +22,20 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-from cuda_ext import build, ops
-from cuda_ext.ops import (
+from cuda_ext import build
+from cuda_ext.gather import ops
+from cuda_ext.gather.ops import (
     multimodal_embedding,
     multimodal_embedding_kernel,
     set_embedding_gather,
 )
-from cuda_ext.reference import multimodal_embedding_reference
+from cuda_ext.gather.reference import multimodal_embedding_reference
 from shared.config.errors import InvalidInput
+from shared.config.settings import Settings
+from shared.config.switch import Switch
 from shared.store.token_ids import EMBEDDING_INDEX_BASE as BASE
 
+CSRC = build.EXTENSIONS["gather_cuda"].csrc
 V = 50
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # 16-byte rows in every dtype (pure vector copy), odd sizes (scalar tail, and every other
@@ -258,7 +263,7 @@ def test_without_a_cuda_build_auto_falls_back_with_one_warning_and_kernel_raises
     monkeypatch.setattr(ops, "_warned_fallback", False)
     cuda_table = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)  # what _kernel_for looks at
     gather_mode("auto")
-    with caplog.at_level(logging.WARNING, logger="cuda_ext.ops"):
+    with caplog.at_level(logging.WARNING, logger="cuda_ext.gather.ops"):
         assert ops._kernel_for(cuda_table) is None
         assert ops._kernel_for(cuda_table) is None
     warning = ("multimodal embedding: using the torch reference on CUDA, the kernel is unavailable: "
@@ -270,12 +275,13 @@ def test_without_a_cuda_build_auto_falls_back_with_one_warning_and_kernel_raises
 
 
 def test_modes_come_from_the_environment_and_bad_ones_are_refused(monkeypatch, gather_mode):
+    assert ops.embedding_gather() == Settings().embed_gather  # VLMQ_EMBED_GATHER as the process started with it
     monkeypatch.setenv("VLMQ_EMBED_GATHER", "Reference")
-    assert ops._mode_from_env() == "reference"
+    assert Switch("embed_gather", Settings())() == "reference"
     monkeypatch.setenv("VLMQ_EMBED_GATHER", "fast")
     with pytest.raises(ValueError, match="VLMQ_EMBED_GATHER='fast'"):
-        ops._mode_from_env()
-    with pytest.raises(ValueError, match="unknown gather mode"):
+        Switch("embed_gather", Settings())
+    with pytest.raises(ValueError, match="unknown VLMQ_EMBED_GATHER mode 'fast'"):
         gather_mode("fast")
 
 
@@ -298,20 +304,21 @@ def test_the_generator_embeds_through_the_dispatcher(demo_model, gather_mode, mo
 
 
 def test_builds_are_cached_by_a_digest_of_their_sources(tmp_path, monkeypatch):
-    before = build.build_directory("cpu")
-    assert build.build_directory("cpu") == before and build.build_directory("cuda") != before
+    before, decode = build.build_directory("gather_cpu"), build.build_directory("decode_cpu")
+    assert build.build_directory("gather_cpu") == before and build.build_directory("gather_cuda") != before
     copy = tmp_path / "csrc"
-    shutil.copytree(build.CSRC, copy)
-    monkeypatch.setattr(build, "CSRC", copy)
-    assert build.build_directory("cpu") == before  # same bytes, same folder: no rebuild
+    shutil.copytree(CSRC, copy)
+    monkeypatch.setitem(build.EXTENSIONS, "gather_cpu", dataclasses.replace(build.EXTENSIONS["gather_cpu"], csrc=copy))
+    assert build.build_directory("gather_cpu") == before  # same bytes, same folder: no rebuild
     (copy / "gather_index.h").write_text((copy / "gather_index.h").read_text() + "\n")
-    assert build.build_directory("cpu") != before
+    assert build.build_directory("gather_cpu") != before
+    assert build.build_directory("decode_cpu") == decode  # the other room's sources: not its build
 
 
 def test_a_missing_toolchain_is_reported_before_any_build(monkeypatch):
     monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
     with pytest.raises(build.ToolchainMissing, match="ninja not found"):
-        build._build("cpu")
+        build._build("gather_cpu")
 
 
 # -- the CUDA sources under nvcc (no GPU needed) ---------------------------------------
@@ -329,7 +336,7 @@ def test_the_kernel_compiles_for_sm80_and_sm90_with_16_byte_accesses(nvcc, tmp_p
     """nvcc as torch's extension build runs it (same standard and flags), for A100 and H100, keeping the PTX."""
     command = [nvcc, "-c", "-O3", "-std=c++20", *cpp_extension.COMMON_NVCC_FLAGS, "--Werror", "all-warnings",
                "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90", "--resource-usage",
-               "-keep", "-keep-dir", str(tmp_path), f"-I{build.CSRC}", str(build.CSRC / "multimodal_embedding_kernel.cu"),
+               "-keep", "-keep-dir", str(tmp_path), f"-I{CSRC}", str(CSRC / "multimodal_embedding_kernel.cu"),
                "-o", str(tmp_path / "kernel.o")]
     result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -363,6 +370,6 @@ def test_the_cuda_binding_compiles_against_this_torchs_headers(nvcc, tmp_path):
     cuda_includes = re.findall(r'-I"?([^"\s]+)', re.search(r"INCLUDES=(.*)", dryrun.stdout + dryrun.stderr).group(1))
     command = [shutil.which("c++") or "c++", "-fsyntax-only", "-std=c++20", "-Wall", "-Wextra", "-Werror",
                *[f"-isystem{p}" for p in [*cpp_extension.include_paths(), tmp_path, *cuda_includes, sysconfig.get_paths()["include"]]],
-               f"-I{build.CSRC}", str(build.CSRC / "multimodal_embedding_cuda.cpp")]
+               f"-I{CSRC}", str(CSRC / "multimodal_embedding_cuda.cpp")]
     result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

@@ -17,8 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cuda_ext import build, decode
-from cuda_ext.decode import set_decode_kernel
+from cuda_ext import build
+from cuda_ext.decode import ops as decode
+from cuda_ext.decode.ops import set_decode_kernel
 from generator_service.models.decoder import (
     GATE_ACTIVATIONS,
     DecoderConfig,
@@ -26,6 +27,8 @@ from generator_service.models.decoder import (
     ForwardBatch,
     KVCache,
 )
+from shared.config.settings import Settings
+from shared.config.switch import Switch
 from shared.modeling.layers import rope_table
 
 LLAMA = DecoderConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_layers=1, num_heads=4, num_kv_heads=2,
@@ -196,7 +199,7 @@ def test_without_a_toolchain_the_torch_path_runs_with_one_warning(mode, monkeypa
     monkeypatch.setattr(build, "decode_cpu_ops", unavailable)
     monkeypatch.setattr(decode, "_warned_fallback", False)
     mode("auto")
-    with caplog.at_level(logging.WARNING, logger="cuda_ext.decode"):
+    with caplog.at_level(logging.WARNING, logger="cuda_ext.decode.ops"):
         layers = [DecoderLayer(LLAMA) for _ in range(2)]
         for layer in layers:
             layer.requires_grad_(False).prepare()
@@ -207,12 +210,13 @@ def test_without_a_toolchain_the_torch_path_runs_with_one_warning(mode, monkeypa
 
 
 def test_modes_come_from_the_environment_and_bad_ones_are_refused(monkeypatch, mode):
+    assert decode.decode_kernel() == Settings().decode_kernel  # VLMQ_DECODE_KERNEL as the process started with it
     monkeypatch.setenv("VLMQ_DECODE_KERNEL", "Reference")
-    assert decode._mode_from_env() == "reference"
+    assert Switch("decode_kernel", Settings())() == "reference"
     monkeypatch.setenv("VLMQ_DECODE_KERNEL", "fast")
     with pytest.raises(ValueError, match="VLMQ_DECODE_KERNEL='fast'"):
-        decode._mode_from_env()
-    with pytest.raises(ValueError, match="unknown decode mode"):
+        Switch("decode_kernel", Settings())
+    with pytest.raises(ValueError, match="unknown VLMQ_DECODE_KERNEL mode 'fast'"):
         mode("fast")
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cuda_ext import multimodal_embedding, multimodal_embedding_reference
+from cuda_ext.gather.ops import multimodal_embedding
+from cuda_ext.gather.reference import multimodal_embedding_reference
 from shared.config.errors import InvalidInput
 from shared.store.token_ids import EMBEDDING_INDEX_BASE as BASE
 

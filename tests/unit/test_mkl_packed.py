@@ -7,10 +7,17 @@ import torch
 import torch.nn.functional as F
 
 from embedder_service.models import mkl_packed
+from shared.config.settings import Settings
+from shared.config.switch import Switch
 
 pytestmark = pytest.mark.skipif(not mkl_packed.available(), reason="optional path: this torch build has no MKL packed GEMM")
 
 K, M = 48, 40
+
+
+def switch(mode: str) -> Switch:
+    """VLMQ_PACKED_WEIGHTS as if the process had started with `mode`."""
+    return Switch("packed_weights", Settings(packed_weights=mode))
 
 
 def weights(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,7 +31,7 @@ def exact(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Ten
 
 @pytest.fixture(autouse=True)
 def small_weights_packed(monkeypatch):
-    monkeypatch.setattr(mkl_packed, "MODE", "on")  # whichever GEMM is faster on this CPU
+    monkeypatch.setattr(mkl_packed, "packed_weights", switch("on"))  # whichever GEMM is faster on this CPU
     monkeypatch.setattr(mkl_packed, "MIN_PACKED_ELEMENTS", M * K)
     monkeypatch.setattr(mkl_packed, "BLOCK_ROWS", 16)
 
@@ -82,9 +89,9 @@ def test_what_it_does_not_take_is_left_to_the_caller(case, monkeypatch):
     elif case == "small weight":
         monkeypatch.setattr(mkl_packed, "MIN_PACKED_ELEMENTS", M * K + 1)
     elif case == "switched off":
-        monkeypatch.setattr(mkl_packed, "MODE", "off")
+        monkeypatch.setattr(mkl_packed, "packed_weights", switch("off"))
     elif case == "auto where oneDNN is faster":
-        monkeypatch.setattr(mkl_packed, "MODE", "auto")
+        monkeypatch.setattr(mkl_packed, "packed_weights", switch("auto"))
         monkeypatch.setattr(mkl_packed, "faster_than_onednn", lambda: False)
     elif case == "view of a weight":
         w = torch.randn(M * K).view(M, K)  # contiguous, but a view: made per call, it would be packed per call
@@ -95,17 +102,17 @@ def test_what_it_does_not_take_is_left_to_the_caller(case, monkeypatch):
 
 def test_the_switch_comes_from_the_environment_and_bad_values_are_refused(monkeypatch):
     monkeypatch.delenv("VLMQ_PACKED_WEIGHTS", raising=False)
-    assert mkl_packed.mode_from_env() == "auto"
+    assert Switch("packed_weights", Settings())() == "auto"
     monkeypatch.setenv("VLMQ_PACKED_WEIGHTS", " OFF ")
-    assert mkl_packed.mode_from_env() == "off"
+    assert Switch("packed_weights", Settings())() == "off"
     monkeypatch.setenv("VLMQ_PACKED_WEIGHTS", "no")
     with pytest.raises(ValueError, match="VLMQ_PACKED_WEIGHTS='no': expected one of auto, on, off"):
-        mkl_packed.mode_from_env()
+        Settings()
 
 
 @pytest.mark.parametrize("faster", [True, False])
 def test_auto_packs_only_where_the_packed_gemm_was_timed_faster(faster, monkeypatch):
-    monkeypatch.setattr(mkl_packed, "MODE", "auto")
+    monkeypatch.setattr(mkl_packed, "packed_weights", switch("auto"))
     monkeypatch.setattr(mkl_packed, "faster_than_onednn", lambda: faster)
     w, b = weights()
     x = torch.randn(mkl_packed.BLOCK_ROWS, K)

@@ -2,21 +2,21 @@
 
 Decoding one token reads every weight once, so on the CPU its speed is the rate at which
 the matrix-vector products stream the weights, plus whatever the steps between them cost.
-`torch.ops.vlmq_decode_cpu` (built from `csrc/decode_cpu.cpp` on first use, see
+`torch.ops.vlmq_decode_cpu` (built from `cuda_ext/decode/csrc/` on first use, see
 `cuda_ext.build`) has these ops:
 
 - `decode_layer`: a whole decode step of a pre-norm Llama layer (Llama, Qwen2, Mistral;
   Gemma 3's with its QK-norm, output norms and GeGLU), one call instead of ~35 eager ops;
-  `shared.modeling.layers.DecoderLayer` uses it for decode forwards, and its own torch decode path
+  `generator_service.models.decoder.DecoderLayer` uses it for decode forwards, and its own torch decode path
   is the reference the tests hold it to;
 - `linear`: x wᵀ for a few rows of x (the LM head of a decode step);
 - `activation_`: silu or tanh GELU over a tensor in place, times a second one if given
-  (the vision towers' MLPs, `embedder_service.models.clip`).
+  (the vision towers' MLPs, `embedder_service.models.gemm`).
 
 Both read row-major float32 weights ([out, in], as checkpoints store them), so a model
 that uses them keeps its weights in that layout (`shared.modeling.layers.prepare_weight`).
 
-Which path runs (`VLMQ_DECODE_KERNEL`, or `set_decode_kernel` before a model is prepared):
+Which path runs (`VLMQ_DECODE_KERNEL`, read through `Settings`, or `set_decode_kernel` before a model is prepared):
 
 - `auto` (default): the kernels for CPU float32 models, built on first use; where they
   cannot be built (no compiler, no ninja, a CPU without AVX2) the torch path, with one
@@ -36,54 +36,41 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Any
 
 import torch
 
+from shared.config.switch import Switch
 from shared.modeling.timing import fastest
 
 log = logging.getLogger(__name__)
 
-DECODE_MODES = ("auto", "reference")
 # The kernel's register blocking is for the few rows of a decode step; a prompt's logits
 # (prefill with all_logits) are a matrix product, for oneDNN / MKL.
 MATVEC_MAX_ROWS = 8
 # The kernels' activation (`decode_layer`'s `act`, `activation_`'s) for each `DecoderConfig.hidden_act`
-# (shared.modeling.layers.GATE_ACTIVATIONS); the values are the names the vision towers use too (clip.ACTIVATIONS).
+# (generator_service.models.decoder.GATE_ACTIVATIONS); the values are the names the vision towers use too (gemm.ACTIVATIONS).
 KERNEL_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
-
-def _mode_from_env() -> str:
-    mode = os.environ.get("VLMQ_DECODE_KERNEL", "auto").strip().lower()
-    if mode not in DECODE_MODES:
-        raise ValueError(f"VLMQ_DECODE_KERNEL={mode!r}: expected one of {', '.join(DECODE_MODES)}")
-    return mode
-
-
-_mode = _mode_from_env()
+DECODE = Switch("decode_kernel")
 _warned_fallback = False
 
 
 def decode_kernel() -> str:
     """The decode path in force for models prepared from now on: "auto" or "reference"."""
-    return _mode
+    return DECODE()
 
 
 def set_decode_kernel(mode: str) -> str:
     """Choose the decode path for models prepared from now on (overrides VLMQ_DECODE_KERNEL); returns the previous one."""
-    global _mode
-    if mode not in DECODE_MODES:
-        raise ValueError(f"unknown decode mode {mode!r}: expected one of {', '.join(DECODE_MODES)}")
-    previous, _mode = _mode, mode
-    return previous
+    return DECODE.set(mode)
 
 
 def cpu_decode_ops(device: torch.device | str, dtype: torch.dtype) -> Any | None:
     """`torch.ops.vlmq_decode_cpu` for tensors on `device` in `dtype` when the mode and the machine allow, else None."""
-    if _mode == "reference" or torch.device(device).type != "cpu" or dtype != torch.float32:
+    if DECODE() == "reference" or torch.device(device).type != "cpu" or dtype != torch.float32:
         return None
-    # Imported here, not with this package, so that `python -m cuda_ext.build` runs a module not yet imported.
+    # Imported here, not with this module, so that `python -m cuda_ext.build` runs a module not yet imported.
     from cuda_ext import build
 
     try:

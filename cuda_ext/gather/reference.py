@@ -1,4 +1,4 @@
-"""Plain-torch reference implementations of the ops in `cuda_ext.ops`."""
+"""The plain-torch multimodal embedding gather: the CPU path of `cuda_ext.gather.ops` and the kernels' test oracle."""
 
 from __future__ import annotations
 

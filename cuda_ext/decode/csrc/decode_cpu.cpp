@@ -6,7 +6,7 @@
 // products (decode_kernels.h, split over torch's threads) with the small steps between
 // them (norms, RoPE, the KV-cache write, attention over the cache) done in place.
 //
-// The torch reference is `shared.layers.DecoderLayer`'s own decode path (the test oracle);
+// The torch reference is `generator_service.models.decoder.DecoderLayer`'s own decode path (the test oracle);
 // the semantics are its: interleaved RoPE pairs, the softmax scale folded into Q's rows,
 // cache row n holding decode token n, an additive mask where rows see different prefixes.
 #include <ATen/Parallel.h>

@@ -1,9 +1,9 @@
-"""Dispatchers for vlmq's device ops: a compiled kernel where one is chosen, else the torch reference.
+"""The multimodal embedding gather's dispatcher: the compiled gather where one is chosen, else the torch reference.
 
 Signatures are kernel-friendly: flat tensors only, no Python lists or per-container
 objects, so a kernel can take them as they are (one launch per forward).
 
-Which path runs (`VLMQ_EMBED_GATHER`, or `set_embedding_gather` at run time):
+Which path runs (`VLMQ_EMBED_GATHER`, read through `Settings`, or `set_embedding_gather` at run time):
 
 - `auto` (default): the CUDA kernel for CUDA tensors of a supported dtype, the torch
   reference otherwise. A CUDA kernel that cannot be built (no nvcc, no ninja) falls
@@ -22,18 +22,18 @@ host for 0.1% of a prefill.
 from __future__ import annotations
 
 import logging
-import os
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from cuda_ext.reference import (
+from cuda_ext.gather.reference import (
     check_ranges,
     multimodal_embedding_reference,
     outside_vocabulary,
     unbound_embedding_id,
 )
+from shared.config.switch import Switch
 from shared.store.token_ids import EMBEDDING_INDEX_BASE
 
 if TYPE_CHECKING:
@@ -41,33 +41,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-GATHER_MODES = ("auto", "kernel", "reference")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-
-def _mode_from_env() -> str:
-    mode = os.environ.get("VLMQ_EMBED_GATHER", "auto").strip().lower()
-    if mode not in GATHER_MODES:
-        raise ValueError(f"VLMQ_EMBED_GATHER={mode!r}: expected one of {', '.join(GATHER_MODES)}")
-    return mode
-
-
-_mode = _mode_from_env()
+GATHER = Switch("embed_gather")
 _warned_fallback = False
 
 
 def embedding_gather() -> str:
     """The gather path in force: "auto", "kernel" or "reference"."""
-    return _mode
+    return GATHER()
 
 
 def set_embedding_gather(mode: str) -> str:
     """Choose the gather path for this process (overrides VLMQ_EMBED_GATHER); returns the previous one."""
-    global _mode
-    if mode not in GATHER_MODES:
-        raise ValueError(f"unknown gather mode {mode!r}: expected one of {', '.join(GATHER_MODES)}")
-    previous, _mode = _mode, mode
-    return previous
+    return GATHER.set(mode)
 
 
 def multimodal_embedding(ids: Tensor, table: Tensor, ranges: Tensor, rows: Tensor) -> Tensor:
@@ -100,12 +87,13 @@ def multimodal_embedding_kernel(gather: Gather, ids: Tensor, table: Tensor, rang
 
 def _kernel_for(table: Tensor) -> Gather | None:
     """The compiled gather the mode picks for `table`'s device and dtype, None for the reference."""
-    if _mode == "reference":
+    mode = GATHER()
+    if mode == "reference":
         return None
-    # Imported here, not with this package, so that `python -m cuda_ext.build` runs a module not yet imported.
+    # Imported here, not with this module, so that `python -m cuda_ext.build` runs a module not yet imported.
     from cuda_ext import build
 
-    if _mode == "kernel":
+    if mode == "kernel":
         if table.dtype not in KERNEL_DTYPES:
             raise ValueError(f"the gather kernel takes float32, bfloat16 or float16 tables, not {table.dtype}")
         return build.cuda_gather() if table.is_cuda else build.cpu_gather()

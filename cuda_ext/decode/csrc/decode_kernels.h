@@ -25,7 +25,7 @@ struct Kernels {
   static constexpr int kWideTokens = L == 16 ? 8 : kTokens;
   static constexpr int64_t kAhead = 1024;  // floats: prefetch distance, 4 KiB ahead in each row
 
-  // prefetch: whether the products ask for each row's line kAhead floats ahead (decode.py times both).
+  // prefetch: whether the products ask for each row's line kAhead floats ahead (cuda_ext.decode times both).
   static DecodeKernels table(const char* isa, bool prefetch) {
     return {isa, prefetch, prefetch ? &matvec<true> : &matvec<false>, &act_mul<&Kernels::silu_mul>,
             &act_mul<&Kernels::gelu_tanh_mul>, &attend};

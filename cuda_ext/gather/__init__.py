@@ -1,0 +1,1 @@
+"""The multimodal embedding gather: `ops` (the dispatcher), `reference` (torch), `csrc/` (CUDA kernel, CPU extension)."""
