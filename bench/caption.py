@@ -1,12 +1,12 @@
 """Bulk captioning on *bench-small* (DESIGN §8): `vlmq caption` through queue and store vs the pipelines in one process.
 
-bench-small: CLIP ViT-B/16 at 224 px (196 image tokens) + projector + a
-SmolLM2-135M-shaped Llama (hidden 576, 30 layers, 9 heads, 3 KV heads, MLP
-1536, tied embeddings, vocab 49152), random weights, float32. It is written
-with `vlmq.demo_model.write_llava_demo` (no transformers, no download): the
-demo tokenizer (400 tokens) with the LM's vocabulary padded to 49152 — the
-tokenizer never produces the padded IDs and decoding skips them, but the LM
-computes full-size logits, which is what the timing needs.
+bench-small (bench/common.py): CLIP ViT-B/16 at 224 px (196 image tokens) +
+projector + a SmolLM2-135M-shaped Llama (hidden 576, 30 layers, 9 heads, 3 KV
+heads, MLP 1536, tied embeddings, vocab 49152), random weights, float32. It is
+the LLaVA demo model at those sizes (no transformers, no download): the demo
+tokenizer (400 tokens) with the LM's vocabulary padded to 49152 — the tokenizer
+never produces the padded IDs and decoding skips them, but the LM computes
+full-size logits, which is what the timing needs.
 
 Two ways to caption the same N images (default 32) with the same prompt, greedy,
 16 new tokens each, same Settings (batch sizes, dtype):
@@ -34,9 +34,9 @@ embedding with generation across its two processes, the direct side runs
 each phase on both cores. With more cores, raise `--worker-threads` to
 cores ÷ 2 and `--direct-threads` to the core count.
 
-Prints JSON lines: the direct figure, then the queued one with ratio and target.
+Prints JSON lines (bench/common.py): the direct figure, then the queued one with ratio and target.
 
-Usage: python bench/caption.py [--images 32] [--new-tokens 16] [--worker-threads 1] [--direct-threads 2]
+Usage: python bench/caption.py [--images 32] [--new-tokens 16] [--worker-threads 1] [--direct-threads 2] [--quick]
 """
 
 from __future__ import annotations
@@ -54,35 +54,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from common import REPO, compare, emit, parse_args, write_bench_small
 from PIL import Image
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from vlmq.demo_model import write_llava_demo  # noqa: E402
 
 BENCH = "caption"
 PROMPT = "Describe this image in one sentence."
 TENANT = "public"
-
-BENCH_SMALL_VISION = {
-    "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-    "image_size": 224, "patch_size": 16, "projection_dim": 512,
-}
-BENCH_SMALL_TEXT = {
-    "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
-    "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True, "rms_norm_eps": 1e-5,
-    "max_position_embeddings": 2048,
-}
-
-
-def emit(metric: str, value: float, unit: str, **extra) -> None:
-    print(json.dumps({"bench": BENCH, "metric": metric, "value": round(value, 4), "unit": unit, **extra}), flush=True)
-
-
-def write_bench_small(path: Path) -> Path:
-    # std 0.02 (transformers' initializer_range): activations stay in a realistic range over 30 layers.
-    return write_llava_demo(path, vision=BENCH_SMALL_VISION, text=BENCH_SMALL_TEXT, weight_std=0.02)
 
 
 def write_images(folder: Path, count: int) -> list[Path]:
@@ -147,21 +124,20 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--worker-threads", type=int, default=1, help="torch threads of each worker process")
     parser.add_argument("--direct-threads", type=int, default=2, help="torch threads of the one-process run")
-    args = parser.parse_args()
+    args = parse_args(parser, quick={"images": 4, "new_tokens": 4})
 
     with tempfile.TemporaryDirectory(prefix="vlmq-bench-caption-") as tmp:
         tmp = Path(tmp)
-        checkpoint = write_bench_small(tmp / "bench-small")
+        checkpoint = tmp / "bench-small"
+        write_bench_small(checkpoint, "llava")
         paths = write_images(tmp / "images", args.images)
         queued, startup_s, lines = run_queued(checkpoint, tmp / "images", tmp / "out.jsonl", args.new_tokens, args.worker_threads)
         direct, direct_captions = run_direct(checkpoint, paths, args.new_tokens, args.direct_threads)
 
     same = sum(direct_captions.get(line["path"]) == line.get("caption") for line in lines)
-    emit("images_per_s_direct", direct, "images/s", images=args.images, new_tokens=args.new_tokens, threads=args.direct_threads)
-    ratio = queued / direct
-    emit("images_per_s_queued", queued, "images/s", baseline=round(direct, 4), ratio=round(ratio, 4), target=">= 0.85",
-         met=ratio >= 0.85, images=args.images, new_tokens=args.new_tokens, worker_threads=args.worker_threads,
-         startup_s=round(startup_s, 2), captions_equal_to_direct=f"{same}/{len(lines)}")
+    emit(BENCH, "images_per_s_direct", direct, "images/s", images=args.images, new_tokens=args.new_tokens, threads=args.direct_threads)
+    compare(BENCH, "images_per_s_queued", queued, direct, "images/s", ">= 0.85", images=args.images, new_tokens=args.new_tokens,
+            worker_threads=args.worker_threads, startup_s=startup_s, captions_equal_to_direct=f"{same}/{len(lines)}")
 
 
 if __name__ == "__main__":

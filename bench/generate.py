@@ -1,9 +1,10 @@
 """Generation benchmark on *bench-small* (DESIGN §8): vlmq's engine against `transformers` on the same weights.
 
-A SmolLM2-135M-shaped Llama (random weights, tied embeddings) inside a LLaVA
-checkpoint with a tiny vision tower (not measured) is written to a temp dir; the
-prompt is token IDs: text around one image of 196 rows (a container for vlmq,
-`inputs_embeds` for transformers). Prints one JSON line per metric:
+A SmolLM2-135M-shaped Llama (random weights, tied embeddings) inside the LLaVA
+demo checkpoint with its tiny vision tower (not measured) is written to a temp dir
+(bench/common.py's bench-small); the prompt is token IDs: text around one image of
+196 rows (a container for vlmq, `inputs_embeds` for transformers). Prints one JSON
+line per metric (bench/common.py):
 
   decode_tokens_per_s_b1            batch-1 greedy decode vs transformers `generate`      target ≥ 1.1×
   decode_roofline_fraction          batch-1 decode vs memory bandwidth ÷ weight bytes      target ≥ 0.8
@@ -12,7 +13,7 @@ prompt is token IDs: text around one image of 196 rows (a container for vlmq,
 
 Decode rates exclude the prefill: (N - 1) tokens ÷ (time for N tokens - time for 1),
 both sides measured the same way (transformers with min_new_tokens so it makes N).
-Times are best-of-R, run round-robin (the machine is shared; see `best_times`).
+Times are best-of-R, run round-robin (the machine is shared; see `common.best_of`).
 The roofline's bandwidth: a 1 GiB float32 tensor summed back to back until the sums
 have read as many bytes as a decode run reads weights, best-of-R like the rest (the
 best single sum is printed beside it).
@@ -20,7 +21,7 @@ best single sum is printed beside it).
 `--family qwen2_vl`: a Qwen2-VL-shaped bench-small instead — the same LM shape
 with Qwen2's Q/K/V biases and M-RoPE (mrope_section 8, 12, 12), and a 448×448
 image of 256 rows between <|vision_start|> and <|vision_end|>; transformers runs
-`Qwen2VLForConditionalGeneration.generate` from the image's pixels (a one-block
+`Qwen2VLForConditionalGeneration.generate` from the image's pixels (the demo's tiny
 vision tower, whose rows are our container's), so the tokens check the M-RoPE
 positions and their decode offset too. Same metrics and targets.
 
@@ -36,248 +37,132 @@ transformers gets the same sequence as `inputs_embeds`. Same metrics and targets
 64, so prefill and decode both slide) to one global layer and their two RoPE bases,
 and one 224×224 image of 49 rows (14 × 14 patches pooled 2 × 2; 64 is not a Gemma 3
 shape for 196 patches, see bench/embed.py) between <start_of_image> and <end_of_image>.
-transformers runs `Gemma3ForConditionalGeneration.generate` from the image's pixels (a
-one-layer SigLIP, whose rows are our container's) with `token_type_ids`, so the tokens
+transformers runs `Gemma3ForConditionalGeneration.generate` from the image's pixels (the
+demo's tiny SigLIP, whose rows are our container's) with `token_type_ids`, so the tokens
 check the bidirectional image attention too. Same metrics and targets.
 
 GPU mode (`--device cuda`, the default when a GPU is visible): both sides in bfloat16
 on the GPU, every timed call ending in a synchronisation; the same metrics under
 bench `…/cuda`, the decode roofline against the best memory throughput measured in
-the run (a 1 GiB sum's reads, or a 1 GiB copy's reads + writes), plus prefill tokens/s
-as a fraction of a bfloat16 matmul's TFLOP/s, also measured in the run. The CPU run
+the run (a 1 GiB sum's reads, or a 1 GiB copy's reads + writes), plus prefill TFLOP/s
+against a bfloat16 matmul's, also measured in the run. The CPU run
 is as above.
 
-Usage: python bench/generate.py [--threads 2] [--new-tokens 64] [--repeats 5] [--family llava|qwen2_vl|pixtral|gemma3] [--device auto|cpu|cuda]
+Usage: python bench/generate.py [--threads 2] [--new-tokens 64] [--repeats 5] [--family llava|qwen2_vl|pixtral|gemma3] [--device auto|cpu|cuda] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
+from common import (
+    BENCH_SMALL,
+    best_of,
+    compare,
+    emit,
+    parse_args,
+    patches,
+    write_bench_small,
+)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cuda_ext.decode.ops import set_decode_kernel
+from generator_service.engine import Engine, GenerationRequest
+from generator_service.models.gemma3 import Gemma3ForCausalLM
+from generator_service.models.llama import LlamaForCausalLM
+from generator_service.models.qwen2 import Qwen2VLForCausalLM
+from generator_service.sampling import SamplingParams
+from shared.modeling.checkpoint import Checkpoint
+from shared.store.container import EmbeddingContainer, Layout
+from shared.store.token_ids import EMBEDDING_INDEX_BASE
 
-from cuda_ext.decode import set_decode_kernel  # noqa: E402
-from generator_service.engine import Engine, GenerationRequest  # noqa: E402
-from generator_service.models.gemma3 import Gemma3ForCausalLM  # noqa: E402
-from generator_service.models.llama import LlamaForCausalLM  # noqa: E402
-from generator_service.models.qwen2 import Qwen2VLForCausalLM  # noqa: E402
-from generator_service.sampling import SamplingParams  # noqa: E402
-from shared.modeling.checkpoint import Checkpoint  # noqa: E402
-from shared.store.container import EmbeddingContainer, Layout  # noqa: E402
-from shared.store.token_ids import EMBEDDING_INDEX_BASE  # noqa: E402
-
-IMAGE_TOKENS = 196
 TEXT_BEFORE, TEXT_AFTER = 8, 16  # prompt: BOS + text, the image, text
-QWEN_GRID = (1, 32, 32)  # a 448×448 image in 14-pixel patches: 16×16 = 256 rows after the 2×2 merge
-QWEN_IMAGE, QWEN_START, QWEN_END = 49151, 49149, 49150  # <|image_pad|>, <|vision_start|>, <|vision_end|>
-PIXTRAL_ROWS, PIXTRAL_COLS = 24, 32  # a 512×384 image in 16-pixel patches
-PIXTRAL_IMAGE, PIXTRAL_BREAK, PIXTRAL_END = 10, 12, 13  # [IMG], [IMG_BREAK], [IMG_END] (Pixtral-12B's ids)
-GEMMA_IMAGE, GEMMA_BOI, GEMMA_EOI = 49151, 49149, 49150  # <image_soft_token>, <start_of_image>, <end_of_image>
-GEMMA_TOKENS, GEMMA_WINDOW = 49, 64
+TEXT_IDS_END = 49000  # random text IDs lie from the demo tokenizer's size to here: none is a special token
 
 
-def emit(bench: str, metric: str, value: float, unit: str, **extra) -> None:
-    print(json.dumps({"bench": bench, "metric": metric, "value": round(value, 4), "unit": unit, **extra}), flush=True)
+def text_ids(spec, count: int, g: torch.Generator) -> list[int]:
+    return torch.randint(spec.tokenizer.get_vocab_size(), TEXT_IDS_END, (count,), generator=g).tolist()
 
 
-def compare(bench: str, metric: str, value: float, baseline: float, unit: str, target: str) -> None:
-    ratio = value / baseline
-    op, bound = target.split()
-    met = ratio >= float(bound) if op == ">=" else ratio <= float(bound)
-    emit(bench, metric, value, unit, baseline=round(baseline, 4), ratio=round(ratio, 4), target=target, met=met)
+def load(family: str, tmp: str, ours_class, reference: str, device: str, dtype: torch.dtype):
+    """The family's bench-small in `tmp`: its spec, our language model and transformers' `reference` model."""
+    import transformers
+
+    spec = write_bench_small(Path(tmp), family, tower=False)
+    ours = ours_class.from_checkpoint(tmp, device, dtype)
+    return spec, ours, getattr(transformers, reference).from_pretrained(tmp, dtype=dtype).to(device).eval()
 
 
-def build_checkpoint(path: Path) -> None:
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-    )
-
-    text = LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True, rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, bos_token_id=1, eos_token_id=2,
-    )
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=224, patch_size=16)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=49151,
-                         image_seq_length=IMAGE_TOKENS, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlavaForConditionalGeneration(config).save_pretrained(path)
-
-
-def build_qwen2_vl_checkpoint(path: Path) -> None:
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
-    text = dict(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, max_position_embeddings=2048, rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 100000.0, "mrope_section": [8, 12, 12]}, bos_token_id=1, eos_token_id=2,
-    )
-    vision = dict(depth=1, embed_dim=32, hidden_size=576, num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
-    config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, image_token_id=QWEN_IMAGE,
-                           video_token_id=49148, vision_start_token_id=QWEN_START, vision_end_token_id=QWEN_END)
-    torch.manual_seed(0)
-    Qwen2VLForConditionalGeneration(config).save_pretrained(path)
-
-
-def llava_setup(tmp: str, g: torch.Generator, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
-    """Our Llama and transformers' LLaVA, the image as 196 rows (a container for us, inputs_embeds for it)."""
-    from transformers import LlavaForConditionalGeneration
-
-    build_checkpoint(Path(tmp))
-    ours = LlamaForCausalLM.from_checkpoint(tmp, device, dtype)
-    ref = LlavaForConditionalGeneration.from_pretrained(tmp, dtype=dtype).to(device).eval()
-    before = [1] + torch.randint(3, 49000, (TEXT_BEFORE,), generator=g).tolist()
-    after = torch.randint(3, 49000, (TEXT_AFTER,), generator=g).tolist()
-    image_rows = torch.randn(IMAGE_TOKENS, ours.config.hidden_size, generator=g) * 0.02
+def embeds_setup(family: str, tmp: str, g: torch.Generator, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """LLaVA or Pixtral: our Llama or Mistral and transformers' LLaVA, the image as random rows (a container for us,
+    inputs_embeds for it): LLaVA's 196, or Pixtral's 768 in 24 rows of 32 with a break after each and an end."""
+    spec, ours, ref = load(family, tmp, LlamaForCausalLM, "LlavaForConditionalGeneration", device, dtype)
+    before = [spec.config["text_config"]["bos_token_id"]] + text_ids(spec, TEXT_BEFORE, g)
+    after = text_ids(spec, TEXT_AFTER, g)
+    rows, cols = patches(family)
+    image_rows = torch.randn(rows * cols, ours.config.hidden_size, generator=g) * 0.02
+    layout, grid = Layout(), None
+    if family == "pixtral":
+        token = spec.tokenizer.token_to_id
+        layout, grid = Layout(after=(token("[IMG_END]"),), row_length=cols, row_break_id=token("[IMG_BREAK]")), (1, rows, cols)
     image = EmbeddingContainer(id="bench", model="bench", tenant="bench", first_token_id=EMBEDDING_INDEX_BASE,
-                               num_tokens=IMAGE_TOKENS, embeddings=image_rows)
-    table = ref.get_input_embeddings().weight
-    embeds = torch.cat([table[before], image_rows.to(table), table[after]])[None]  # [1, P, D]: the image as inputs_embeds
-    inputs = dict(inputs_embeds=embeds, attention_mask=torch.ones(1, embeds.shape[1], dtype=torch.long, device=device))
-    return dict(ours=ours, ref=ref, ref_inputs=inputs, image=image, before=before, after=after)
-
-
-def qwen2_vl_setup(tmp: str, g: torch.Generator, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
-    """Our Qwen2-VL LM and transformers' from the pixels of a 448×448 image; the container holds its tiny tower's rows."""
-    from transformers import Qwen2VLForConditionalGeneration
-
-    build_qwen2_vl_checkpoint(Path(tmp))
-    ours = Qwen2VLForCausalLM.from_checkpoint(tmp, device, dtype)
-    ref = Qwen2VLForConditionalGeneration.from_pretrained(tmp, dtype=dtype).to(device).eval()
-    before = torch.randint(3, 49000, (TEXT_BEFORE,), generator=g).tolist()
-    after = torch.randint(3, 49000, (TEXT_AFTER,), generator=g).tolist()
-    t, h, w = QWEN_GRID
-    pixels = torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=g).to(device, dtype)
-    grid = torch.tensor([QWEN_GRID], device=device)
-    image_rows = ref.get_image_features(pixel_values=pixels, image_grid_thw=grid).pooler_output[0].cpu()  # [256, 576], as from the store
-    image = EmbeddingContainer(id="bench", model="bench", tenant="bench", first_token_id=EMBEDDING_INDEX_BASE,
-                               num_tokens=image_rows.shape[0], embeddings=image_rows, grid=(t, h // 2, w // 2),
-                               layout=Layout(before=(QWEN_START,), after=(QWEN_END,)))
-    ids = torch.tensor([[QWEN_IMAGE if i >= EMBEDDING_INDEX_BASE else i for i in before + image.token_ids() + after]], device=device)
-    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, image_grid_thw=grid,
-                  mm_token_type_ids=(ids == QWEN_IMAGE).int())
-    return dict(ours=ours, ref=ref, ref_inputs=inputs, image=image, before=before, after=after)
-
-
-def build_pixtral_checkpoint(path: Path) -> None:
-    from transformers import (
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        MistralConfig,
-        PixtralVisionConfig,
-    )
-
-    text = MistralConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True, rms_norm_eps=1e-5, sliding_window=None,
-        rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, bos_token_id=1, eos_token_id=2,
-    )
-    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=16, hidden_act="silu")
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=PIXTRAL_IMAGE, vision_feature_layer=-1,
-                         vision_feature_select_strategy="full", tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlavaForConditionalGeneration(config).save_pretrained(path)
-
-
-def pixtral_setup(tmp: str, g: torch.Generator, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
-    """Our Mistral and transformers' LLaVA-Pixtral; the image as 768 rows in 24 rows of 32 with break/end tokens."""
-    from transformers import LlavaForConditionalGeneration
-
-    build_pixtral_checkpoint(Path(tmp))
-    ours = LlamaForCausalLM.from_checkpoint(tmp, device, dtype)
-    ref = LlavaForConditionalGeneration.from_pretrained(tmp, dtype=dtype).to(device).eval()
-    before = [1] + torch.randint(20, 49000, (TEXT_BEFORE,), generator=g).tolist()
-    after = torch.randint(20, 49000, (TEXT_AFTER,), generator=g).tolist()
-    image_rows = torch.randn(PIXTRAL_ROWS * PIXTRAL_COLS, ours.config.hidden_size, generator=g) * 0.02
-    image = EmbeddingContainer(id="bench", model="bench", tenant="bench", first_token_id=EMBEDDING_INDEX_BASE,
-                               num_tokens=image_rows.shape[0], embeddings=image_rows, grid=(1, PIXTRAL_ROWS, PIXTRAL_COLS),
-                               layout=Layout(after=(PIXTRAL_END,), row_length=PIXTRAL_COLS, row_break_id=PIXTRAL_BREAK))
+                               num_tokens=rows * cols, embeddings=image_rows, grid=grid, layout=layout)
     table = ref.get_input_embeddings().weight
     ids = before + image.token_ids() + after
     embeds = torch.stack([image_rows[i - EMBEDDING_INDEX_BASE].to(table) if i >= EMBEDDING_INDEX_BASE else table[i] for i in ids])[None]  # [1, P, D]
     inputs = dict(inputs_embeds=embeds, attention_mask=torch.ones(1, embeds.shape[1], dtype=torch.long, device=device))
-    return dict(ours=ours, ref=ref, ref_inputs=inputs, image=image, before=before, after=after)
+    return dict(spec=spec, ours=ours, ref=ref, ref_inputs=inputs, image=image, before=before, after=after)
 
 
-def build_gemma3_checkpoint(path: Path) -> None:
-    from transformers import (
-        Gemma3Config,
-        Gemma3ForConditionalGeneration,
-        Gemma3TextConfig,
-        SiglipVisionConfig,
-    )
+def reference_ids(image_id: int, ids: list[int], device: str) -> torch.Tensor:
+    """Our prompt IDs as transformers' [1, P]: the container's rows as its image token."""
+    return torch.tensor([[image_id if i >= EMBEDDING_INDEX_BASE else i for i in ids]], device=device)
 
-    text = Gemma3TextConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, head_dim=64, query_pre_attn_scalar=64, max_position_embeddings=2048, sliding_window=GEMMA_WINDOW,
-        bos_token_id=2, eos_token_id=1, pad_token_id=0,
-    )  # layer_types, RoPE bases: Gemma3TextConfig's (every 6th layer global; 10k local, 1M global)
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=224,
-                                patch_size=16, vision_use_head=False)
-    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=GEMMA_TOKENS, boi_token_index=GEMMA_BOI,
-                          eoi_token_index=GEMMA_EOI, image_token_index=GEMMA_IMAGE)
-    torch.manual_seed(0)
-    model = Gemma3ForConditionalGeneration(config)
-    with torch.no_grad():  # transformers initialises it to zeros: the image's rows would all be 0
-        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.02)
-    model.save_pretrained(path)
+
+def qwen2_vl_setup(tmp: str, g: torch.Generator, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """Our Qwen2-VL LM and transformers' from the pixels of a 448×448 image; the container holds its tiny tower's rows."""
+    spec, ours, ref = load("qwen2_vl", tmp, Qwen2VLForCausalLM, "Qwen2VLForConditionalGeneration", device, dtype)
+    config, vision = spec.config, spec.config["vision_config"]
+    before, after = text_ids(spec, TEXT_BEFORE, g), text_ids(spec, TEXT_AFTER, g)
+    t, h, w = grid = (1, *patches("qwen2_vl"))
+    merge = vision["spatial_merge_size"]
+    pixels = torch.randn(t * h * w, vision["in_channels"] * vision["temporal_patch_size"] * vision["patch_size"] ** 2,
+                         generator=g).to(device, dtype)
+    grid_thw = torch.tensor([grid], device=device)
+    image_rows = ref.get_image_features(pixel_values=pixels, image_grid_thw=grid_thw).pooler_output[0].cpu()  # [256, 576], as from the store
+    image = EmbeddingContainer(id="bench", model="bench", tenant="bench", first_token_id=EMBEDDING_INDEX_BASE,
+                               num_tokens=image_rows.shape[0], embeddings=image_rows, grid=(t, h // merge, w // merge),
+                               layout=Layout(before=(config["vision_start_token_id"],), after=(config["vision_end_token_id"],)))
+    ids = reference_ids(config["image_token_id"], before + image.token_ids() + after, device)
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, image_grid_thw=grid_thw,
+                  mm_token_type_ids=(ids == config["image_token_id"]).int())
+    return dict(spec=spec, ours=ours, ref=ref, ref_inputs=inputs, image=image, before=before, after=after)
 
 
 def gemma3_setup(tmp: str, g: torch.Generator, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
     """Our Gemma 3 LM and transformers' from the pixels of a 224×224 image; the container holds its tiny tower's rows."""
-    from transformers import Gemma3ForConditionalGeneration
-
-    build_gemma3_checkpoint(Path(tmp))
-    ours = Gemma3ForCausalLM.from_checkpoint(tmp, device, dtype)
-    ref = Gemma3ForConditionalGeneration.from_pretrained(tmp, dtype=dtype).to(device).eval()
+    spec, ours, ref = load("gemma3", tmp, Gemma3ForCausalLM, "Gemma3ForConditionalGeneration", device, dtype)
+    config = spec.config
     # Random text IDs around <start_of_image> … <end_of_image> (the processor's "\n\n" are text IDs among them).
-    before = [2] + torch.randint(3, 49000, (TEXT_BEFORE,), generator=g).tolist()
-    after = torch.randint(3, 49000, (TEXT_AFTER,), generator=g).tolist()
-    pixels = torch.randn(1, 3, 224, 224, generator=g).to(device, dtype)
+    before = [config["text_config"]["bos_token_id"]] + text_ids(spec, TEXT_BEFORE, g)
+    after = text_ids(spec, TEXT_AFTER, g)
+    width, height = BENCH_SMALL["gemma3"].image
+    pixels = torch.randn(1, 3, height, width, generator=g).to(device, dtype)
     image_rows = ref.get_image_features(pixel_values=pixels).pooler_output[0].cpu()  # [49, 576], as from the store
     image = EmbeddingContainer(id="bench", model="bench", tenant="bench", first_token_id=EMBEDDING_INDEX_BASE,
-                               num_tokens=image_rows.shape[0], embeddings=image_rows, layout=Layout(before=(GEMMA_BOI,), after=(GEMMA_EOI,)))
-    ids = torch.tensor([[GEMMA_IMAGE if i >= EMBEDDING_INDEX_BASE else i for i in before + image.token_ids() + after]], device=device)
-    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, token_type_ids=(ids == GEMMA_IMAGE).long())
-    return dict(ours=ours, ref=ref, ref_inputs=inputs, image=image, before=before, after=after)
+                               num_tokens=image_rows.shape[0], embeddings=image_rows,
+                               layout=Layout(before=(config["boi_token_index"],), after=(config["eoi_token_index"],)))
+    ids = reference_ids(config["image_token_index"], before + image.token_ids() + after, device)
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                  token_type_ids=(ids == config["image_token_index"]).long())
+    return dict(spec=spec, ours=ours, ref=ref, ref_inputs=inputs, image=image, before=before, after=after)
 
 
-SETUPS = {"llava": llava_setup, "qwen2_vl": qwen2_vl_setup, "pixtral": pixtral_setup, "gemma3": gemma3_setup}
-
-
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def best_times(fns: dict, repeats: int, sync=None) -> dict[str, float]:
-    """Best-of-`repeats` seconds of each function, run round-robin after one warm-up each.
-
-    The machine is shared: interference only ever adds time, so the minimum is the
-    least noisy estimate, and interleaving exposes every contender to the same load.
-    sync: called after each function inside its timing (the GPU's queued work).
-    """
-    if sync is not None:
-        fns = {name: (lambda fn=fn: (fn(), sync())) for name, fn in fns.items()}
-    for fn in fns.values():
-        fn()
-    best = {name: float("inf") for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            best[name] = min(best[name], _seconds(fn))
-    return best
+SETUPS = {"llava": partial(embeds_setup, "llava"), "qwen2_vl": qwen2_vl_setup, "pixtral": partial(embeds_setup, "pixtral"),
+          "gemma3": gemma3_setup}
 
 
 def main() -> None:
@@ -288,7 +173,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--family", choices=list(SETUPS), default="llava")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when a GPU is visible")
-    args = parser.parse_args()
+    args = parse_args(parser, quick={"repeats": 1, "new_tokens": 8})
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device, dtype, sync = ("cuda", torch.bfloat16, torch.cuda.synchronize) if cuda else ("cpu", torch.float32, None)
     torch.set_num_threads(args.threads)
@@ -330,7 +215,7 @@ def main() -> None:
         # best is reported too).
         big = torch.rand(1 << 28, generator=g).to(device)
         sums = max(1, round(new * weight_bytes / (big.numel() * big.element_size())))
-        t = best_times({
+        t = best_of({
             "sum_1gib": big.sum, "sum_window": lambda: [big.sum() for _ in range(sums)],
             "ours_1": lambda: run_ours(1, 1), "ours_n": lambda: run_ours(1, new),
             "ref_1": lambda: run_ref(1), "ref_n": lambda: run_ref(new),
@@ -341,20 +226,19 @@ def main() -> None:
         b8_decode = 8 * (new - 1) / (t["ours_b8_n"] - t["ours_b8_1"])
         single_sum_bandwidth = big.numel() * big.element_size() / t["sum_1gib"]
         bandwidth = sums * big.numel() * big.element_size() / t["sum_window"]
-        del big
+        big = None  # frees the 1 GiB before the prefill timings
 
         # Prefill: the injected container rows (and markers) vs a text-only prompt of the same length.
         middle = len(prompt) - len(before) - len(after)
-        text_prompt = torch.tensor(before + torch.randint(3, 49000, (middle,), generator=g).tolist() + after, device=device)
+        text_prompt = torch.tensor(before + text_ids(setup["spec"], middle, g) + after, device=device)
         image_prompt = torch.tensor(prompt, device=device)
         ranges = torch.tensor([[image.first_token_id, image.num_tokens]], device=device)
         positions, _ = ours.prompt_positions(prompt, [image])  # M-RoPE's; the engine computes them off its thread
         cache = engine.cache
-        p = best_times({
+        p = best_of({
             "text": lambda: ours.prefill(text_prompt, cache, 0),
             "image": lambda: ours.prefill(image_prompt, cache, 0, ranges=ranges, rows=image_rows, positions=positions),
         }, 2 * args.repeats, sync)
-        del ref
         if cuda:
             from cuda_ext.timing import copy_gb_per_s, matmul_tflops
 
@@ -366,8 +250,7 @@ def main() -> None:
             # and attention (a few % at this length), so the fraction errs low.
             layer_params = weight_bytes / dtype.itemsize - ours.config.vocab_size * ours.config.hidden_size
             prefill_tflops = 2 * layer_params * len(prompt) / p["image"] / 1e12
-            emit(bench, "prefill_matmul_peak_fraction", prefill_tflops / peak_tflops, "fraction of bf16 matmul TFLOP/s",
-                 baseline=round(peak_tflops, 1), ratio=round(prefill_tflops / peak_tflops, 4), prompt_tokens=len(prompt))
+            compare(bench, "prefill_matmul_peak_fraction", prefill_tflops, peak_tflops, "TFLOP/s", prompt_tokens=len(prompt))
             bandwidth = max(bandwidth, copy_bandwidth)  # the roofline: the best memory throughput seen
 
     roofline = bandwidth / weight_bytes
@@ -375,12 +258,11 @@ def main() -> None:
     emit(bench, "greedy_tokens_match_transformers", float(same_tokens), "bool")
     compare(bench, "decode_tokens_per_s_b1", ours_decode, ref_decode, "tokens/s", ">= 1.1")
     emit(bench, "memory_bandwidth", bandwidth / 1e9, "GB/s", weight_bytes=weight_bytes, sums_per_timing=sums,
-         single_sum_gb_per_s=round(single_sum_bandwidth / 1e9, 4))
+         single_sum_gb_per_s=single_sum_bandwidth / 1e9)
     compare(bench, "decode_roofline_fraction", ours_decode, roofline, "tokens/s", ">= 0.8")
     compare(bench, "aggregate_decode_tokens_per_s_b8", b8_decode, ours_decode, "tokens/s", ">= 4")
-    emit(bench, "aggregate_end_to_end_tokens_per_s_b8", 8 * new / t["ours_b8_n"], "tokens/s",
-         baseline=round(new / t["ours_n"], 4), ratio=round(8 * t["ours_n"] / t["ours_b8_n"], 4),
-         note="includes 8 prefills of the prompt")
+    compare(bench, "aggregate_end_to_end_tokens_per_s_b8", 8 * new / t["ours_b8_n"], new / t["ours_n"], "tokens/s",
+            note="includes 8 prefills of the prompt")
     compare(bench, "prefill_image_vs_text", p["image"] * 1e3, p["text"] * 1e3, "ms", "<= 1.05")
 
 

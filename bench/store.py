@@ -3,21 +3,21 @@
 Both are measured alternately in one run against a private redis-server, so
 machine noise hits them alike; the ratio of medians is the result. Each store
 put uses a fresh id, so content addressing never short-circuits it. Prints one
-JSON line per container shape.
+JSON line per container shape (bench/common.py).
 
-    python bench/store.py [--reps N]
+    python bench/store.py [--reps N] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import statistics
-import time
 import uuid
 from dataclasses import replace
 
 import torch
+from common import LM, compare, one_round, parse_args, patches
 
 from shared.store.container import (
     EMBEDDING_INDEX_BASE,
@@ -32,17 +32,11 @@ TARGET_RATIO = 1.25
 WARMUP = 5  # untimed first repetitions: connections, caches, allocator
 CASES = [
     ("576x4096_float16", (576, 4096), torch.float16),  # LLaVA-1.5-7B: 4.7 MB
-    ("196x576_float32", (196, 576), torch.float32),  # bench-small: CLIP B/16 → SmolLM2-135M
+    ("196x576_float32", (math.prod(patches("llava")), LM["hidden_size"]), torch.float32),  # bench-small: CLIP B/16 → SmolLM2-135M
 ]
 
 
-def _timed(operation) -> float:
-    start = time.perf_counter()
-    operation()
-    return time.perf_counter() - start
-
-
-def bench_case(client, name: str, shape: tuple[int, int], dtype: torch.dtype, reps: int) -> dict:
+def bench_case(client, name: str, shape: tuple[int, int], dtype: torch.dtype, reps: int) -> None:
     store = ContainerStore(client, key_prefix="bench:", ttl_s=600)
     template = EmbeddingContainer(
         id="template",
@@ -68,38 +62,25 @@ def bench_case(client, name: str, shape: tuple[int, int], dtype: torch.dtype, re
         client.set(raw_key, blob)
         client.get(raw_key)
 
-    store_times, raw_times = [], []
+    times = {"store": [], "raw": []}
     for rep in range(WARMUP + reps):
-        # Alternate which goes first, so neither always runs on a warmer cache.
-        pair = (store_put_get, raw_set_get) if rep % 2 else (raw_set_get, store_put_get)
-        timings = {op: _timed(op) for op in pair}
+        seconds = one_round({"store": store_put_get, "raw": raw_set_get}, rep)  # each goes first in turn
         if rep >= WARMUP:
-            store_times.append(timings[store_put_get])
-            raw_times.append(timings[raw_set_get])
+            for which, value in seconds.items():
+                times[which].append(value)
         client.flushdb()  # untimed: keeps Redis memory flat across thousands of puts
-    value = statistics.median(store_times) * 1e3
-    baseline = statistics.median(raw_times) * 1e3
-    ratio = value / baseline
-    return {
-        "bench": "store",
-        "metric": f"put_get_ms_{name}",
-        "value": round(value, 3),
-        "unit": "ms",
-        "baseline": round(baseline, 3),
-        "ratio": round(ratio, 3),
-        "target": f"<= {TARGET_RATIO}",
-        "met": ratio <= TARGET_RATIO,
-    }
+    compare("store", f"put_get_ms_{name}", statistics.median(times["store"]) * 1e3, statistics.median(times["raw"]) * 1e3, "ms",
+            f"<= {TARGET_RATIO}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=200, help="timed repetitions per case")
-    args = parser.parse_args()
+    args = parse_args(parser, quick={"reps": 10})
     with EmbeddedRedis() as server:
         client = connect(server.url)
         for name, shape, dtype in CASES:
-            print(json.dumps(bench_case(client, name, shape, dtype, args.reps)), flush=True)
+            bench_case(client, name, shape, dtype, args.reps)
 
 
 if __name__ == "__main__":
