@@ -1,4 +1,4 @@
-"""Bulk captioning on *bench-small* (DESIGN §8): `vlmq caption` through queue and store vs the pipelines in one process.
+"""Bulk captioning on *bench-small* (docs/DESIGN.md §9): `vlmq caption` through queue and store vs the pipelines in one process.
 
 bench-small (bench/common.py): CLIP ViT-B/16 at 224 px (196 image tokens) +
 projector + a SmolLM2-135M-shaped Llama (hidden 576, 30 layers, 9 heads, 3 KV

@@ -98,7 +98,7 @@ def parse_args(parser: argparse.ArgumentParser, quick: dict) -> argparse.Namespa
     return args
 
 
-# bench-small (DESIGN §8): each family's checkpoint from vlmq.demo_model at these sizes, random weights, float32
+# bench-small (docs/DESIGN.md §9): each family's checkpoint from vlmq.demo_model at these sizes, random weights, float32
 # on the CPU. The language model is SmolLM2-135M-shaped, the vision towers ViT-B wide.
 LM = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3}
 SMOLLM2_135M = LM | {"vocab_size": 49152, "num_hidden_layers": 30, "tie_word_embeddings": True, "rms_norm_eps": 1e-5,

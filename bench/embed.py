@@ -1,6 +1,6 @@
 """Embedder throughput on bench-small: our LlavaVisionModel vs transformers' get_image_features.
 
-bench-small (DESIGN §8, bench/common.py): CLIP ViT-B/16 at 224 px (hidden 768, 12
+bench-small (docs/DESIGN.md §9, bench/common.py): CLIP ViT-B/16 at 224 px (hidden 768, 12
 layers, 12 heads, MLP 3072) + projector into an LM hidden size of 576, feature
 layer −2, default strategy, random weights, float32. The checkpoint is the
 family's demo model at those sizes (`common.write_bench_small`, with a one-layer

@@ -1,4 +1,4 @@
-"""Generation benchmark on *bench-small* (DESIGN §8): vlmq's engine against `transformers` on the same weights.
+"""Generation benchmark on *bench-small* (docs/DESIGN.md §9): vlmq's engine against `transformers` on the same weights.
 
 A SmolLM2-135M-shaped Llama (random weights, tied embeddings) inside the LLaVA
 demo checkpoint with its tiny vision tower (not measured) is written to a temp dir

@@ -1,6 +1,6 @@
 """The embedding container: projected image embeddings, their token-ID range, and metadata.
 
-Wire format (DESIGN §2) — one msgpack map::
+Wire format (docs/DESIGN.md §5) — one msgpack map::
 
     {"v": 1,
      "meta": {id, model, tenant, first_token_id, num_tokens, alias,
