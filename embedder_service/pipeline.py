@@ -71,12 +71,16 @@ class EmbedPipeline:
         return self.store.put(container)
 
     def embed_many(self, images: list[bytes], tenant: str) -> list[EmbeddingContainer | VlmqError]:
-        """Each image's container or the error that names what is wrong with it, in order."""
-        futures = [self.decoders.submit(self.embed, data, tenant) for data in images]
+        """Each image's container or the error that names what is wrong with it, in order.
+
+        The same bytes twice in one job are decoded and embedded once (a request of 40 copies of
+        one large image costs one decode, not 40).
+        """
+        futures = {data: self.decoders.submit(self.embed, data, tenant) for data in dict.fromkeys(images)}
         outcomes: list[EmbeddingContainer | VlmqError] = []
-        for future in futures:
+        for data in images:
             try:
-                outcomes.append(future.result())
+                outcomes.append(futures[data].result())
             except StoreUnavailable:
                 raise  # not the image's fault: the task requeues the job (AttemptLimitedTask)
             except VlmqError as exc:

@@ -28,7 +28,7 @@ from generator_service.engine import Engine, GenerationRequest
 from generator_service.sampling import SamplingParams
 from generator_service.stops import StopMatcher
 from generator_service.tokenizer import EncodedPrompt, Tokenizer, default_alias_ids
-from shared.config.errors import InvalidInput, ModelMismatch
+from shared.config.errors import ContainerFormatError, InvalidInput, ModelMismatch
 from shared.config.settings import Settings
 from shared.store.container import EmbeddingContainer
 from shared.store.containers import ContainerStore
@@ -88,6 +88,9 @@ class GeneratePipeline:
             raise ModelMismatch(f"container {container.id} was made by model {container.model}, not by this model ({self.fingerprint})")
         if container.hidden_size != self.hidden_size:
             raise ModelMismatch(f"container {container.id} has hidden size {container.hidden_size}, this model needs {self.hidden_size}")
+        # A container written by hand (or by a broken embedder) may hold NaN or Inf, which would reach every logit.
+        if not bool(torch.isfinite(container.embeddings).all()):
+            raise ContainerFormatError(f"container {container.id} holds non-finite embeddings (NaN or Inf)")
 
     def sampling_params(self, sampling: dict) -> SamplingParams:
         unknown = set(sampling) - set(SAMPLING_FIELDS)

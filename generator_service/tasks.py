@@ -69,10 +69,19 @@ def run_generate_job(pipeline: GeneratePipeline, jobs: JobStore, streams: TokenS
     return {"job_id": job_id, "status": "succeeded"}
 
 
-def register_generate_task(app: Celery, get_pipeline: Callable[[], GeneratePipeline]) -> None:
-    @app.task(name=GENERATE_TASK, base=AttemptLimitedTask, bind=True)
-    def generate(self: AttemptLimitedTask, embed_result: dict | None = None, *, job_id: str, tenant: str, payload: dict) -> dict:
+class GenerateTask(AttemptLimitedTask):
+    @property
+    def streams(self) -> TokenStreams:
         settings = self.vlmq_settings
-        streams = TokenStreams(self.store_redis, settings.key_prefix, settings.job_ttl_s)
-        stats = WorkerStats(self.store_redis, settings.key_prefix, "generate")
-        return run_generate_job(get_pipeline(), self.jobs, streams, stats, job_id, tenant, payload, embed_result)
+        return TokenStreams(self.store_redis, settings.key_prefix, settings.job_ttl_s)
+
+    def on_job_failed(self, job: dict) -> None:
+        # A stream's reader waits for an end event: a job failed outside `run_generate_job` must send one too.
+        self.streams.end(job["id"], None, job["error"])
+
+
+def register_generate_task(app: Celery, get_pipeline: Callable[[], GeneratePipeline]) -> None:
+    @app.task(name=GENERATE_TASK, base=GenerateTask, bind=True)
+    def generate(self: GenerateTask, embed_result: dict | None = None, *, job_id: str, tenant: str, payload: dict) -> dict:
+        stats = WorkerStats(self.store_redis, self.vlmq_settings.key_prefix, "generate")
+        return run_generate_job(get_pipeline(), self.jobs, self.streams, stats, job_id, tenant, payload, embed_result)

@@ -55,6 +55,14 @@ def _split_devices(text: str) -> list[str]:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """One worker process per device; several devices → one child process each."""
+    from shared.modeling.checkpoint import check_device
+
+    try:
+        for device in args.device:
+            check_device(device)
+    except ValueError as exc:  # before any model is loaded or child started
+        print(f"vlmq worker: {exc}", file=sys.stderr)
+        return 2
     if len(args.device) > 1:
         children = [
             subprocess.Popen([sys.executable, "-m", "vlmq", "worker", args.kind, "--model", args.model, "--device", device]
@@ -63,7 +71,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         ]
         from vlmq.processes import wait_all_or_stop
 
-        return wait_all_or_stop(children)
+        return wait_all_or_stop(children, [f"worker {args.kind} on {device}" for device in args.device])
     settings = get_settings()
     if args.kind == "embed":
         from embedder_service.worker import run
@@ -102,11 +110,20 @@ def cmd_up(args: argparse.Namespace) -> int:
     """Redis (unless VLMQ_BROKER_URL is set), both APIs and one worker of each, until Ctrl-C or SIGTERM."""
     import os
 
+    from kombu.utils.url import maybe_sanitize_url
+
+    from shared.modeling.checkpoint import check_device
     from vlmq.stack import ApiPorts, LocalStack, StackError
 
+    try:
+        check_device(args.device)
+    except ValueError as exc:
+        print(f"vlmq up: {exc}", file=sys.stderr)
+        return 2
     _sigterm_like_ctrl_c()
     apis = ApiPorts(args.host, args.embed_port, args.generate_port)
-    stack = LocalStack(args.model, device=args.device, apis=apis, broker_url=os.environ.get("VLMQ_BROKER_URL"))
+    stack = LocalStack(args.model, device=args.device, apis=apis, broker_url=os.environ.get("VLMQ_BROKER_URL"),
+                       data_dir=args.data_dir)
     try:
         stack.start()
     except KeyboardInterrupt:
@@ -114,7 +131,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     except StackError as exc:
         print(f"vlmq up: {exc}", file=sys.stderr)
         return 1
-    redis_line = f"  Redis          {stack.redis.url}" if stack.redis is not None else f"  Redis          {stack.settings.broker_url} (VLMQ_BROKER_URL)"
+    # Celery's own masking: a password in the URL is printed as **.
+    redis_url = stack.redis.url if stack.redis is not None else f"{stack.settings.broker_url} (VLMQ_BROKER_URL)"
+    redis_line = f"  Redis          {maybe_sanitize_url(redis_url)}"
     print("vlmq is up:", f"  embedder API   {apis.url('embed')}  (docs: {apis.url('embed')}/docs)",
           f"  generator API  {apis.url('generate')}  (docs: {apis.url('generate')}/docs)", redis_line,
           "Ctrl-C stops everything.", sep="\n", flush=True)
@@ -181,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--embed-port", type=int, default=8001)
     up.add_argument("--generate-port", type=int, default=8002)
     up.add_argument("--device", default=None, help="device of both workers (default: VLMQ_DEVICE)")
+    up.add_argument("--data-dir", default=None, help="keep the embedded Redis's append-only file here, across restarts "
+                    "(default: a temporary folder)")
     up.set_defaults(func=cmd_up)
 
     cap = sub.add_parser(

@@ -48,8 +48,18 @@ def stop_all(children: list[subprocess.Popen], timeout_s: float = 20.0) -> None:
             child.wait()
 
 
-def wait_all_or_stop(children: list[subprocess.Popen]) -> int:
-    """Block until a signal arrives or a child exits; then stop every child. Returns an exit status."""
+def describe_exit(returncode: int) -> str:
+    """How a child ended: `exited with status N`, or `was killed by SIGKILL` (Popen's negative return codes)."""
+    if returncode < 0:
+        return f"was killed by {signal.Signals(-returncode).name}"
+    return f"exited with status {returncode}"
+
+
+def wait_all_or_stop(children: list[subprocess.Popen], names: list[str]) -> int:
+    """Block until a signal arrives or a child exits; then stop every child. Returns an exit status.
+
+    A child that ends first is named on stderr, with how it ended, before the rest are stopped.
+    """
     stopping = False
 
     def _on_signal(signum, _frame):
@@ -60,6 +70,9 @@ def wait_all_or_stop(children: list[subprocess.Popen]) -> int:
     try:
         while not stopping and all(child.poll() is None for child in children):
             time.sleep(0.2)
+        if not stopping:
+            name, child = next((n, c) for n, c in zip(names, children) if c.poll() is not None)
+            print(f"{name} (pid {child.pid}) {describe_exit(child.returncode)}; stopping the rest", file=sys.stderr, flush=True)
         failed = [c for c in children if c.poll() not in (None, 0)]
         return 0 if stopping or not failed else 1
     finally:

@@ -58,6 +58,10 @@ def _free_loopback_port() -> int:
         return sock.getsockname()[1]
 
 
+# Commands a client could turn against the host or the data; renamed to nothing in every embedded server.
+DISABLED_COMMANDS = ("CONFIG", "DEBUG", "MODULE", "SLAVEOF", "REPLICAOF")
+
+
 class EmbeddedRedis:
     """A ``redis-server`` child process bound to 127.0.0.1.
 
@@ -65,7 +69,10 @@ class EmbeddedRedis:
     temporary folder, removed when the context exits. RDB snapshots are off; with
     ``appendonly`` data survives ``restart()`` (same port and folder). The password,
     if any, goes into a config file readable only by this user — never on the
-    command line, where ``ps`` would show it.
+    command line, where ``ps`` would show it. The data folder is the owner's alone,
+    and the commands that would let a client rewrite the server (`CONFIG`, which
+    can write files anywhere the server may, `DEBUG`, `MODULE`, `SLAVEOF`/`REPLICAOF`)
+    are renamed away: vlmq never needs them.
     """
 
     def __init__(
@@ -118,6 +125,7 @@ class EmbeddedRedis:
 
     def _start_once(self) -> EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.chmod(0o700)  # the AOF holds every tenant's containers and queued jobs
         config = self._write_config()
         with open(self.log_path, "ab") as log:
             self._log_start = log.tell()  # the tail shown in errors is this run's only
@@ -175,6 +183,7 @@ class EmbeddedRedis:
             'save ""',
             f"appendonly {'yes' if self.appendonly else 'no'}",
             'logfile ""',
+            *(f'rename-command {command} ""' for command in DISABLED_COMMANDS),
         ]
         if self.password:
             escaped = self.password.replace("\\", "\\\\").replace('"', '\\"')

@@ -16,6 +16,7 @@ so nothing is left running even then.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -30,7 +31,7 @@ import httpx
 from shared.config.settings import Settings
 from shared.queue.heartbeat import live_workers
 from shared.store.redis_conn import connect
-from vlmq.processes import die_with_parent, stop_all, wait_all_or_stop
+from vlmq.processes import describe_exit, die_with_parent, stop_all, wait_all_or_stop
 from vlmq.redis_server import EmbeddedRedis
 
 READY_TIMEOUT_S = 180.0  # model loading on a busy CPU takes a while
@@ -75,9 +76,12 @@ class ApiPorts:
 class LocalStack:
     """Redis + ``embed_workers`` embed workers + ``generate_workers`` generate workers (+ both APIs).
 
-    ``broker_url``: use that Redis instead of starting one. ``apis``: also run
-    both REST APIs on those ports. ``log_dir``: children write their output to
-    one file each there (none: they share this process's stdout/stderr).
+    ``broker_url``: use that Redis instead of starting one; else the embedded one gets a
+    random password, which reaches the children through their environment only.
+    ``data_dir``: the embedded Redis keeps its append-only file there, so queued jobs and
+    containers outlive the stack (none: a temporary folder, removed at the end).
+    ``apis``: also run both REST APIs on those ports. ``log_dir``: children write their
+    output to one file each there (none: they share this process's stdout/stderr).
     """
 
     def __init__(
@@ -89,6 +93,7 @@ class LocalStack:
         device: str = "cpu",
         apis: ApiPorts | None = None,
         broker_url: str | None = None,
+        data_dir: str | Path | None = None,
         log_dir: str | Path | None = None,
         ready_timeout_s: float = READY_TIMEOUT_S,
     ):
@@ -97,6 +102,7 @@ class LocalStack:
         self.device = device
         self.apis = apis
         self._broker_url = broker_url
+        self.data_dir = Path(data_dir).resolve() if data_dir is not None else None
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.ready_timeout_s = ready_timeout_s
         self.redis: EmbeddedRedis | None = None
@@ -108,7 +114,8 @@ class LocalStack:
     def start(self) -> LocalStack:
         try:
             if self._broker_url is None:
-                self.redis = EmbeddedRedis().start()
+                self.redis = EmbeddedRedis(data_dir=self.data_dir, appendonly=self.data_dir is not None,
+                                           password=secrets.token_urlsafe(32)).start()
             broker = self._broker_url or self.redis.url
             # Explicit values beat the environment; everything else (key prefix, limits) comes from it.
             store = os.environ.get("VLMQ_STORE_URL") if self._broker_url else broker
@@ -133,13 +140,14 @@ class LocalStack:
         stop_all([child.process for child in self.children])
         if self.redis is not None:
             self.redis.stop()
-            shutil.rmtree(self.redis.data_dir, ignore_errors=True)
+            if self.data_dir is None:
+                shutil.rmtree(self.redis.data_dir, ignore_errors=True)
             self.redis = None
 
     def wait(self) -> int:
         """Block until SIGINT/SIGTERM or until a child exits; then stop everything. Returns an exit status."""
         try:
-            return wait_all_or_stop([child.process for child in self.children])
+            return wait_all_or_stop([child.process for child in self.children], [child.name for child in self.children])
         finally:
             self.stop()
 
@@ -215,7 +223,7 @@ class LocalStack:
             return False
 
     def _describe_exit(self, child: Child) -> str:
-        message = f"{child.name} exited with code {child.process.returncode}"
+        message = f"{child.name} {describe_exit(child.process.returncode)}"
         tail = child.log_tail()
         return message + (f"; last lines of {child.log_path}:\n{tail}" if tail else "")
 

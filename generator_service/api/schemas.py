@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from shared.web.schemas import JobFields
+
+
+def _encodable(text: str) -> str:
+    # JSON may escape a lone surrogate ("\ud800"), which is no character: the tokenizer cannot take it,
+    # so the request is refused here rather than failing in the worker.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"holds a lone surrogate (U+{ord(text[exc.start]):04X} at character {exc.start}), which is not text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]  # text that reaches the tokenizer
 
 
 class SamplingFields(BaseModel):
@@ -16,7 +29,7 @@ class SamplingFields(BaseModel):
     top_k: int = Field(0, ge=0, description="0 disables top-k")
     repetition_penalty: float = Field(1.0, gt=0, le=100)
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Same seed, same text")
-    stop: str | list[str] | None = Field(None, description="Stop strings (not included in the text)")
+    stop: Text | list[Text] | None = Field(None, description="Stop strings (not included in the text)")
     stream: bool = Field(False, description="Server-Sent Events of text pieces")
 
     def sampling(self) -> dict:
@@ -29,8 +42,8 @@ class SamplingFields(BaseModel):
 class GenerateRequest(SamplingFields):
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(..., description="Text with image aliases: `<image:{container_id}>` or your own bound in `images`")
-    images: dict[str, str] = Field(default_factory=dict, description="alias → container id")
+    prompt: Text = Field(..., description="Text with image aliases: `<image:{container_id}>` or your own bound in `images`")
+    images: dict[Text, str] = Field(default_factory=dict, description="alias → container id")
 
 
 class Usage(BaseModel):
@@ -63,13 +76,13 @@ class ImageURL(BaseModel):
 
 class ContentPart(BaseModel):
     type: Literal["text", "image_url"]
-    text: str | None = None
+    text: Text | None = None
     image_url: ImageURL | None = None
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str | list[ContentPart]
+    content: Text | list[ContentPart]
 
 
 class StreamOptions(BaseModel):

@@ -60,6 +60,24 @@ def canonical_name(name: str) -> str:
     return name
 
 
+def check_device(device: str) -> None:
+    """ValueError saying in one line why a worker cannot run on `device` here (cpu, cuda or cuda:N that exists)."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"{device!r} is no device; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cpu":
+        return
+    if parsed.type != "cuda":
+        raise ValueError(f"device {device}: workers run on cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "the driver reports none"
+        raise ValueError(f"device {device}: no CUDA device is available ({why})")
+    count = torch.cuda.device_count()
+    if parsed.index is not None and parsed.index >= count:
+        raise ValueError(f"device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+
+
 def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
     """`auto` is float32 on the CPU and bfloat16 on CUDA."""
     if name == "auto":

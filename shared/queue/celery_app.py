@@ -10,6 +10,7 @@ use ``AttemptLimitedTask``, which counts deliveries per task id and, past
 
 from __future__ import annotations
 
+import logging
 import ssl
 import time
 from typing import Any
@@ -20,10 +21,10 @@ from celery import Celery, Task
 from celery.exceptions import Reject
 from kombu import Exchange, Queue
 
-from shared.config.errors import StoreUnavailable
+from shared.config.errors import StoreUnavailable, VlmqError
 from shared.config.settings import Settings
 from shared.queue.broker import TRANSPORT as BROKER_TRANSPORT
-from shared.store.jobs import JobStore
+from shared.store.jobs import FAILED, JobStore
 from shared.store.redis_conn import (
     CONNECT_TIMEOUT_S,
     SOCKET_TIMEOUT_S,
@@ -34,7 +35,10 @@ from shared.store.redis_conn import (
 EMBED_QUEUE = "embed"
 GENERATE_QUEUE = "generate"
 QUEUES = (EMBED_QUEUE, GENERATE_QUEUE)
+log = logging.getLogger(__name__)
+
 WORKER_LOST_CODE = "worker_lost"
+INTERNAL_ERROR_CODE = VlmqError.code  # "internal_error": a failure that is no caller's mistake (HTTP 500)
 
 # A message that cannot be published while the broker is down is retried this
 # often, under 2 s in all, then the caller gets kombu's OperationalError (the
@@ -158,13 +162,15 @@ def count_attempt(client: redis.Redis, key_prefix: str, task_id: str, ttl_s: int
 
 
 class AttemptLimitedTask(Task):
-    """Base class of vlmq tasks: a delivery past ``settings.max_attempts`` is not run.
+    """Base class of vlmq tasks: every job reaches a final state.
 
     Every delivery of a task id is counted in the store Redis before the task
-    body runs. A count above the limit means earlier deliveries never finished
-    (the worker died running them), so instead of running again the task calls
-    ``on_attempts_exhausted`` — by default: mark the job failed. vlmq tasks take
-    the job id as their first argument (or ``job_id=``).
+    body runs. A count above ``settings.max_attempts`` means earlier deliveries
+    never finished (the worker died running them), so instead of running again
+    the job fails (``worker_lost``). An exception the task body lets through —
+    anything but a store outage, which requeues — fails the job
+    (``internal_error``) and acks the message. vlmq tasks take the job id as their
+    first argument (or ``job_id=``).
 
     Use with ``@app.task(base=AttemptLimitedTask, ...)`` on an app made by ``create_celery_app``.
     """
@@ -196,8 +202,20 @@ class AttemptLimitedTask(Task):
         try:
             attempts = count_attempt(self.store_redis, settings.key_prefix, task_id, settings.job_ttl_s)
             if attempts > settings.max_attempts:
-                return self.on_attempts_exhausted(settings.max_attempts, args, kwargs)
-            return super().__call__(*args, **kwargs)
+                return self.fail_job(
+                    _job_id(args, kwargs),
+                    WORKER_LOST_CODE,
+                    f"gave up after {settings.max_attempts} attempts: the worker died (or lost Redis) while running this job",
+                )
+            try:
+                return super().__call__(*args, **kwargs)
+            except StoreUnavailable:
+                raise
+            except Exception as exc:  # a bug, or a library's error: not the request's fault, and running it again would not help
+                log.exception("task %s (job %s) raised", self.name, _job_id(args, kwargs))
+                # The type only: a message can carry the request's data, and the traceback is the worker log's to keep.
+                message = f"internal error ({type(exc).__name__}); the worker's log has the details"
+                return self.fail_job(_job_id(args, kwargs), INTERNAL_ERROR_CODE, message)
         except StoreUnavailable as exc:
             # The store is down (a Redis restart, say): the job has neither failed nor
             # finished. Acking would lose it, so the message goes back to the queue to
@@ -206,17 +224,23 @@ class AttemptLimitedTask(Task):
             time.sleep(STORE_DOWN_REQUEUE_DELAY_S)
             raise Reject(f"store unavailable, requeued: {exc.message}", requeue=True) from exc
 
-    def on_attempts_exhausted(self, attempts: int, args: tuple, kwargs: dict) -> Any:
-        """Mark the task's job failed and return ``result_of_job`` of it (what a chained task receives)."""
-        job_id = kwargs["job_id"] if "job_id" in kwargs else args[0]
-        job = self.jobs.mark_failed(
-            job_id,
-            WORKER_LOST_CODE,
-            f"gave up after {attempts} attempts: the worker died (or lost Redis) while running this job",
-        )
+    def fail_job(self, job_id: str, code: str, message: str) -> Any:
+        """Mark the job failed, let `on_job_failed` tell its readers, and return `result_of_job` of it (what a chained
+        task receives). A job that already finished stays as it was."""
+        job = self.jobs.mark_failed(job_id, code, message)
+        if job["status"] == FAILED:
+            self.on_job_failed(job)
         return self.result_of_job(job)
+
+    def on_job_failed(self, job: dict[str, Any]) -> None:
+        """After `fail_job`: a task whose job has other readers than its state (a token stream) tells them here."""
 
     def result_of_job(self, job: dict[str, Any]) -> Any:
         """The task's return value for a finished ``job``. A task whose result feeds a chain overrides it
         (``embedder_service.tasks.EmbedTask``), so the next task gets the same shape either way."""
         return {"job_id": job["id"], "status": job["status"], "error": job["error"]}
+
+
+def _job_id(args: tuple, kwargs: dict) -> str:
+    # vlmq tasks take the job id as their first argument or as job_id=.
+    return kwargs["job_id"] if "job_id" in kwargs else args[0]

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.config.errors import StoreUnavailable, Unauthorized, VlmqError
 from shared.config.settings import Settings
@@ -27,6 +28,9 @@ from shared.store.streams import TokenStreams
 log = logging.getLogger(__name__)
 
 PUBLIC_TENANT = "public"
+
+_HTTP_ERROR_CODES = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+                     413: "too_large", 415: "unsupported_media_type"}
 
 
 def error_response(status: int, code: str, message: str) -> JSONResponse:
@@ -51,6 +55,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(400, "invalid_request", _describe_validation_error(exc))
+
+    # FastAPI's and Starlette's own refusals (an unknown route, a wrong method, a multipart body it
+    # cannot parse or with too many files) in the same shape as vlmq's.
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_ERROR_CODES.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(redis.exceptions.ConnectionError)
     @app.exception_handler(redis.exceptions.TimeoutError)
@@ -94,6 +105,17 @@ def get_tenant(request: Request) -> str:
 Tenant = Annotated[str, Depends(get_tenant)]
 
 
+def _holds_key(request: Request) -> bool:
+    """Whether API keys are configured and the request carries one of them."""
+    if not request.app.state.settings.api_keys:
+        return False
+    try:
+        get_tenant(request)
+    except Unauthorized:
+        return False
+    return True
+
+
 def health_router(worker_kind: str, extra_ready_check: Callable[[Request], None] | None = None) -> APIRouter:
     """`/healthz` (process up), `/readyz` (store reachable and a worker of `worker_kind` alive), `/metrics`."""
     router = APIRouter(tags=["health"])
@@ -116,7 +138,10 @@ def health_router(worker_kind: str, extra_ready_check: Callable[[Request], None]
             return error_response(503, "no_workers", f"no {worker_kind} worker has reported in")
         if extra_ready_check is not None:
             extra_ready_check(request)
-        return JSONResponse({"status": "ready", "workers": workers})
+        body = {"status": "ready", "workers": len(workers)}
+        if _holds_key(request):  # what each worker serves (model paths, PIDs) is for operators, not for any prober
+            body["worker_details"] = workers
+        return JSONResponse(body)
 
     @router.get("/metrics")
     def metrics(request: Request) -> Response:

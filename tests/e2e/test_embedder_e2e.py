@@ -9,6 +9,7 @@ import httpx
 import pytest
 import torch
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load as load_safetensors
 
 from embedder_service.api.app import create_app
@@ -65,6 +66,17 @@ def test_same_image_twice_gives_same_container_and_ids(stack):
     assert first["status"] == second["status"] == "succeeded"
     assert first["images"][0]["id"] == second["images"][0]["id"]
     assert first["images"][0]["first_token_id"] == second["images"][0]["first_token_id"]
+
+
+def test_the_same_bytes_twice_in_one_request_are_embedded_once(stack):
+    copies, other = png_bytes(5), png_bytes(6)
+    files = [("file", (f"{i}.png", copies, "image/png")) for i in range(4)] + [("file", ("b.png", other, "image/png"))]
+    job = httpx.post(f"{stack}/v1/embeddings?wait=30", files=files, timeout=40).json()
+    assert job["status"] == "succeeded", job
+    ids = [image["id"] for image in job["images"]]
+    assert len(set(ids[:4])) == 1 and ids[4] != ids[0]
+    metrics = {s.name: s.value for family in text_string_to_metric_families(httpx.get(f"{stack}/metrics").text) for s in family.samples}
+    assert metrics["vlmq_embed_batch_size_sum"] == 2  # images through the tower: one per distinct bytes, not five
 
 
 def test_corrupt_image_fails_only_its_own_job(stack):

@@ -12,6 +12,7 @@ import time
 import httpx
 import psutil
 import pytest
+import torch
 
 from shared.queue.heartbeat import live_workers
 from tests.support.services import REPO, free_port, service_env
@@ -89,6 +90,124 @@ def test_worker_with_two_devices_runs_one_child_per_device(model, settings, redi
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
         assert_all_gone(children)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def absent_devices() -> list[str]:
+    """Devices this machine does not have: one past its CUDA count always, plain `cuda` where it has none."""
+    return [f"cuda:{torch.cuda.device_count()}", *([] if torch.cuda.is_available() else ["cuda"])]
+
+
+@pytest.mark.parametrize("command", [["worker", "embed"], ["worker", "generate"], ["up"]])
+def test_a_device_that_is_not_there_is_refused_at_start_in_one_line(model, settings, command):
+    for device in [*absent_devices(), "tpu"]:
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, "-m", "vlmq", *command, "--model", str(model), "--device", device],
+                                env=service_env(settings), cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2, result.stderr[-2000:]
+        [line] = result.stderr.strip().splitlines()  # one line, no traceback
+        if device == "tpu":
+            expected = "no device"
+        else:
+            expected = "CUDA device(s), cuda:0 to" if torch.cuda.is_available() else "no CUDA device is available"
+        assert line.startswith(f"vlmq {command[0]}: ") and expected in line, line
+        assert time.monotonic() - started < 30  # refused before any model is loaded
+
+
+def test_up_masks_the_redis_password_it_prints(model, tmp_path):
+    from vlmq.redis_server import EmbeddedRedis
+
+    with EmbeddedRedis(password="s3cret-word") as redis_server:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VLMQ_")}
+        env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), VLMQ_BROKER_URL=redis_server.url)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "vlmq", "up", "--model", str(model), "--embed-port", str(free_port()),
+             "--generate-port", str(free_port())],
+            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=(tmp_path / "stderr").open("w"), text=True,
+        )
+        try:
+            banner = "".join(wait_for_line(process, "Ctrl-C stops everything", timeout_s=180))
+            assert f"redis://:**@127.0.0.1:{redis_server.port}/0 (VLMQ_BROKER_URL)" in banner, banner
+            process.send_signal(signal.SIGTERM)
+            out, _ = process.communicate(timeout=60)
+            logs = (tmp_path / "stderr").read_text()
+            assert "Connected to" in logs and "s3cret-word" not in banner + out + logs  # nor in Celery's and uvicorn's logs
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def test_up_names_the_child_that_died_and_how_before_stopping_the_rest(model, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLMQ_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    stderr = tmp_path / "stderr"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vlmq", "up", "--model", str(model), "--embed-port", str(free_port()),
+         "--generate-port", str(free_port())],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=stderr.open("w"), text=True,
+    )
+    try:
+        wait_for_line(process, "Ctrl-C stops everything", timeout_s=180)
+        children = psutil.Process(process.pid).children()
+        [victim] = [c for c in children if "worker generate" in " ".join(c.cmdline())]
+        victim.kill()
+        assert process.wait(timeout=60) == 1
+        assert f"generate-worker-0 (pid {victim.pid}) was killed by SIGKILL; stopping the rest" in stderr.read_text()
+        assert_all_gone([c for c in children if c.pid != victim.pid])
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_up_locks_down_its_embedded_redis_and_keeps_its_data_in_data_dir(model, tmp_path):
+    import re
+    import stat
+
+    import redis
+
+    data_dir = tmp_path / "redis-data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLMQ_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+
+    def run_up(stderr_name: str) -> tuple[subprocess.Popen, str, str]:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "vlmq", "up", "--model", str(model), "--data-dir", str(data_dir),
+             "--embed-port", str(free_port()), "--generate-port", str(free_port())],
+            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=(tmp_path / stderr_name).open("w"), text=True,
+        )
+        banner = "".join(wait_for_line(process, "Ctrl-C stops everything", timeout_s=180))
+        port = re.search(r"redis://:\*\*@127\.0\.0\.1:(\d+)/0", banner).group(1)
+        worker = next(c for c in psutil.Process(process.pid).children() if "worker embed" in " ".join(c.cmdline()))
+        url = worker.environ()["VLMQ_BROKER_URL"]  # the password travels to children in their environment only
+        assert url.startswith("redis://:") and url.endswith(f"@127.0.0.1:{port}/0")
+        return process, port, url
+
+    def stop(process: subprocess.Popen, stderr_name: str, url: str) -> None:
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=60)
+        assert process.returncode == 0
+        password = redis.Redis.from_url(url).connection_pool.connection_kwargs["password"]
+        assert password not in out + (tmp_path / stderr_name).read_text()  # never printed nor logged
+
+    process, port, url = run_up("first")
+    try:
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis(port=int(port)).ping()  # no password, no access
+        client = redis.Redis.from_url(url)
+        with pytest.raises(redis.exceptions.ResponseError, match="unknown command"):
+            client.execute_command("CONFIG", "SET", "dir", "/tmp")  # no writing files as the Redis user
+        assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+        client.set("kept-across-restarts", "yes")
+        stop(process, "first", url)
+
+        process, port, url = run_up("second")
+        assert redis.Redis.from_url(url).get("kept-across-restarts") == b"yes"  # the AOF in --data-dir
+        stop(process, "second", url)
     finally:
         if process.poll() is None:
             process.kill()

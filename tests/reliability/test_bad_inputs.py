@@ -15,6 +15,7 @@ import io
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from urllib.parse import urlsplit
 
 import httpx
@@ -24,6 +25,7 @@ from PIL import Image
 
 from embedder_service.api.app import create_app as create_embed_app
 from generator_service.api.app import create_app as create_generate_app
+from shared.store.container import encode_container
 from shared.store.containers import ContainerStore
 from shared.store.redis_conn import connect
 from tests.support.images import png_bytes, png_with_header
@@ -108,6 +110,24 @@ def test_request_level_refusals_name_the_problem(stack):
     assert over.status_code == 413 and f"over the limit of {MAX_UPLOAD}" in over.json()["error"]["message"]
 
 
+def test_the_frameworks_own_refusals_come_in_vlmqs_error_shape(stack):
+    embed, generate = stack["embed"], stack["generate"]
+    refusals = {
+        "unknown route": (httpx.get(f"{embed}/v1/nope"), 404, "not_found"),
+        "wrong method": (httpx.put(f"{generate}/v1/generate"), 405, "method_not_allowed"),
+        "too many files": (httpx.post(f"{embed}/v1/embeddings", files=[("file", (f"{i}.png", b"x", "image/png")) for i in range(1001)]),
+                           400, "invalid_request"),
+        "broken multipart": (httpx.post(f"{embed}/v1/embeddings", content=b"--b\r\nno headers, no end",
+                                        headers={"content-type": "multipart/form-data; boundary=b"}), 400, "invalid_request"),
+        "invalid UTF-8": (httpx.post(f"{generate}/v1/generate", content=b'{"prompt": "\xff\xfe"}',
+                                     headers={"content-type": "application/json"}), 400, "invalid_request"),
+    }
+    for name, (response, status, code) in refusals.items():
+        assert response.status_code == status, (name, response.text)
+        assert list(response.json()) == ["error"] and response.json()["error"]["code"] == code, (name, response.text)
+        assert response.json()["error"]["message"], name
+
+
 def test_paths_outside_the_allowed_roots_are_refused(stack):
     embed, root, outside = stack["embed"], stack["root"], stack["outside"]
 
@@ -116,12 +136,15 @@ def test_paths_outside_the_allowed_roots_are_refused(stack):
 
     ok = by_path(str(root / "ok.png"))
     assert ok.status_code == 200 and ok.json()["status"] == "succeeded", ok.text
-    for path in (str(root / ".." / outside.name / "secret.png"), str(root / "link.png"), "/etc/passwd"):
+    # The same 403 for a file that does not exist: no oracle of what the API host holds.
+    for path in (str(root / ".." / outside.name / "secret.png"), str(root / "link.png"), "/etc/passwd", "/etc/no-such-file"):
         refused = by_path(path)
         assert refused.status_code == 403, (path, refused.text)
         assert refused.json()["error"] == {"code": "path_not_allowed", "message": f"path {path} is outside the allowed roots"}
     missing = by_path(str(root / "nope.png"))
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "path_not_found"
+    nul = by_path(str(root / "ok.png") + "\0.txt")
+    assert nul.status_code == 400 and nul.json()["error"]["message"] == "the path holds a NUL byte, which no file name can"
 
 
 def _raw_request(url: str, head: str) -> socket.socket:
@@ -200,6 +223,18 @@ def _generator_refusals(stack, generate, settings, container) -> None:
     gone_chat = httpx.post(f"{generate}/v1/chat/completions", json={"max_tokens": 2, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": f"vlmq://container/{container['id']}"}}]}]})
     assert gone_chat.status_code == 404 and container["id"] in gone_chat.json()["error"]["message"]
+
+    # A container holding NaN (written by hand, or by a broken embedder) is refused, not generated from.
+    poisoned = upload(stack, png_bytes(3035)).json()["images"][0]
+    stored = store.get(poisoned["id"])
+    rows = stored.embeddings.clone()
+    rows[0, 0] = float("nan")
+    store_client = connect(settings.effective_store_url)
+    store_client.set(f"{settings.key_prefix}c:{poisoned['id']}", encode_container(replace(stored, embeddings=rows)), ex=60)
+    nan_rows = httpx.post(f"{generate}/v1/generate?wait=30", json={"prompt": f"{poisoned['alias']} hi", "max_tokens": 2}, timeout=40)
+    assert nan_rows.status_code == 400, nan_rows.text
+    assert nan_rows.json()["error"] == {"code": "invalid_container",
+                                        "message": f"container {poisoned['id']} holds non-finite embeddings (NaN or Inf)"}
 
     # A prompt that spells a container token ID is text: no image token reaches the model.
     # (Raw IDs ≥ 1e9 cannot enter through the API at all; the engine's check_token_ids refuses forged

@@ -73,6 +73,12 @@ def test_without_a_key_or_with_a_wrong_one_every_route_is_401(keyed):
             assert "API key" in response.json()["error"]["message"]
     # Health and metrics stay open: probes and scrapers carry no tenant key.
     assert httpx.get(f"{embed}/healthz").status_code == 200 and httpx.get(f"{generate}/metrics").status_code == 200
+    # Readiness says ready and how many workers, but what they serve (model paths, PIDs) only to a key holder.
+    for url in (embed, generate):
+        anonymous = httpx.get(f"{url}/readyz")
+        assert anonymous.status_code == 200 and anonymous.json() == {"status": "ready", "workers": 1}, anonymous.text
+        keyed_ready = httpx.get(f"{url}/readyz", headers=A).json()
+        assert keyed_ready["workers"] == 1 and len(keyed_ready["worker_details"]) == 1
 
 
 def test_tenant_b_can_neither_read_nor_delete_nor_generate_with_tenant_a_objects(keyed):
