@@ -199,11 +199,12 @@ class AttemptLimitedTask(Task):
         if task_id is None:  # called as a plain function, not delivered: nothing to count
             return super().__call__(*args, **kwargs)
         settings = self.vlmq_settings
+        job_id = kwargs["job_id"] if "job_id" in kwargs else args[0]  # vlmq tasks take it first or as job_id=
         try:
             attempts = count_attempt(self.store_redis, settings.key_prefix, task_id, settings.job_ttl_s)
             if attempts > settings.max_attempts:
                 return self.fail_job(
-                    _job_id(args, kwargs),
+                    job_id,
                     WORKER_LOST_CODE,
                     f"gave up after {settings.max_attempts} attempts: the worker died (or lost Redis) while running this job",
                 )
@@ -212,10 +213,10 @@ class AttemptLimitedTask(Task):
             except StoreUnavailable:
                 raise
             except Exception as exc:  # a bug, or a library's error: not the request's fault, and running it again would not help
-                log.exception("task %s (job %s) raised", self.name, _job_id(args, kwargs))
+                log.exception("task %s (job %s) raised", self.name, job_id)
                 # The type only: a message can carry the request's data, and the traceback is the worker log's to keep.
                 message = f"internal error ({type(exc).__name__}); the worker's log has the details"
-                return self.fail_job(_job_id(args, kwargs), INTERNAL_ERROR_CODE, message)
+                return self.fail_job(job_id, INTERNAL_ERROR_CODE, message)
         except StoreUnavailable as exc:
             # The store is down (a Redis restart, say): the job has neither failed nor
             # finished. Acking would lose it, so the message goes back to the queue to
@@ -239,8 +240,3 @@ class AttemptLimitedTask(Task):
         """The task's return value for a finished ``job``. A task whose result feeds a chain overrides it
         (``embedder_service.tasks.EmbedTask``), so the next task gets the same shape either way."""
         return {"job_id": job["id"], "status": job["status"], "error": job["error"]}
-
-
-def _job_id(args: tuple, kwargs: dict) -> str:
-    # vlmq tasks take the job id as their first argument or as job_id=.
-    return kwargs["job_id"] if "job_id" in kwargs else args[0]

@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import psutil
@@ -38,6 +40,26 @@ def wait_for_line(process: subprocess.Popen, text: str, timeout_s: float) -> lis
     raise AssertionError(f"{text!r} not printed within {timeout_s} s")
 
 
+@contextmanager
+def vlmq_up(model, stderr, *args: str, embed_port: int | None = None, generate_port: int | None = None,
+            **env: str) -> Iterator[subprocess.Popen]:
+    """`vlmq up --model MODEL ARGS`, stdout piped, stderr to `stderr`, with none of our VLMQ_ settings (its own
+    embedded Redis, unless `env` names a broker); killed at the end if it is still running."""
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("VLMQ_")}
+    child_env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vlmq", "up", "--model", str(model), "--embed-port", str(embed_port or free_port()),
+         "--generate-port", str(generate_port or free_port()), *args],
+        env=child_env, cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, text=True,
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def assert_all_gone(processes: list[psutil.Process], timeout_s: float = 10) -> None:
     gone, alive = psutil.wait_procs(processes, timeout=timeout_s)
     assert not alive, [" ".join(p.cmdline()) for p in alive]
@@ -45,14 +67,7 @@ def assert_all_gone(processes: list[psutil.Process], timeout_s: float = 10) -> N
 
 def test_up_serves_both_apis_and_sigterm_stops_every_child(model):
     embed_port, generate_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLMQ_")}  # its own embedded Redis
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vlmq", "up", "--model", str(model),
-         "--embed-port", str(embed_port), "--generate-port", str(generate_port)],
-        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )
-    try:
+    with vlmq_up(model, subprocess.DEVNULL, embed_port=embed_port, generate_port=generate_port) as process:
         banner = "".join(wait_for_line(process, "Ctrl-C stops everything", timeout_s=180))
         assert f"http://127.0.0.1:{embed_port}" in banner and f"http://127.0.0.1:{generate_port}" in banner
         for port in (embed_port, generate_port):
@@ -66,10 +81,6 @@ def test_up_serves_both_apis_and_sigterm_stops_every_child(model):
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
         assert_all_gone(children)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def test_worker_with_two_devices_runs_one_child_per_device(model, settings, redis_client):
@@ -120,37 +131,19 @@ def test_a_device_that_is_not_there_is_refused_at_start_in_one_line(model, setti
 def test_up_masks_the_redis_password_it_prints(model, tmp_path):
     from vlmq.redis_server import EmbeddedRedis
 
-    with EmbeddedRedis(password="s3cret-word") as redis_server:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("VLMQ_")}
-        env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), VLMQ_BROKER_URL=redis_server.url)
-        process = subprocess.Popen(
-            [sys.executable, "-m", "vlmq", "up", "--model", str(model), "--embed-port", str(free_port()),
-             "--generate-port", str(free_port())],
-            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=(tmp_path / "stderr").open("w"), text=True,
-        )
-        try:
-            banner = "".join(wait_for_line(process, "Ctrl-C stops everything", timeout_s=180))
-            assert f"redis://:**@127.0.0.1:{redis_server.port}/0 (VLMQ_BROKER_URL)" in banner, banner
-            process.send_signal(signal.SIGTERM)
-            out, _ = process.communicate(timeout=60)
-            logs = (tmp_path / "stderr").read_text()
-            assert "Connected to" in logs and "s3cret-word" not in banner + out + logs  # nor in Celery's and uvicorn's logs
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+    with (EmbeddedRedis(password="s3cret-word") as redis_server,
+          vlmq_up(model, (tmp_path / "stderr").open("w"), VLMQ_BROKER_URL=redis_server.url) as process):
+        banner = "".join(wait_for_line(process, "Ctrl-C stops everything", timeout_s=180))
+        assert f"redis://:**@127.0.0.1:{redis_server.port}/0 (VLMQ_BROKER_URL)" in banner, banner
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=60)
+        logs = (tmp_path / "stderr").read_text()
+        assert "Connected to" in logs and "s3cret-word" not in banner + out + logs  # nor in Celery's and uvicorn's logs
 
 
 def test_up_names_the_child_that_died_and_how_before_stopping_the_rest(model, tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLMQ_")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     stderr = tmp_path / "stderr"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vlmq", "up", "--model", str(model), "--embed-port", str(free_port()),
-         "--generate-port", str(free_port())],
-        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=stderr.open("w"), text=True,
-    )
-    try:
+    with vlmq_up(model, stderr.open("w")) as process:
         wait_for_line(process, "Ctrl-C stops everything", timeout_s=180)
         children = psutil.Process(process.pid).children()
         [victim] = [c for c in children if "worker generate" in " ".join(c.cmdline())]
@@ -158,10 +151,6 @@ def test_up_names_the_child_that_died_and_how_before_stopping_the_rest(model, tm
         assert process.wait(timeout=60) == 1
         assert f"generate-worker-0 (pid {victim.pid}) was killed by SIGKILL; stopping the rest" in stderr.read_text()
         assert_all_gone([c for c in children if c.pid != victim.pid])
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def test_up_locks_down_its_embedded_redis_and_keeps_its_data_in_data_dir(model, tmp_path):
@@ -171,21 +160,15 @@ def test_up_locks_down_its_embedded_redis_and_keeps_its_data_in_data_dir(model, 
     import redis
 
     data_dir = tmp_path / "redis-data"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLMQ_")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
 
-    def run_up(stderr_name: str) -> tuple[subprocess.Popen, str, str]:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "vlmq", "up", "--model", str(model), "--data-dir", str(data_dir),
-             "--embed-port", str(free_port()), "--generate-port", str(free_port())],
-            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=(tmp_path / stderr_name).open("w"), text=True,
-        )
+    def started(process: subprocess.Popen) -> tuple[str, str]:
+        """The embedded Redis's port, as printed (masked), and its URL, as a child was given it."""
         banner = "".join(wait_for_line(process, "Ctrl-C stops everything", timeout_s=180))
         port = re.search(r"redis://:\*\*@127\.0\.0\.1:(\d+)/0", banner).group(1)
         worker = next(c for c in psutil.Process(process.pid).children() if "worker embed" in " ".join(c.cmdline()))
         url = worker.environ()["VLMQ_BROKER_URL"]  # the password travels to children in their environment only
         assert url.startswith("redis://:") and url.endswith(f"@127.0.0.1:{port}/0")
-        return process, port, url
+        return port, url
 
     def stop(process: subprocess.Popen, stderr_name: str, url: str) -> None:
         process.send_signal(signal.SIGTERM)
@@ -194,8 +177,8 @@ def test_up_locks_down_its_embedded_redis_and_keeps_its_data_in_data_dir(model, 
         password = redis.Redis.from_url(url).connection_pool.connection_kwargs["password"]
         assert password not in out + (tmp_path / stderr_name).read_text()  # never printed nor logged
 
-    process, port, url = run_up("first")
-    try:
+    with vlmq_up(model, (tmp_path / "first").open("w"), "--data-dir", str(data_dir)) as process:
+        port, url = started(process)
         with pytest.raises(redis.exceptions.AuthenticationError):
             redis.Redis(port=int(port)).ping()  # no password, no access
         client = redis.Redis.from_url(url)
@@ -205,10 +188,7 @@ def test_up_locks_down_its_embedded_redis_and_keeps_its_data_in_data_dir(model, 
         client.set("kept-across-restarts", "yes")
         stop(process, "first", url)
 
-        process, port, url = run_up("second")
+    with vlmq_up(model, (tmp_path / "second").open("w"), "--data-dir", str(data_dir)) as process:
+        _, url = started(process)
         assert redis.Redis.from_url(url).get("kept-across-restarts") == b"yes"  # the AOF in --data-dir
         stop(process, "second", url)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
