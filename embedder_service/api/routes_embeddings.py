@@ -16,6 +16,7 @@ from shared.config.errors import InvalidInput, TooLarge
 from shared.config.settings import Settings
 from shared.media.paths import read_allowed_file
 from shared.queue.tasks import enqueue_embed
+from shared.store.jobs import TERMINAL_STATUSES
 from shared.web.app import Tenant
 from shared.web.deps import CeleryDep, JobsDep, SettingsDep
 
@@ -97,6 +98,6 @@ async def create_embeddings(
     job_id = await run_in_threadpool(enqueue_embed, celery, jobs, tenant, images)
     if wait:
         job = await run_in_threadpool(jobs.wait, job_id, wait)
-        if job["status"] in ("succeeded", "failed"):
+        if job["status"] in TERMINAL_STATUSES:
             return JSONResponse(job_view(job).model_dump(), status_code=200)
     return JobAccepted(job_id=job_id, status="queued", status_url=f"/v1/jobs/{job_id}")

@@ -7,7 +7,7 @@ from typing import Iterator
 
 from generator_service.api.schemas import GenerateJob
 from shared.config.errors import VlmqError, status_for_code
-from shared.store.jobs import JobStore
+from shared.store.jobs import TERMINAL_STATUSES, JobStore
 from shared.store.streams import TokenStreams
 
 
@@ -29,7 +29,7 @@ def raise_if_failed(job: dict) -> None:
 
 def wait_finished(jobs: JobStore, job_id: str, timeout_s: float) -> dict:
     job = jobs.wait(job_id, timeout_s)
-    if job["status"] not in ("succeeded", "failed"):
+    if job["status"] not in TERMINAL_STATUSES:
         raise VlmqError(f"job {job_id} did not finish within {timeout_s:.0f} s; poll /v1/jobs/{job_id}", code="timeout", status=504)
     raise_if_failed(job)
     return job

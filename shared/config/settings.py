@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     max_container_bytes: int = Field(256 * 1024 * 1024, gt=0, description="Largest container blob accepted on decode")
     max_prompt_tokens: int = Field(32768, gt=0, description="Longest prompt after alias expansion")
     max_new_tokens: int = Field(4096, gt=0, description="Upper bound on max_tokens per request")
+    max_prompt_chars: int = Field(
+        262_144, gt=0, description="Longest prompt (or all of a chat's text) in characters, refused at the API before any work"
+    )
+    max_images_per_request: int = Field(
+        64, gt=0, description="Most images in one generate request: alias occurrences in a prompt, image parts in a chat"
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Accepted API keys (comma-separated); each key is a tenant. Empty: no auth"
     )
@@ -59,6 +65,17 @@ class Settings(BaseSettings):
     generate_max_batch: int = Field(8, gt=0, description="Requests decoded together by one generator worker")
     generate_max_seq_len: int = Field(
         4096, ge=2, description="Positions per request in a generator worker's KV cache (prompt + new tokens), at most the model's context"
+    )
+    kv_cache_tokens: int = Field(
+        32768, gt=0, description="Positions in a generator worker's paged KV pool, shared by all its sequences "
+        "(and by its prefix cache)"
+    )
+    kv_block_tokens: int = Field(16, gt=0, description="Positions per KV block (the unit of paging and of prefix-cache reuse)")
+    prefix_cache: Literal["on", "off"] = Field(
+        "on", description="Reuse the KV blocks of a prompt prefix (text and images) already computed by this worker"
+    )
+    prefill_chunk_tokens: int = Field(
+        512, ge=0, description="Prompt tokens prefilled per engine step, mixed with the running decodes; 0: whole prompts"
     )
     # Switches between a compiled kernel and its torch path (cuda_ext, the vision towers), read once per process.
     packed_weights: Literal["auto", "on", "off"] = Field(
@@ -80,7 +97,7 @@ class Settings(BaseSettings):
 
     _split = field_validator("api_keys", "allowed_path_roots", mode="before")(_split_list)
 
-    @field_validator("packed_weights", "decode_kernel", "embed_gather", mode="before")
+    @field_validator("packed_weights", "decode_kernel", "embed_gather", "prefix_cache", mode="before")
     @classmethod
     def _mode(cls, value: object, info: ValidationInfo) -> object:
         # A mode is a word, whatever its case or spacing (" OFF " is off); a bad one names its

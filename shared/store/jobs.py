@@ -2,8 +2,11 @@
 
 A job is JSON at ``{prefix}job:{id}``::
 
-    {id, kind, tenant, status: queued|running|succeeded|failed,
+    {id, kind, tenant, status: queued|running|succeeded|failed|cancelled,
      error: {code, message} | None, result: dict | None, attempts, created_at, updated_at}
+
+A job that finishes is announced on the pub/sub channel ``{prefix}finished`` (its id),
+and a cancelled one also on ``{prefix}cancelled``, where workers stop its work.
 
 Image bytes travel as blobs under ``{prefix}in:{uuid}``; a Celery message carries
 only the key. Everything has a TTL.
@@ -22,8 +25,8 @@ import redis
 from shared.config.errors import Forbidden, NotFound
 from shared.store.redis_conn import translate_connection_errors
 
-QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
-TERMINAL_STATUSES = frozenset({SUCCEEDED, FAILED})
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+TERMINAL_STATUSES = frozenset({SUCCEEDED, FAILED, CANCELLED})
 
 # A waiter blocks this long per call, well under the client's socket timeout.
 _WAIT_SLICE_S = 1.0
@@ -108,6 +111,31 @@ class JobStore:
 
         return self._update(job_id, fail)
 
+    def cancel(self, job_id: str, tenant: str | None = None, reason: str = "cancelled by the client") -> dict[str, Any]:
+        """End a job that has not finished as ``cancelled`` and tell the workers; a finished job stays as it is.
+
+        ``NotFound`` / ``Forbidden`` as `get` for an unknown job or another tenant's.
+        """
+        self.get(job_id, tenant)
+
+        def cancel(job: dict[str, Any]) -> None:
+            job["status"] = CANCELLED
+            job["error"] = {"code": "cancelled", "message": reason}
+
+        job = self._update(job_id, cancel)
+        if job["status"] == CANCELLED:
+            with translate_connection_errors(self._redis):
+                self._redis.publish(self.cancelled_channel, job_id)
+        return job
+
+    @property
+    def finished_channel(self) -> str:
+        return f"{self._prefix}finished"
+
+    @property
+    def cancelled_channel(self) -> str:
+        return f"{self._prefix}cancelled"
+
     def wait(self, job_id: str, timeout_s: float, tenant: str | None = None) -> dict[str, Any]:
         """The job once it has finished, or as it stands after ``timeout_s``.
 
@@ -170,6 +198,7 @@ class JobStore:
             if job["status"] in TERMINAL_STATUSES:
                 pipe.lpush(self._done_key(job_id), b"1")
                 pipe.expire(self._done_key(job_id), self.ttl_s)
+                pipe.publish(self.finished_channel, job_id)
             return job
 
         with translate_connection_errors(self._redis):

@@ -14,7 +14,7 @@ class JobFields(BaseModel):
     """What every job response carries; each API adds its results."""
 
     id: str
-    status: str = Field(..., description="queued, running, succeeded or failed")
+    status: str = Field(..., description="queued, running, succeeded, failed or cancelled")
     error: ErrorInfo | None = None
     created_at: float
     updated_at: float
