@@ -19,7 +19,8 @@ model with this hidden size.
 from __future__ import annotations
 
 import queue
-from typing import Any, Callable
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 
@@ -52,6 +53,7 @@ class GeneratePipeline:
             raise InvalidInput("give exactly one of `prompt` or `messages`")
         max_length = min(self.settings.max_prompt_tokens, self.engine.max_seq_len - 1)
         if payload.get("messages") is None:
+            self._check_chars(len(payload["prompt"]))
             return self._encode_prompt(tenant, payload["prompt"], payload.get("images") or {}, max_length)
         if payload.get("images"):
             raise InvalidInput("`images` binds the aliases of a `prompt`; chat messages name their containers in their image parts")
@@ -61,13 +63,22 @@ class GeneratePipeline:
         by_id = self._containers(tenant, [*default_alias_ids(prompt), *explicit.values()])
         bindings: dict[str, EmbeddingContainer] = {f"<image:{c.id}>": c for c in by_id.values()}
         bindings.update({alias: by_id[cid] for alias, cid in explicit.items()})
-        return self.tokenizer.encode_prompt(prompt, bindings, add_special_tokens=True, max_length=max_length)
+        return self.tokenizer.encode_prompt(prompt, bindings, add_special_tokens=True, max_length=max_length,
+                                            max_images=self.settings.max_images_per_request)
+
+    def _check_chars(self, chars: int) -> None:
+        # The API refuses these first; a request queued by other means (a chain, a script) is checked here.
+        if chars > self.settings.max_prompt_chars:
+            raise InvalidInput(f"the prompt is {chars} characters, over the limit of {self.settings.max_prompt_chars} (VLMQ_MAX_PROMPT_CHARS)")
 
     def _encode_chat(self, tenant: str, messages: list[dict], max_length: int) -> EncodedPrompt:
         if self.tokenizer.chat_template is None:
             raise InvalidInput("this model has no chat template; use /v1/generate with a prompt")
-        pieces = self.tokenizer.render_chat(messages, self.image_placeholder)
         ids = [part.get("container_id") for part in image_parts(messages)]
+        if len(ids) > self.settings.max_images_per_request:
+            raise InvalidInput(f"the chat holds {len(ids)} images, over the limit of {self.settings.max_images_per_request} (VLMQ_MAX_IMAGES_PER_REQUEST)")
+        pieces = self.tokenizer.render_chat(messages, self.image_placeholder)
+        self._check_chars(sum(map(len, pieces)))
         for index, cid in enumerate(ids):
             if not isinstance(cid, str) or not cid:
                 raise InvalidInput(f"image part {index} names no container (`container_id`)")
@@ -103,8 +114,13 @@ class GeneratePipeline:
 
     # -- generation -----------------------------------------------------------------------
 
-    def generate(self, tenant: str, payload: dict, on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
-        """Run one request to the end; `on_text` gets each piece of text as it becomes final."""
+    def generate(self, tenant: str, payload: dict, on_text: Callable[[str], None] | None = None,
+                 watch_cancel: Callable[[Callable[[], None]], ContextManager] | None = None) -> dict[str, Any]:
+        """Run one request to the end; `on_text` gets each piece of text as it becomes final.
+
+        `watch_cancel(cancel)` is entered while the request runs and calls `cancel` (from any thread)
+        to end it at the engine's next step, with finish_reason "cancelled".
+        """
         encoded = self.encode(tenant, payload)
         params = self.sampling_params(payload.get("sampling") or {})
         decoder = self.tokenizer.stream_decoder()
@@ -130,9 +146,10 @@ class GeneratePipeline:
             handoff.put(None)
 
         handle = self.engine.submit(GenerationRequest(encoded.ids, params, encoded.containers, on_token=on_token, on_finish=on_finish))
-        while (piece := handoff.get()) is not None:
-            if on_text is not None:
-                on_text(piece)
+        with watch_cancel(handle.cancel) if watch_cancel is not None else nullcontext():
+            for text in _drained(handoff):
+                if on_text is not None:
+                    on_text(text)
         result = handle.result()
         finish_reason = "stop" if stops.stopped else result.finish_reason
         return {
@@ -146,3 +163,20 @@ class GeneratePipeline:
                 "total_tokens": result.usage.prompt_tokens + result.usage.completion_tokens,
             },
         }
+
+
+def _drained(handoff: queue.SimpleQueue[str | None]) -> Iterator[str]:
+    """The pieces put on `handoff` until None, each time joined with those already waiting behind it:
+    a consumer slower than the engine (a Redis write per call) falls behind by one call, not by a token per call."""
+    while True:
+        pieces = [handoff.get()]
+        while pieces[-1] is not None:
+            try:
+                pieces.append(handoff.get_nowait())
+            except queue.Empty:
+                break
+        text = "".join(piece for piece in pieces if piece is not None)
+        if text:
+            yield text
+        if pieces[-1] is None:
+            return

@@ -19,7 +19,8 @@ from shared.config.errors import InvalidInput, StoreUnavailable, VlmqError
 from shared.queue.celery_app import AttemptLimitedTask
 from shared.queue.metrics import WorkerStats
 from shared.queue.tasks import GENERATE_TASK
-from shared.store.jobs import TERMINAL_STATUSES, JobStore
+from shared.store.cancel_watch import CancelWatch
+from shared.store.jobs import SUCCEEDED, TERMINAL_STATUSES, JobStore
 from shared.store.streams import TokenStreams
 
 if TYPE_CHECKING:  # the pipeline needs torch; tests import this module without it
@@ -42,7 +43,7 @@ def _fill_chained_images(payload: dict, embed_result: dict) -> dict:
     return payload
 
 
-def run_generate_job(pipeline: GeneratePipeline, jobs: JobStore, streams: TokenStreams, stats: WorkerStats,
+def run_generate_job(pipeline: GeneratePipeline, jobs: JobStore, streams: TokenStreams, stats: WorkerStats, cancels: CancelWatch,
                      job_id: str, tenant: str, payload: dict, embed_result: dict | None = None) -> dict:
     job = jobs.get(job_id)
     if job["status"] in TERMINAL_STATUSES:  # a redelivery of a job that already finished
@@ -54,7 +55,7 @@ def run_generate_job(pipeline: GeneratePipeline, jobs: JobStore, streams: TokenS
     try:
         if embed_result is not None:
             payload = _fill_chained_images(payload, embed_result)
-        result = pipeline.generate(tenant, payload, on_text)
+        result = pipeline.generate(tenant, payload, on_text, watch_cancel=lambda cancel: cancels.watch(job_id, cancel))
     except StoreUnavailable:
         raise  # not the request's fault: the task requeues the job (AttemptLimitedTask)
     except VlmqError as exc:
@@ -62,14 +63,25 @@ def run_generate_job(pipeline: GeneratePipeline, jobs: JobStore, streams: TokenS
         streams.end(job_id, None, exc.to_dict())
         stats.add(jobs_failed=1)
         return {"job_id": job_id, "status": "failed"}
-    jobs.mark_succeeded(job_id, result)
-    streams.end(job_id, result["finish_reason"])
-    stats.add(jobs_succeeded=1, completion_tokens=result["usage"]["completion_tokens"], prompt_tokens=result["usage"]["prompt_tokens"])
-    stats.observe("latency_seconds", time.perf_counter() - started)
-    return {"job_id": job_id, "status": "succeeded"}
+    job = jobs.mark_succeeded(job_id, result)  # a job cancelled meanwhile stays cancelled
+    streams.end(job_id, result["finish_reason"], usage=result["usage"])
+    stats.add(completion_tokens=result["usage"]["completion_tokens"], prompt_tokens=result["usage"]["prompt_tokens"])
+    if job["status"] == SUCCEEDED:
+        stats.add(jobs_succeeded=1)
+        stats.observe("latency_seconds", time.perf_counter() - started)
+    return {"job_id": job_id, "status": job["status"]}
 
 
 class GenerateTask(AttemptLimitedTask):
+    _cancels: CancelWatch | None = None
+
+    @property
+    def cancels(self) -> CancelWatch:
+        """This process's listener for cancelled jobs (one per process, as the store client)."""
+        if self._cancels is None:
+            self._cancels = CancelWatch(self.store_redis, self.jobs)
+        return self._cancels
+
     @property
     def streams(self) -> TokenStreams:
         settings = self.vlmq_settings
@@ -84,4 +96,4 @@ def register_generate_task(app: Celery, get_pipeline: Callable[[], GeneratePipel
     @app.task(name=GENERATE_TASK, base=GenerateTask, bind=True)
     def generate(self: GenerateTask, embed_result: dict | None = None, *, job_id: str, tenant: str, payload: dict) -> dict:
         stats = WorkerStats(self.store_redis, self.vlmq_settings.key_prefix, "generate")
-        return run_generate_job(get_pipeline(), self.jobs, self.streams, stats, job_id, tenant, payload, embed_result)
+        return run_generate_job(get_pipeline(), self.jobs, self.streams, stats, self.cancels, job_id, tenant, payload, embed_result)

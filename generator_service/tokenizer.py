@@ -21,6 +21,7 @@ cut where it writes each image part (`render_chat`).
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import re
 from dataclasses import dataclass
@@ -36,7 +37,8 @@ from shared.modeling.checkpoint import Checkpoint
 from shared.store.token_ids import EMBEDDING_INDEX_BASE
 
 # A container's default alias, `<image:{id}>`.
-DEFAULT_ALIAS = re.compile(r"<image:([^<>\s]+)>")
+_ALIAS_ID = r"[^<>\s]+"
+DEFAULT_ALIAS = re.compile(f"<image:({_ALIAS_ID})>")
 
 # Stands for one image while the text around it is encoded; never accepted in a prompt.
 _IMAGE_SLOT = "<|vlmq:alias|>"
@@ -64,6 +66,17 @@ def _optional_json(file: Path) -> dict:
 def default_alias_ids(prompt: str) -> list[str]:
     """Container IDs named by default aliases (`<image:{id}>`) in `prompt`, first occurrence order, unique."""
     return list(dict.fromkeys(m.group(1) for m in DEFAULT_ALIAS.finditer(prompt)))
+
+
+def _alias_pattern(aliases: Iterable[str]) -> re.Pattern:
+    """The aliases, longest first (one that contains another wins), then any default alias `<image:{id}>`."""
+    literals = [re.escape(a) for a in sorted(set(aliases), key=len, reverse=True)]
+    return re.compile("|".join([*literals, f"<image:{_ALIAS_ID}>"]))  # no group: split() and findall() give whole aliases
+
+
+def count_images(prompt: str, aliases: Iterable[str], limit: int) -> int:
+    """How many image aliases (`aliases` or default ones) `prompt` holds, counting no further than `limit`."""
+    return sum(1 for _ in itertools.islice(_alias_pattern(aliases).finditer(prompt), limit))
 
 
 def check_token_ids(ids: Sequence[int], containers: Iterable[Any], vocab_size: int | None = None) -> None:
@@ -199,8 +212,11 @@ class Tokenizer:
         *,
         add_special_tokens: bool = True,
         max_length: int | None = None,
+        max_images: int | None = None,
     ) -> EncodedPrompt:
         """Token IDs of `prompt` with each bound alias replaced by its container's IDs.
+
+        `max_images` caps the aliases in the prompt; it is checked before the prompt is cut at them.
 
         bindings: alias → EmbeddingContainer (anything with `token_ids()`). A default
         alias `<image:{id}>` left in the text unbound is an error naming it (the worker
@@ -213,16 +229,14 @@ class Tokenizer:
             match = DEFAULT_ALIAS.fullmatch(alias)
             if match and getattr(container, "id", match.group(1)) != match.group(1):
                 raise InvalidInput(f"alias {alias} is bound to another container ({container.id})")
-        if bindings:
-            pattern = re.compile("|".join(re.escape(a) for a in sorted(bindings, key=len, reverse=True)))
-            pieces = pattern.split(prompt)
-            aliases = pattern.findall(prompt)
-        else:
-            pieces, aliases = [prompt], []
-        for piece in pieces:
-            unbound = DEFAULT_ALIAS.search(piece)
-            if unbound:
-                raise InvalidInput(f"unknown image alias {unbound.group(0)}: no container {unbound.group(1)} is bound")
+        pattern = _alias_pattern(bindings)
+        if max_images is not None and count_images(prompt, bindings, max_images + 1) > max_images:
+            raise InvalidInput(f"the prompt holds more than {max_images} images (VLMQ_MAX_IMAGES_PER_REQUEST)")
+        pieces, aliases = pattern.split(prompt), pattern.findall(prompt)
+        unbound = next((alias for alias in aliases if alias not in bindings), None)
+        if unbound is not None:
+            match = DEFAULT_ALIAS.fullmatch(unbound)
+            raise InvalidInput(f"unknown image alias {unbound}: no container {match.group(1)} is bound")
         images = [bindings[alias] for alias in aliases]
         return self.encode_with_images(pieces, images, add_special_tokens=add_special_tokens, max_length=max_length)
 
@@ -262,6 +276,9 @@ class Tokenizer:
             raise ValueError(f"{len(images)} images go between {len(images) + 1} pieces of text, not {len(pieces)}")
         if any(_IMAGE_SLOT in piece for piece in pieces):
             raise InvalidInput(f"the prompt contains the reserved text {_IMAGE_SLOT}")
+        image_length = sum(image.prompt_length for image in images)
+        if max_length is not None and image_length > max_length:  # before any text is encoded or list built
+            raise InvalidInput(f"the prompt's images alone take {image_length} tokens, over the context of {max_length} tokens")
         text = pieces[0] + "".join(_image_text(image) + piece for image, piece in zip(images, pieces[1:]))
         encoded = self._image_tok.encode(text, add_special_tokens=add_special_tokens).ids
         ids: list[int] = []

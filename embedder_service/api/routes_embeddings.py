@@ -18,7 +18,8 @@ from shared.media.paths import read_allowed_file
 from shared.queue.tasks import enqueue_embed
 from shared.store.jobs import TERMINAL_STATUSES
 from shared.web.app import Tenant
-from shared.web.deps import CeleryDep, JobsDep, SettingsDep
+from shared.web.deps import CeleryDep, JobsDep, SettingsDep, WaitersDep
+from shared.web.waits import wait_for_job
 
 router = APIRouter(prefix="/v1", tags=["embeddings"])
 
@@ -78,11 +79,12 @@ async def create_embeddings(
     settings: SettingsDep,
     jobs: JobsDep,
     celery: CeleryDep,
+    waiters: WaitersDep,
     wait: float | None = Query(None, ge=0, le=300, description="Seconds to wait for the job to finish"),
 ):
     """Enqueue one job embedding one or more images; each becomes a container."""
-    # This route is async (to stream the upload in); everything that blocks — Redis, files,
-    # waiting for the job — runs in the thread pool, or one waiting client would stall the server.
+    # This route is async (to stream the upload in, and to wait holding no thread); everything that
+    # blocks — Redis, files — runs in the thread pool, or one client would stall the server.
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         images = await _images_from_multipart(request, settings)
@@ -97,7 +99,7 @@ async def create_embeddings(
             raise InvalidInput(f"image {index} is empty")
     job_id = await run_in_threadpool(enqueue_embed, celery, jobs, tenant, images)
     if wait:
-        job = await run_in_threadpool(jobs.wait, job_id, wait)
+        job = await wait_for_job(request, waiters, jobs, job_id, wait)
         if job["status"] in TERMINAL_STATUSES:
             return JSONResponse(job_view(job).model_dump(), status_code=200)
     return JobAccepted(job_id=job_id, status="queued", status_url=f"/v1/jobs/{job_id}")

@@ -12,5 +12,5 @@ from shared.web.app import create_service_app
 def create_app(settings: Settings | None = None) -> FastAPI:
     return create_service_app(
         "vlmq generator", "Prompts with image aliases in, text out.", "generate", settings or get_settings(),
-        [routes_generate.router, routes_chat.router],
+        [routes_generate.router, routes_generate.jobs_router, routes_chat.router],
     )

@@ -14,19 +14,19 @@ import time
 from pathlib import Path
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
-from generator_service.api.routes_generate import (
-    STREAM_SILENCE_TIMEOUT_S,
-    check_max_tokens,
-)
+from generator_service.api.routes_generate import STREAM_SILENCE_TIMEOUT_S, check_max_tokens, check_prompt_size
 from generator_service.api.schemas import ChatCompletionRequest
 from generator_service.api.views import sse, stream_events, wait_finished
 from shared.config.errors import InvalidInput
+from shared.config.settings import Settings
 from shared.queue.heartbeat import live_workers
 from shared.queue.tasks import enqueue_embed, enqueue_generate
+from shared.store.jobs import JobStore
 from shared.web.app import Tenant
-from shared.web.deps import CeleryDep, JobsDep, SettingsDep, StoreDep, StreamsDep
+from shared.web.deps import CeleryDep, JobsDep, SettingsDep, StoreDep, StreamsDep, WaitersDep
+from shared.web.waits import sse_response
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -49,49 +49,68 @@ def _decode_data_url(url: str, index: int, max_bytes: int) -> bytes:
     return data
 
 
-def _messages_with_containers(body: ChatCompletionRequest, tenant: str, settings, jobs, celery, store) -> list[dict]:
-    """The chat as the worker takes it: image parts as `{"type": "image", "container_id"}`."""
+def _image_urls(body: ChatCompletionRequest, settings: Settings) -> list[str]:
+    """The chat's image URLs, after the caps on text and images (checked before anything is decoded or fetched)."""
     parts = [p for m in body.messages if isinstance(m.content, list) for p in m.content]
+    chars = sum(len(m.content) for m in body.messages if isinstance(m.content, str)) + sum(len(p.text or "") for p in parts)
     images = [p for p in parts if p.type == "image_url"]
+    check_prompt_size(chars, len(images), settings)
     for index, part in enumerate(images):
         if part.image_url is None:
             raise InvalidInput(f"image {index}: an image_url part needs `image_url.url`")
-    uploads = {i: _decode_data_url(p.image_url.url, i, settings.max_upload_bytes)
-               for i, p in enumerate(images) if not CONTAINER_URL.fullmatch(p.image_url.url)}
-    container_ids = {i: CONTAINER_URL.fullmatch(p.image_url.url).group(1) for i, p in enumerate(images) if i not in uploads}
-    if container_ids:
-        store.get_many(list(container_ids.values()), tenant=tenant)  # 404 now for unknown or expired ones
-    if uploads:
-        job = wait_finished(jobs, enqueue_embed(celery, jobs, tenant, list(uploads.values())), EMBED_TIMEOUT_S)
-        container_ids.update(zip(uploads, (c["id"] for c in job["result"]["containers"])))
-    image_index = iter(range(len(images)))
+    return [part.image_url.url for part in images]
+
+
+async def _container_ids(urls: list[str], request: Request, tenant: str, settings: Settings, jobs: JobStore,
+                         celery, store, waiters) -> list[str]:
+    """One container id per image URL: named ones checked to exist, data URLs embedded first (and awaited)."""
+
+    def check_and_enqueue() -> tuple[dict[int, str], str | None]:
+        named = {i: match.group(1) for i, url in enumerate(urls) if (match := CONTAINER_URL.fullmatch(url))}
+        uploads = [_decode_data_url(url, i, settings.max_upload_bytes) for i, url in enumerate(urls) if i not in named]
+        if named:
+            store.get_many(list(named.values()), tenant=tenant)  # 404 now for unknown or expired ones
+        return named, enqueue_embed(celery, jobs, tenant, uploads) if uploads else None
+
+    named, embed_job_id = await run_in_threadpool(check_and_enqueue)
+    embedded = []
+    if embed_job_id is not None:
+        job = await wait_finished(request, waiters, jobs, embed_job_id, EMBED_TIMEOUT_S)
+        embedded = [c["id"] for c in job["result"]["containers"]]
+    uploaded = iter(embedded)
+    return [named[i] if i in named else next(uploaded) for i in range(len(urls))]
+
+
+def _worker_messages(body: ChatCompletionRequest, container_ids: list[str]) -> list[dict]:
+    """The chat as the worker takes it: image parts as `{"type": "image", "container_id"}`."""
+    ids = iter(container_ids)
     messages = []
     for message in body.messages:
         if isinstance(message.content, str):
             messages.append({"role": message.role, "content": message.content})
             continue
-        content = []
-        for part in message.content:
-            if part.type == "text":
-                content.append({"type": "text", "text": part.text or ""})
-            else:
-                content.append({"type": "image", "container_id": container_ids[next(image_index)]})
+        content = [{"type": "text", "text": part.text or ""} if part.type == "text" else {"type": "image", "container_id": next(ids)}
+                   for part in message.content]
         messages.append({"role": message.role, "content": content})
     return messages
 
 
 @router.post("/chat/completions")
-def chat_completions(body: ChatCompletionRequest, request: Request, tenant: Tenant, settings: SettingsDep,
-                     jobs: JobsDep, store: StoreDep, celery: CeleryDep, streams: StreamsDep):
-    """OpenAI's chat completions, streaming or not; image parts as data URLs or stored containers."""
+async def chat_completions(body: ChatCompletionRequest, request: Request, tenant: Tenant, settings: SettingsDep,
+                           jobs: JobsDep, store: StoreDep, celery: CeleryDep, streams: StreamsDep, waiters: WaitersDep):
+    """OpenAI's chat completions, streaming or not; image parts as data URLs or stored containers.
+
+    A client that disconnects before the answer is complete cancels the generation."""
     sampling = body.sampling()
     check_max_tokens(sampling["max_tokens"], settings.max_new_tokens)
-    messages = _messages_with_containers(body, tenant, settings, jobs, celery, store)
-    payload = {"messages": messages, "sampling": sampling, "stop": body.stops(), "stream": body.stream}
-    job_id = enqueue_generate(celery, jobs, tenant, payload)
-    completion_id, created, model = f"chatcmpl-{job_id}", int(time.time()), body.model or _model_name(request)
+    urls = _image_urls(body, settings)
+    container_ids = await _container_ids(urls, request, tenant, settings, jobs, celery, store, waiters)
+    payload = {"messages": _worker_messages(body, container_ids), "sampling": sampling, "stop": body.stops(), "stream": body.stream}
+    job_id = await run_in_threadpool(enqueue_generate, celery, jobs, tenant, payload)
+    completion_id, created = f"chatcmpl-{job_id}", int(time.time())
+    model = body.model or await run_in_threadpool(_model_name, request)
     if not body.stream:
-        result = wait_finished(jobs, job_id, COMPLETION_TIMEOUT_S)["result"]
+        result = (await wait_finished(request, waiters, jobs, job_id, COMPLETION_TIMEOUT_S))["result"]
         return {
             "id": completion_id, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
@@ -104,9 +123,9 @@ def chat_completions(body: ChatCompletionRequest, request: Request, tenant: Tena
         return sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]})
 
-    def events():
+    async def events():
         yield chunk({"role": "assistant", "content": ""})
-        for event in stream_events(streams, job_id, STREAM_SILENCE_TIMEOUT_S):
+        async for event in stream_events(waiters, streams, job_id, STREAM_SILENCE_TIMEOUT_S):
             if event["type"] == "text":
                 yield chunk({"content": event["text"]})
             elif event.get("error"):
@@ -114,13 +133,13 @@ def chat_completions(body: ChatCompletionRequest, request: Request, tenant: Tena
             else:
                 yield chunk({}, event["finish_reason"])
         if include_usage:
-            job = jobs.get(job_id)
+            job = await waiters.get(job_id)
             if job["status"] == "succeeded":
                 yield sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
                            "choices": [], "usage": job["result"]["usage"]})
         yield sse("[DONE]")
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return sse_response(events(), jobs, job_id, cancel_on_disconnect=True)
 
 
 def _model_name(request: Request) -> str:

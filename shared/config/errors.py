@@ -86,3 +86,10 @@ def status_for_code(code: str) -> int:
             return cls.status
         pending.extend(cls.__subclasses__())
     return 500
+
+
+class ClientGone(VlmqError):
+    """The client closed its connection while its request waited; no one reads the answer (nginx's 499)."""
+
+    code = "client_closed_request"
+    status = 499

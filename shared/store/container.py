@@ -121,6 +121,11 @@ class Layout:
                 body.extend(image_ids[start : start + self.row_length])
         return [*self.before, *body, *self.after]
 
+    def length(self, num_tokens: int) -> int:
+        """``len(expand(first, num_tokens))``, without building the list."""
+        row_breaks = max(0, -(-num_tokens // self.row_length) - 1) if self.row_length is not None else 0
+        return len(self.before) + num_tokens + row_breaks + len(self.after)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "before": list(self.before),
@@ -188,6 +193,11 @@ class EmbeddingContainer:
     def token_ids(self) -> list[int]:
         """The token IDs that stand for the image in a prompt (for its alias or its chat image part), per the layout."""
         return self.layout.expand(self.first_token_id, self.num_tokens)
+
+    @property
+    def prompt_length(self) -> int:
+        """How many token IDs the image takes in a prompt: ``len(token_ids())``, computed."""
+        return self.layout.length(self.num_tokens)
 
     def metadata(self) -> dict[str, Any]:
         """Everything but the tensor, as a JSON-able dict (what the APIs return)."""

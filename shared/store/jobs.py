@@ -32,6 +32,24 @@ TERMINAL_STATUSES = frozenset({SUCCEEDED, FAILED, CANCELLED})
 _WAIT_SLICE_S = 1.0
 
 
+def job_key(key_prefix: str, job_id: str) -> str:
+    return f"{key_prefix}job:{job_id}"
+
+
+def finished_channel(key_prefix: str) -> str:
+    return f"{key_prefix}finished"
+
+
+def decode_job(raw: bytes | None, job_id: str, tenant: str | None) -> dict[str, Any]:
+    """A job as stored; ``NotFound`` if there is none, ``Forbidden`` if it is not ``tenant``'s (None: anyone's)."""
+    if raw is None:
+        raise NotFound(f"job not found (unknown or expired): {job_id}")
+    job = json.loads(raw)
+    if tenant is not None and job["tenant"] != tenant:
+        raise Forbidden(f"job of another tenant: {job_id}")
+    return job
+
+
 class JobStore:
     """Create jobs, move them through their states, wait for them to finish.
 
@@ -46,7 +64,7 @@ class JobStore:
         self.ttl_s = ttl_s
 
     def _job_key(self, job_id: str) -> str:
-        return f"{self._prefix}job:{job_id}"
+        return job_key(self._prefix, job_id)
 
     def _done_key(self, job_id: str) -> str:
         return f"{self._prefix}done:{job_id}"
@@ -76,12 +94,7 @@ class JobStore:
         """The job; ``NotFound`` if it is unknown or expired, ``Forbidden`` if another tenant's."""
         with translate_connection_errors(self._redis):
             raw = self._redis.get(self._job_key(job_id))
-        if raw is None:
-            raise NotFound(f"job not found (unknown or expired): {job_id}")
-        job = json.loads(raw)
-        if tenant is not None and job["tenant"] != tenant:
-            raise Forbidden(f"job of another tenant: {job_id}")
-        return job
+        return decode_job(raw, job_id, tenant)
 
     def mark_running(self, job_id: str) -> dict[str, Any]:
         """Record the start of an attempt (``attempts`` += 1)."""
@@ -130,7 +143,7 @@ class JobStore:
 
     @property
     def finished_channel(self) -> str:
-        return f"{self._prefix}finished"
+        return finished_channel(self._prefix)
 
     @property
     def cancelled_channel(self) -> str:

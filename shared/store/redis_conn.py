@@ -6,6 +6,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.connection import Connection
 from redis.retry import Retry
@@ -22,6 +24,15 @@ CONNECT_TIMEOUT_S = 5.0
 RETRIES = 6
 
 
+_OPTIONS = dict(
+    socket_timeout=SOCKET_TIMEOUT_S,
+    socket_connect_timeout=CONNECT_TIMEOUT_S,
+    socket_keepalive=True,
+    health_check_interval=30,
+    decode_responses=False,
+)
+
+
 def connect(url: str, *, retries: int = RETRIES) -> redis.Redis:
     """A client for ``url`` (``redis://``, ``rediss://`` for TLS, ``redis://user:password@host:port/db``).
 
@@ -29,15 +40,12 @@ def connect(url: str, *, retries: int = RETRIES) -> redis.Redis:
     that fail on a connection error or timeout are retried with backoff, and idle
     connections are health-checked before reuse, so clients survive Redis restarts.
     """
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=SOCKET_TIMEOUT_S,
-        socket_connect_timeout=CONNECT_TIMEOUT_S,
-        socket_keepalive=True,
-        health_check_interval=30,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries),
-        decode_responses=False,
-    )
+    return redis.Redis.from_url(url, retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries), **_OPTIONS)
+
+
+def connect_async(url: str, *, retries: int = RETRIES) -> redis.asyncio.Redis:
+    """`connect`'s asyncio twin, for the APIs' event loop: waiting on Redis there holds no thread."""
+    return redis.asyncio.Redis.from_url(url, retry=AsyncRetry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries), **_OPTIONS)
 
 
 def endpoint(client: redis.Redis) -> str:

@@ -1,8 +1,8 @@
 """Generated text as it is produced: a Redis Stream per job at `{prefix}stream:{job}`.
 
 Entries are `{"type": "text", "text": ...}` pieces, then one `{"type": "end",
-"finish_reason": ..., "error": ...}`. Readers (the SSE endpoints) block on XREAD,
-so any API process can stream any worker's job.
+"finish_reason": ..., "error": ...}`. Readers (the SSE endpoints, through
+`shared.store.waiting`) block on XREAD, so any API process can stream any worker's job.
 """
 
 from __future__ import annotations
@@ -14,7 +14,13 @@ import redis
 
 from shared.store.redis_conn import translate_connection_errors
 
-_READ_BLOCK_MS = 1000
+READ_BLOCK_MS = 1000
+
+
+def decode_events(entries: list) -> Iterator[dict]:
+    """The events of XREAD entries ``[(entry_id, {b"e": json}), …]``."""
+    for _entry_id, fields in entries:
+        yield json.loads(fields[b"e"])
 
 
 class TokenStreams:
@@ -35,28 +41,12 @@ class TokenStreams:
     def add_text(self, job_id: str, text: str) -> None:
         self._add(job_id, {"type": "text", "text": text})
 
-    def end(self, job_id: str, finish_reason: str | None, error: dict | None = None) -> None:
-        self._add(job_id, {"type": "end", "finish_reason": finish_reason, "error": error})
+    def end(self, job_id: str, finish_reason: str | None, error: dict | None = None, usage: dict | None = None) -> None:
+        """The last event: why the text ended, the error if it failed, the token counts if it ran."""
+        self._add(job_id, {"type": "end", "finish_reason": finish_reason, "error": error,
+                           **({"usage": usage} if usage is not None else {})})
 
     def reset(self, job_id: str) -> None:
         """A redelivered job starts its stream again rather than appending to a dead attempt's."""
         with translate_connection_errors(self._redis):
             self._redis.delete(self.key(job_id))
-
-    def follow(self, job_id: str, timeout_s: float) -> Iterator[dict]:
-        """Every event of the job's stream from the start, until its end event or `timeout_s` of silence."""
-        last_id = "0-0"
-        silent_ms = 0
-        while silent_ms < timeout_s * 1000:
-            with translate_connection_errors(self._redis):
-                reply = self._redis.xread({self.key(job_id): last_id}, block=_READ_BLOCK_MS, count=256)
-            if not reply:
-                silent_ms += _READ_BLOCK_MS
-                continue
-            silent_ms = 0
-            for entry_id, fields in reply[0][1]:
-                last_id = entry_id
-                event = json.loads(fields[b"e"])
-                yield event
-                if event["type"] == "end":
-                    return

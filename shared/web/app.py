@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+from contextlib import asynccontextmanager
 from typing import Annotated, Callable
 
 import kombu.exceptions
@@ -13,6 +14,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.config.errors import StoreUnavailable, Unauthorized, VlmqError
@@ -22,7 +24,8 @@ from shared.queue.heartbeat import live_workers
 from shared.queue.metrics import WorkerStats, WorkerStatsCollector
 from shared.store.containers import ContainerStore
 from shared.store.jobs import JobStore
-from shared.store.redis_conn import connect, describe_auth_error
+from shared.store.redis_conn import connect, connect_async, describe_auth_error
+from shared.store.waiting import JobWaiters
 from shared.store.streams import TokenStreams
 
 log = logging.getLogger(__name__)
@@ -197,10 +200,32 @@ class BodySizeLimit:
                 await too_large(scope, receive, send)
 
 
+class WaitingCollector:
+    """The requests this API process holds open on the store: waits on jobs and followed streams."""
+
+    def __init__(self, waiters: JobWaiters):
+        self._waiters = waiters
+
+    def collect(self):
+        yield GaugeMetricFamily("vlmq_api_jobs_waited", "Requests of this API process waiting for a job to finish",
+                                value=self._waiters.jobs_waited)
+        yield GaugeMetricFamily("vlmq_api_streams_followed", "Token streams this API process is following for its clients",
+                                value=self._waiters.streams_followed)
+
+
 def create_service_app(title: str, description: str, worker_kind: str, settings: Settings, routers: list[APIRouter]) -> FastAPI:
     """A FastAPI app with the state both APIs share: store clients, Celery, metrics, errors, health."""
-    app = FastAPI(title=title, version="0.1.0", description=description)
+    waiters = JobWaiters(connect_async(settings.effective_store_url), settings.key_prefix)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        await waiters.start()
+        yield
+        await waiters.stop()
+
+    app = FastAPI(title=title, version="0.1.0", description=description, lifespan=lifespan)
     client = connect(settings.effective_store_url)
+    app.state.waiters = waiters
     app.state.settings = settings
     app.state.redis = client
     app.state.store = ContainerStore(client, settings.key_prefix, settings.container_ttl_s, settings.max_container_bytes)
@@ -209,6 +234,7 @@ def create_service_app(title: str, description: str, worker_kind: str, settings:
     app.state.celery = create_celery_app(settings)
     app.state.metrics_registry = CollectorRegistry()
     app.state.metrics_registry.register(WorkerStatsCollector(WorkerStats(client, settings.key_prefix, worker_kind)))
+    app.state.metrics_registry.register(WaitingCollector(waiters))
     install_error_handlers(app)
     for router in [*routers, health_router(worker_kind)]:
         app.include_router(router)

@@ -11,6 +11,7 @@ from shared.config.settings import Settings
 from shared.store.containers import ContainerStore
 from shared.store.jobs import JobStore
 from shared.store.streams import TokenStreams
+from shared.store.waiting import JobWaiters
 
 
 def _settings(request: Request) -> Settings:
@@ -40,3 +41,10 @@ def _streams(request: Request) -> TokenStreams:
 
 
 StreamsDep = Annotated[TokenStreams, Depends(_streams)]
+
+
+def _waiters(request: Request) -> JobWaiters:
+    return request.app.state.waiters
+
+
+WaitersDep = Annotated[JobWaiters, Depends(_waiters)]

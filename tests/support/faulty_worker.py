@@ -30,10 +30,10 @@ def main() -> None:
     pipeline = build_pipeline(settings, args.model, "cpu")
     generate = pipeline.generate
 
-    def faulty_generate(tenant: str, payload: dict, on_text=None) -> dict:
+    def faulty_generate(tenant: str, payload: dict, *args, **kwargs) -> dict:
         if FAULT in payload.get("prompt", ""):
             raise TypeError(FAULT_MESSAGE)
-        return generate(tenant, payload, on_text)
+        return generate(tenant, payload, *args, **kwargs)
 
     pipeline.generate = faulty_generate
     app = create_celery_app(settings)

@@ -46,7 +46,7 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
 def api_server(app) -> Iterator[str]:
     """Serve a FastAPI app with uvicorn on a free loopback port in a thread; yields its base URL."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 15
