@@ -52,4 +52,8 @@ async def stream_events(waiters: JobWaiters, streams: TokenStreams, job_id: str,
         yield event
         if event["type"] == "end":
             return
-    yield {"type": "end", "finish_reason": None, "error": {"code": "timeout", "message": f"no output for {timeout_s:.0f} s"}}
+    if waiters.closing:
+        error = {"code": "unavailable", "message": f"this API process is stopping; read the rest at /v1/jobs/{job_id}/stream"}
+    else:
+        error = {"code": "timeout", "message": f"no output for {timeout_s:.0f} s"}
+    yield {"type": "end", "finish_reason": None, "error": error}

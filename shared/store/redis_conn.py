@@ -22,6 +22,8 @@ CONNECT_TIMEOUT_S = 5.0
 # A Redis restart takes about a second: retrying 6 times with jittered exponential
 # backoff (50 ms doubling, capped at 1 s) rides through it without hanging a caller long.
 RETRIES = 6
+# Connections of an API's asyncio client: each followed token stream holds one while it blocks.
+ASYNC_MAX_CONNECTIONS = 256
 
 
 _OPTIONS = dict(
@@ -43,9 +45,18 @@ def connect(url: str, *, retries: int = RETRIES) -> redis.Redis:
     return redis.Redis.from_url(url, retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries), **_OPTIONS)
 
 
-def connect_async(url: str, *, retries: int = RETRIES) -> redis.asyncio.Redis:
-    """`connect`'s asyncio twin, for the APIs' event loop: waiting on Redis there holds no thread."""
-    return redis.asyncio.Redis.from_url(url, retry=AsyncRetry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries), **_OPTIONS)
+def connect_async(url: str, *, retries: int = RETRIES, max_connections: int = ASYNC_MAX_CONNECTIONS) -> redis.asyncio.Redis:
+    """`connect`'s asyncio twin, for the APIs' event loop: waiting on Redis there holds no thread.
+
+    Its pool blocks a command when all ``max_connections`` are busy, rather than failing it: a
+    thousand waiting requests share a few connections (a job wait holds one only for a GET; a
+    followed stream for one ``XREAD`` of at most a second).
+    """
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=SOCKET_TIMEOUT_S,
+        retry=AsyncRetry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries), **_OPTIONS,
+    )
+    return redis.asyncio.Redis(connection_pool=pool)
 
 
 def endpoint(client: redis.Redis) -> str:

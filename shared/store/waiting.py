@@ -40,6 +40,8 @@ class JobWaiters:
         self._prefix = key_prefix
         self._events: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._listener: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = asyncio.Event()  # the server is stopping: waits return, streams end
         self.streams_followed = 0  # `follow` calls in progress, for /metrics
 
     @property
@@ -47,8 +49,23 @@ class JobWaiters:
         """Requests waiting on a job right now."""
         return sum(len(events) for events in self._events.values())
 
+    @property
+    def closing(self) -> bool:
+        return self._closing.is_set()
+
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._listener = asyncio.create_task(self._listen(), name="vlmq-job-waiters")
+
+    def close_soon(self) -> None:
+        """From any thread (a signal handler): end every wait now, so that a stopping server answers its
+        waiting clients (the job as it stands) instead of cutting them off after its grace period."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._close)
+
+    def _close(self) -> None:
+        self._closing.set()
+        self._wake()
 
     async def stop(self) -> None:
         if self._listener is not None:
@@ -71,7 +88,7 @@ class JobWaiters:
             while True:
                 job = await self.get(job_id, tenant)
                 remaining = deadline - time.monotonic()
-                if job["status"] in TERMINAL_STATUSES or remaining <= 0:
+                if job["status"] in TERMINAL_STATUSES or remaining <= 0 or self._closing.is_set():
                     return job
                 try:
                     await asyncio.wait_for(finished.wait(), remaining)
@@ -84,12 +101,12 @@ class JobWaiters:
                 del self._events[job_id]
 
     async def follow(self, stream_key: str, timeout_s: float) -> AsyncIterator[dict]:
-        """Every event of a token stream from its start, until its end event or `timeout_s` of silence
-        (`TokenStreams.follow` on the asyncio client)."""
+        """Every event of a token stream from its start, until its end event, `timeout_s` of silence,
+        or the server stopping."""
         last_id, silent_ms = "0-0", 0
         self.streams_followed += 1
         try:
-            while silent_ms < timeout_s * 1000:
+            while silent_ms < timeout_s * 1000 and not self._closing.is_set():
                 with translate_connection_errors(self._redis):
                     reply = await self._redis.xread({stream_key: last_id}, block=READ_BLOCK_MS, count=256)
                 if not reply:
