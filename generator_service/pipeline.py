@@ -114,9 +114,10 @@ class GeneratePipeline:
 
     # -- generation -----------------------------------------------------------------------
 
-    def generate(self, tenant: str, payload: dict, on_text: Callable[[str], None] | None = None,
+    def generate(self, tenant: str, payload: dict, on_text: Callable[[str, int], None] | None = None,
                  watch_cancel: Callable[[Callable[[], None]], ContextManager] | None = None) -> dict[str, Any]:
-        """Run one request to the end; `on_text` gets each piece of text as it becomes final.
+        """Run one request to the end; `on_text(text, tokens)` gets each piece of text as it becomes final,
+        with the number of tokens generated up to it.
 
         `watch_cancel(cancel)` is entered while the request runs and calls `cancel` (from any thread)
         to end it at the engine's next step, with finish_reason "cancelled".
@@ -128,14 +129,17 @@ class GeneratePipeline:
         pieces: list[str] = []
         # Text is handed from the engine thread to this one, so a slow `on_text` (a Redis
         # write per piece) never holds up the other requests decoding in the same batch.
-        handoff: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        handoff: queue.SimpleQueue[tuple[str, int] | None] = queue.SimpleQueue()
+        tokens = 0
 
         def emit(text: str) -> None:
             if text:
                 pieces.append(text)
-                handoff.put(text)
+                handoff.put((text, tokens))
 
         def on_token(token_id: int) -> bool:
+            nonlocal tokens
+            tokens += 1
             text, stopped = stops.push(decoder.push(token_id))
             emit(text)
             return stopped
@@ -147,9 +151,9 @@ class GeneratePipeline:
 
         handle = self.engine.submit(GenerationRequest(encoded.ids, params, encoded.containers, on_token=on_token, on_finish=on_finish))
         with watch_cancel(handle.cancel) if watch_cancel is not None else nullcontext():
-            for text in _drained(handoff):
+            for text, tokens_so_far in _drained(handoff):
                 if on_text is not None:
-                    on_text(text)
+                    on_text(text, tokens_so_far)
         result = handle.result()
         finish_reason = "stop" if stops.stopped else result.finish_reason
         return {
@@ -165,8 +169,8 @@ class GeneratePipeline:
         }
 
 
-def _drained(handoff: queue.SimpleQueue[str | None]) -> Iterator[str]:
-    """The pieces put on `handoff` until None, each time joined with those already waiting behind it:
+def _drained(handoff: queue.SimpleQueue[tuple[str, int] | None]) -> Iterator[tuple[str, int]]:
+    """The (text, tokens) put on `handoff` until None, each time joined with those already waiting behind it:
     a consumer slower than the engine (a Redis write per call) falls behind by one call, not by a token per call."""
     while True:
         pieces = [handoff.get()]
@@ -175,8 +179,8 @@ def _drained(handoff: queue.SimpleQueue[str | None]) -> Iterator[str]:
                 pieces.append(handoff.get_nowait())
             except queue.Empty:
                 break
-        text = "".join(piece for piece in pieces if piece is not None)
-        if text:
-            yield text
+        texts = [piece for piece in pieces if piece is not None]
+        if texts:
+            yield "".join(text for text, _ in texts), texts[-1][1]
         if pieces[-1] is None:
             return

@@ -50,7 +50,7 @@ def run_generate_job(pipeline: GeneratePipeline, jobs: JobStore, streams: TokenS
         return {"job_id": job_id, "status": job["status"]}
     jobs.mark_running(job_id)
     streams.reset(job_id)
-    on_text = (lambda text: streams.add_text(job_id, text)) if payload.get("stream") else None
+    on_text = (lambda text, tokens: streams.add_text(job_id, text, tokens)) if payload.get("stream") else None
     started = time.perf_counter()
     try:
         if embed_result is not None:

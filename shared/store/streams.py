@@ -1,7 +1,7 @@
 """Generated text as it is produced: a Redis Stream per job at `{prefix}stream:{job}`.
 
-Entries are `{"type": "text", "text": ...}` pieces, then one `{"type": "end",
-"finish_reason": ..., "error": ...}`. Readers (the SSE endpoints, through
+Entries are `{"type": "text", "text": ..., "tokens": n}` pieces (n: tokens generated so far),
+then one `{"type": "end", "finish_reason": ..., "error": ..., "usage": {...}}`. Readers (the SSE endpoints, through
 `shared.store.waiting`) block on XREAD, so any API process can stream any worker's job.
 """
 
@@ -38,8 +38,9 @@ class TokenStreams:
             pipe.expire(key, self.ttl_s)
             pipe.execute()
 
-    def add_text(self, job_id: str, text: str) -> None:
-        self._add(job_id, {"type": "text", "text": text})
+    def add_text(self, job_id: str, text: str, tokens: int) -> None:
+        """A piece of text, with the number of tokens generated up to it."""
+        self._add(job_id, {"type": "text", "text": text, "tokens": tokens})
 
     def end(self, job_id: str, finish_reason: str | None, error: dict | None = None, usage: dict | None = None) -> None:
         """The last event: why the text ended, the error if it failed, the token counts if it ran."""

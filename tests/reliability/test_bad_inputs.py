@@ -25,6 +25,7 @@ from PIL import Image
 
 from embedder_service.api.app import create_app as create_embed_app
 from generator_service.api.app import create_app as create_generate_app
+from shared.config.settings import Settings
 from shared.store.container import encode_container
 from shared.store.containers import ContainerStore
 from shared.store.redis_conn import connect
@@ -265,3 +266,39 @@ def _generator_refusals(stack, generate, settings, container) -> None:
     assert nan.status_code == 400 and "temperature" in nan.json()["error"]["message"], nan.text
     unknown_field = httpx.post(f"{generate}/v1/generate", json={"prompt": "hi", "max_token": 2})
     assert unknown_field.status_code == 400 and "max_token" in unknown_field.json()["error"]["message"]
+
+
+def test_oversized_prompts_are_refused_before_any_work(stack):
+    """The issue's 2,000,000-alias prompt, a 4 MB one, and image counts over the cap: 400s from the API,
+    with no job queued (the worker never sees them; bench/serving.py times them)."""
+    settings = stack["settings"].model_copy(update={"max_upload_bytes": Settings().max_upload_bytes})  # bodies of MBs get in
+    container = upload(stack, png_bytes(3040)).json()["images"][0]
+    with api_server(create_generate_app(settings)) as generate:
+        _refused_before_any_work(generate, settings, container)
+
+
+def _refused_before_any_work(generate: str, settings, container: dict) -> None:
+    jobs = connect(settings.effective_store_url)
+    before = len(list(jobs.scan_iter(match=f"{settings.key_prefix}job:*", count=1000)))
+    chars, images = "VLMQ_MAX_PROMPT_CHARS", "VLMQ_MAX_IMAGES_PER_REQUEST"
+    image_part = {"type": "image_url", "image_url": {"url": f"vlmq://container/{container['id']}"}}
+    for body, path, limit in [
+        ({"prompt": "e" * 2_000_000, "images": {"e": container["id"]}}, "/v1/generate", chars),
+        ({"prompt": "word " * 800_000}, "/v1/generate", chars),
+        ({"prompt": "<i> " * 65, "images": {"<i>": container["id"]}}, "/v1/generate", images),
+        ({"prompt": container["alias"] * 65}, "/v1/generate", images),
+        ({"messages": [{"role": "user", "content": [image_part] * 65}]}, "/v1/chat/completions", images),
+        ({"messages": [{"role": "user", "content": "x" * 200_000}, {"role": "user", "content": [
+            {"type": "text", "text": "y" * 100_000}]}]}, "/v1/chat/completions", chars),
+    ]:
+        refused = httpx.post(f"{generate}{path}", json={**body, "max_tokens": 2}, timeout=30)
+        assert refused.status_code == 400 and limit in refused.json()["error"]["message"], refused.text[:300]
+    assert len(list(jobs.scan_iter(match=f"{settings.key_prefix}job:*", count=1000))) == before
+    # At the cap the API takes it, and the worker counts its images' tokens (64 × 16 with this model)
+    # against the context before it cuts the prompt or builds a list.
+    at_cap = httpx.post(f"{generate}/v1/generate?wait=60", json={"prompt": "<i> " * 64, "images": {"<i>": container["id"]},
+                                                                "max_tokens": 2}, timeout=70)
+    assert at_cap.status_code == 400 and "the prompt's images alone take 1024 tokens" in at_cap.json()["error"]["message"]
+    taken = httpx.post(f"{generate}/v1/generate?wait=60", json={"prompt": "<i> " * 32, "images": {"<i>": container["id"]},
+                                                               "max_tokens": 2}, timeout=70)
+    assert taken.status_code == 200 and taken.json()["usage"]["image_tokens"] == 32 * 16, taken.text
