@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0, description="Largest accepted image upload")
     max_image_pixels: int = Field(40_000_000, gt=0, description="Largest decoded image (width × height)")
     max_container_bytes: int = Field(256 * 1024 * 1024, gt=0, description="Largest container blob accepted on decode")
+    container_dtype: Literal["model", "float32", "bfloat16", "float16", "int8"] = Field(
+        "model", description="How containers store their rows: model (the vision tower's dtype, lossless), a float dtype, "
+        "or int8 (one float scale per row, ~half of float16's bytes; dequantized into the LM's dtype when fetched)"
+    )
     max_prompt_tokens: int = Field(32768, gt=0, description="Longest prompt after alias expansion")
     max_new_tokens: int = Field(4096, gt=0, description="Upper bound on max_tokens per request")
     max_prompt_chars: int = Field(
@@ -97,7 +101,7 @@ class Settings(BaseSettings):
 
     _split = field_validator("api_keys", "allowed_path_roots", mode="before")(_split_list)
 
-    @field_validator("packed_weights", "decode_kernel", "embed_gather", "prefix_cache", mode="before")
+    @field_validator("packed_weights", "decode_kernel", "embed_gather", "prefix_cache", "container_dtype", mode="before")
     @classmethod
     def _mode(cls, value: object, info: ValidationInfo) -> object:
         # A mode is a word, whatever its case or spacing (" OFF " is off); a bad one names its
