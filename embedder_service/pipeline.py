@@ -19,7 +19,7 @@ from embedder_service.batcher import Batcher
 from shared.config.errors import NotFound, StoreUnavailable, VlmqError
 from shared.config.settings import Settings
 from shared.media.images import decode_image, image_info
-from shared.store.container import EmbeddingContainer
+from shared.store.container import EmbeddingContainer, stored_as
 from shared.store.containers import ContainerStore, container_id
 from shared.store.token_ids import allocate_token_ids
 
@@ -54,7 +54,7 @@ class EmbedPipeline:
         embeddings = self.batcher.submit(pixels).result()
         num_tokens = embeddings.shape[0]
         now = time.time()
-        container = EmbeddingContainer(
+        container = stored_as(EmbeddingContainer(
             id=cid,
             model=self.model.fingerprint,
             tenant=tenant,
@@ -67,7 +67,7 @@ class EmbedPipeline:
             alias="",
             created_at=now,
             expires_at=now + self.settings.container_ttl_s,
-        )
+        ), self.settings.container_dtype)
         return self.store.put(container)
 
     def embed_many(self, images: list[bytes], tenant: str) -> list[EmbeddingContainer | VlmqError]:

@@ -87,9 +87,10 @@ class GeneratePipeline:
         return self.tokenizer.encode_with_images(pieces, [by_id[cid] for cid in ids], add_special_tokens=False, max_length=max_length)
 
     def _containers(self, tenant: str, ids: list[str]) -> dict[str, EmbeddingContainer]:
-        """The containers named, by id, fetched in one round trip and each checked to be this model's."""
+        """The containers named, by id, fetched in one round trip, each checked to be this model's, with their rows
+        in the model's dtype (int8 ones dequantized)."""
         wanted = list(dict.fromkeys(ids))
-        by_id = {c.id: c for c in self.store.get_many(wanted, tenant=tenant)}
+        by_id = {c.id: c.dequantized(self.model.dtype) for c in self.store.get_many(wanted, tenant=tenant)}
         for container in by_id.values():
             self._check_container(container)
         return by_id

@@ -21,12 +21,16 @@ def get_container(container_id: str, tenant: Tenant, store: StoreDep) -> dict:
 @router.get(
     "/containers/{container_id}/tensor",
     response_class=Response,
-    responses={200: {"content": {"application/octet-stream": {}}, "description": "safetensors file with tensor `embeddings`"}},
+    responses={200: {"content": {"application/octet-stream": {}},
+                     "description": "safetensors file with tensor `embeddings` (and `scales`, one per row, for an int8 container)"}},
 )
 def get_container_tensor(container_id: str, tenant: Tenant, store: StoreDep) -> Response:
     container = store.get(container_id, tenant=tenant)
-    # The decoded tensor may be a read-only view of the Redis reply; safetensors needs its own copy.
-    data = save({"embeddings": container.embeddings.clone()}, metadata={"container_id": container.id, "model": container.model})
+    # The decoded tensors may be read-only views of the Redis reply; safetensors needs its own copies.
+    tensors = {"embeddings": container.embeddings.clone()}
+    if container.scales is not None:
+        tensors["scales"] = container.scales.clone()
+    data = save(tensors, metadata={"container_id": container.id, "model": container.model})
     return Response(data, media_type="application/octet-stream", headers={"Content-Disposition": f'attachment; filename="{container.id}.safetensors"'})
 
 

@@ -6,9 +6,14 @@ Wire format (docs/DESIGN.md §5) — one msgpack map::
      "meta": {id, model, tenant, first_token_id, num_tokens, alias,
               layout: {before, after, row_length, row_break_id, text_before, text_after},
               grid: [t, h, w] | None, image: {...}, created_at, expires_at},
-     "dtype": "float32" | "bfloat16" | "float16",
+     "dtype": "float32" | "bfloat16" | "float16" | "int8",
      "shape": [num_tokens, hidden],
-     "data": bin}          # the raw tensor bytes, row-major, little-endian
+     "data": bin,          # the raw tensor bytes, row-major, little-endian
+     "scales": bin}        # int8 only: one float32 per row, row = data row × its scale
+
+An ``int8`` container is quantized per row, symmetric on the row's largest magnitude
+(`quantize_rows`): about half the bytes of float16; the generator dequantizes it into
+its own dtype when it fetches it (`EmbeddingContainer.dequantized`).
 
 No pickle: every field is a plain msgpack type. ``decode_container`` accepts any
 key order and validates everything, raising ``ContainerFormatError`` — and only
@@ -23,7 +28,7 @@ import reprlib
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgpack
@@ -40,6 +45,8 @@ __all__ = [
     "decode_container",
     "encode_container",
     "encode_container_buffers",
+    "quantize_rows",
+    "stored_as",
 ]
 
 FORMAT_VERSION = 1
@@ -49,6 +56,7 @@ _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
+    "int8": torch.int8,
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
@@ -159,6 +167,7 @@ class EmbeddingContainer:
     alias: str = ""
     created_at: float = field(default_factory=time.time)
     expires_at: float | None = None
+    scales: torch.Tensor | None = None  # Float32[num_tokens], for int8 embeddings only
 
     def __post_init__(self) -> None:
         if not self.alias:
@@ -171,6 +180,10 @@ class EmbeddingContainer:
             raise ValueError(
                 f"embeddings must be (num_tokens={self.num_tokens}, hidden), got {tuple(self.embeddings.shape)}"
             )
+        if (self.embeddings.dtype == torch.int8) != (self.scales is not None):
+            raise ValueError("int8 embeddings need their per-row scales, and only they have scales")
+        if self.scales is not None and (self.scales.dtype != torch.float32 or tuple(self.scales.shape) != (self.num_tokens,)):
+            raise ValueError(f"scales must be float32 of shape ({self.num_tokens},), got {self.scales.dtype} {tuple(self.scales.shape)}")
         if self.layout.row_length is not None and self.num_tokens % self.layout.row_length:
             raise ValueError(
                 f"num_tokens={self.num_tokens} is not a whole number of rows of {self.layout.row_length}"
@@ -182,7 +195,7 @@ class EmbeddingContainer:
 
     @property
     def dtype(self) -> str:
-        """The tensor's dtype name: ``float32``, ``bfloat16`` or ``float16``."""
+        """The tensor's dtype name: ``float32``, ``bfloat16``, ``float16`` or ``int8``."""
         return str(self.embeddings.dtype).removeprefix("torch.")
 
     @property
@@ -199,6 +212,16 @@ class EmbeddingContainer:
         """How many token IDs the image takes in a prompt: ``len(token_ids())``, computed."""
         return self.layout.length(self.num_tokens)
 
+    def dequantized(self, dtype: torch.dtype) -> EmbeddingContainer:
+        """This container with its rows in `dtype`: int8 rows times their scales; others cast (itself if already so)."""
+        if self.scales is not None:
+            rows = (self.embeddings.to(torch.float32) * self.scales[:, None]).to(dtype)  # [N, D]
+        elif self.embeddings.dtype != dtype:
+            rows = self.embeddings.to(dtype)
+        else:
+            return self
+        return replace(self, embeddings=rows, scales=None)
+
     def metadata(self) -> dict[str, Any]:
         """Everything but the tensor, as a JSON-able dict (what the APIs return)."""
         return {
@@ -207,6 +230,25 @@ class EmbeddingContainer:
             "dtype": self.dtype,
             "shape": list(self.embeddings.shape),
         }
+
+
+def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, D] float rows → (Int8[N, D], Float32[N] scales), each row symmetric on its largest magnitude."""
+    rows = rows.to(torch.float32)
+    scales = rows.abs().amax(dim=1) / 127  # [N]
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero row stays zeros
+    quantized = torch.round(rows / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+    return quantized, scales
+
+
+def stored_as(container: EmbeddingContainer, dtype_name: str) -> EmbeddingContainer:
+    """The container as `VLMQ_CONTAINER_DTYPE` stores it: "model" as it is, a float dtype cast, "int8" quantized."""
+    if dtype_name == "model" or dtype_name == container.dtype:
+        return container
+    if dtype_name == "int8":
+        quantized, scales = quantize_rows(container.embeddings)
+        return replace(container, embeddings=quantized, scales=scales)
+    return container.dequantized(_DTYPES[dtype_name])
 
 
 def _meta(container: EmbeddingContainer) -> dict[str, Any]:
@@ -225,11 +267,13 @@ def _meta(container: EmbeddingContainer) -> dict[str, Any]:
     }
 
 
-# Blobs written here put "data" first, behind a 16-byte header — map32 of 5 entries,
-# the key "data" as str8, a bin32 length — so the tensor bytes start 16 bytes into
+# Blobs written here put "data" first, behind a 16-byte header — map32 of its 5 (int8: 6)
+# entries, the key "data" as str8, a bin32 length — so the tensor bytes start 16 bytes into
 # the blob and stay aligned wherever the blob's buffer is (CPython's bytes are
 # 16-aligned). Non-minimal encodings are still plain msgpack.
-_HEADER_BEFORE_DATA_LENGTH = b"\xdf\x00\x00\x00\x05" + b"\xd9\x04data" + b"\xc6"
+_MAP32 = b"\xdf"
+_DATA_KEY_BIN32 = b"\xd9\x04data" + b"\xc6"
+_HEADER_BEFORE_DATA_LENGTH_SIZE = len(_MAP32) + 4 + len(_DATA_KEY_BIN32)
 
 
 def encode_container(container: EmbeddingContainer) -> bytes:
@@ -255,10 +299,13 @@ def encode_container_buffers(container: EmbeddingContainer) -> list[bytes | memo
         "dtype": _DTYPE_NAMES[tensor.dtype],
         "shape": list(tensor.shape),
     }
-    # The map's other 4 entries follow the data: msgpack keys and values, back to back — a
-    # packed 4-entry map without its one-byte fixmap marker.
+    if container.scales is not None:
+        rest["scales"] = container.scales.detach().cpu().contiguous().numpy().astype("<f4").tobytes()
+    # The map's other entries follow the data: msgpack keys and values, back to back — a
+    # packed map without its one-byte fixmap marker.
     entries = msgpack.packb(rest)[1:]
-    return [_HEADER_BEFORE_DATA_LENGTH + data.nbytes.to_bytes(4, "big"), data, entries]
+    header = _MAP32 + (len(rest) + 1).to_bytes(4, "big") + _DATA_KEY_BIN32
+    return [header + data.nbytes.to_bytes(4, "big"), data, entries]
 
 
 def decode_container(blob: bytes | bytearray | memoryview, *, max_bytes: int | None = None) -> EmbeddingContainer:
@@ -303,8 +350,18 @@ def decode_container(blob: bytes | bytearray | memoryview, *, max_bytes: int | N
         raise ContainerFormatError(
             f"container data is {len(data)} bytes but shape {shape} of {dtype_name} needs {expected}"
         )
+    scales = None
+    if dtype == torch.int8:
+        raw_scales = _require(top, "scales", lambda v: isinstance(v, (bytes, memoryview)), "bin", "container")
+        if len(raw_scales) != shape[0] * 4:
+            raise ContainerFormatError(f"container scales are {len(raw_scales)} bytes but {shape[0]} rows need {shape[0] * 4}")
+        scales = _tensor_from_buffer(memoryview(raw_scales), torch.float32, [shape[0]])
+        if not bool(torch.isfinite(scales).all()):
+            raise ContainerFormatError("container scales hold non-finite values")
+    elif "scales" in top:
+        raise ContainerFormatError(f"a {dtype_name} container has no scales")
     meta = _require(top, "meta", lambda v: isinstance(v, dict), "a map", "container")
-    return _container_from_meta(meta, _tensor_from_buffer(data, dtype, shape))
+    return _container_from_meta(meta, _tensor_from_buffer(data, dtype, shape), scales)
 
 
 def _tensor_from_buffer(data: memoryview, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
@@ -334,8 +391,8 @@ _MAP_MARKERS = {0xDE: 2, 0xDF: 4}  # map16/32
 
 def _read_top_level_map(view: memoryview) -> dict[str, Any]:
     """The blob's map with ``data`` as a memoryview slice of ``view``; every key must be a string."""
-    if view[: len(_HEADER_BEFORE_DATA_LENGTH)] == _HEADER_BEFORE_DATA_LENGTH:
-        return _read_encoded_map(view)
+    if view[:1] == _MAP32 and view[5:_HEADER_BEFORE_DATA_LENGTH_SIZE] == _DATA_KEY_BIN32 and 2 <= int.from_bytes(view[1:5], "big") <= 8:
+        return _read_encoded_map(view, int.from_bytes(view[1:5], "big"))
     count, pos = _read_length(view, 0, _MAP_MARKERS, 0x80, 0x0F, "a msgpack map")
     top: dict[str, Any] = {}
     cursor = _Cursor(view, pos)
@@ -354,18 +411,18 @@ def _read_top_level_map(view: memoryview) -> dict[str, Any]:
     return top
 
 
-def _read_encoded_map(view: memoryview) -> dict[str, Any]:
+def _read_encoded_map(view: memoryview, entries: int) -> dict[str, Any]:
     """The map of a blob laid out as `encode_container` writes it, read in two steps instead of entry by entry.
 
-    The header fixes 5 entries with the data first; the 4 after it are parsed by one
-    msgpack call, as the keys and values of an 8-item array (the store's hot path).
+    The header gives the entries, the data first; the others are parsed by one msgpack
+    call, as the keys and values of a fixarray (the store's hot path).
     """
-    length, start = _read_length(view, len(_HEADER_BEFORE_DATA_LENGTH) - 1, _BIN_MARKERS, None, 0, "bin")
+    length, start = _read_length(view, _HEADER_BEFORE_DATA_LENGTH_SIZE - 1, _BIN_MARKERS, None, 0, "bin")
     if start + length > len(view):
         raise ContainerFormatError("container blob is truncated")
     top: dict[str, Any] = {"data": view[start : start + length]}
     try:
-        items = msgpack.unpackb(b"\x98" + bytes(view[start + length :]), raw=False)
+        items = msgpack.unpackb(bytes([0x90 | 2 * (entries - 1)]) + bytes(view[start + length :]), raw=False)
     except msgpack.ExtraData as exc:
         raise ContainerFormatError(f"container blob has {len(exc.extra)} bytes after its map") from exc
     except Exception as exc:  # msgpack raises many types (ValueError, FormatError, StackError, ...)
@@ -492,7 +549,7 @@ def _layout_from_meta(raw: dict) -> Layout:
         raise ContainerFormatError(str(exc)) from exc
 
 
-def _container_from_meta(meta: dict, embeddings: torch.Tensor) -> EmbeddingContainer:
+def _container_from_meta(meta: dict, embeddings: torch.Tensor, scales: torch.Tensor | None) -> EmbeddingContainer:
     container_id = _require(meta, "id", lambda v: _is_str(v) and v != "", "a non-empty string", "meta")
     model = _require(meta, "model", _is_str, "a string", "meta")
     tenant = _require(meta, "tenant", _is_str, "a string", "meta")
@@ -526,6 +583,7 @@ def _container_from_meta(meta: dict, embeddings: torch.Tensor) -> EmbeddingConta
             alias=alias,
             created_at=float(created_at),
             expires_at=float(expires_at) if expires_at is not None else None,
+            scales=scales,
         )
     except ValueError as exc:  # the container's own invariants: ID range, whole rows of a row layout
         raise ContainerFormatError(str(exc)) from exc

@@ -17,6 +17,7 @@ from shared.store.container import (
     Layout,
     decode_container,
     encode_container,
+    stored_as,
 )
 
 FIRST = EMBEDDING_INDEX_BASE + 100
@@ -184,7 +185,8 @@ def test_decode_enforces_the_size_limit():
 # -- fuzzing: whatever the bytes, decode returns a container or raises ContainerFormatError ------------
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-VALID_BLOB = encode_container(make_container(shape=(2, 3), layout=Layout(before=(1,), row_length=1, row_break_id=2)))
+_FUZZED = make_container(shape=(2, 3), layout=Layout(before=(1,), row_length=1, row_break_id=2))
+VALID_BLOBS = [encode_container(_FUZZED), encode_container(stored_as(_FUZZED, "int8"))]  # float32 and int8 with scales
 
 msgpack_values = st.recursive(
     st.none()
@@ -193,7 +195,7 @@ msgpack_values = st.recursive(
     | st.floats()
     | st.text(max_size=8)
     | st.binary(max_size=16)
-    | st.sampled_from(["float32", "bfloat16", "float16", 1, [2, 3], [0, 0]]),
+    | st.sampled_from(["float32", "bfloat16", "float16", "int8", 1, [2, 3], [0, 0]]),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
     max_leaves=12,
 )
@@ -216,7 +218,7 @@ def test_fuzz_random_bytes(blob):
 @FUZZ
 @given(
     st.dictionaries(
-        st.sampled_from(["v", "meta", "dtype", "shape", "data", "extra"]) | st.text(max_size=4), msgpack_values
+        st.sampled_from(["v", "meta", "dtype", "shape", "data", "scales", "extra"]) | st.text(max_size=4), msgpack_values
     )
 )
 def test_fuzz_random_msgpack_maps(top):
@@ -225,24 +227,66 @@ def test_fuzz_random_msgpack_maps(top):
 
 @FUZZ
 @given(st.data())
-def test_fuzz_valid_blob_with_one_meta_field_replaced(data):
-    top = msgpack.unpackb(VALID_BLOB)
+def test_fuzz_valid_blob_with_one_field_replaced(data):
+    top = msgpack.unpackb(data.draw(st.sampled_from(VALID_BLOBS)))
     section = data.draw(st.sampled_from([top, top["meta"], top["meta"]["layout"]]))
     section[data.draw(st.sampled_from(sorted(section)))] = data.draw(msgpack_values)
     decodes_or_fails_cleanly(msgpack.packb(top))
 
 
 @FUZZ
-@given(st.lists(st.tuples(st.integers(0, len(VALID_BLOB) - 1), st.integers(0, 255)), min_size=1, max_size=8))
-def test_fuzz_mutated_valid_blob(mutations):
-    blob = bytearray(VALID_BLOB)
-    for position, value in mutations:
+@given(st.data())
+def test_fuzz_mutated_valid_blob(data):
+    blob = bytearray(data.draw(st.sampled_from(VALID_BLOBS)))
+    positions = st.integers(0, len(blob) - 1)
+    for position, value in data.draw(st.lists(st.tuples(positions, st.integers(0, 255)), min_size=1, max_size=8)):
         blob[position] = value
     decodes_or_fails_cleanly(bytes(blob))
 
 
 @FUZZ
-@given(st.integers(0, len(VALID_BLOB) - 1))
-def test_fuzz_truncated_blob_always_fails(length):
+@given(st.data())
+def test_fuzz_truncated_blob_always_fails(data):
+    blob = data.draw(st.sampled_from(VALID_BLOBS))
     with pytest.raises(ContainerFormatError):
-        decode_container(VALID_BLOB[:length])
+        decode_container(blob[: data.draw(st.integers(0, len(blob) - 1))])
+
+
+# -- int8 containers ---------------------------------------------------------------------------------
+
+
+def test_int8_round_trips_bit_exact_and_dequantizes_within_half_a_step():
+    original = make_container(shape=(64, 256))
+    stored = stored_as(original, "int8")
+    decoded = decode_container(encode_container(stored))
+    assert decoded.dtype == "int8" and torch.equal(decoded.embeddings, stored.embeddings) and torch.equal(decoded.scales, stored.scales)
+    step = original.embeddings.abs().amax(dim=1, keepdim=True) / 127  # [N, 1]: one quantization step per row
+    rows = decoded.dequantized(torch.float32).embeddings
+    assert ((rows - original.embeddings).abs() <= step / 2 + 1e-6).all()
+    assert torch.nn.functional.cosine_similarity(rows, original.embeddings, dim=1).min() > 0.999
+
+
+def test_int8_takes_about_half_the_bytes_of_float16():
+    half = make_container(shape=(576, 4096), dtype=torch.float16)  # a LLaVA-1.5-7B image
+    assert len(encode_container(stored_as(half, "int8"))) <= 0.51 * len(encode_container(half))
+
+
+def test_an_all_zero_row_stays_zero():
+    rows = stored_as(make_container(embeddings=torch.zeros(4, 8)), "int8").dequantized(torch.float32).embeddings
+    assert torch.equal(rows, torch.zeros(4, 8))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t: t.pop("scales"), "field 'scales' is missing"),
+        (lambda t: t.update(scales=t["scales"][:-4]), "scales are 12 bytes but 4 rows need 16"),
+        (lambda t: t.update(scales=b"\x00\x00\xc0\x7f" * 4), "non-finite"),
+        (lambda t: t.update(dtype="float16", data=t["data"] * 2), "a float16 container has no scales"),
+    ],
+)
+def test_decode_names_what_is_wrong_with_an_int8_container(change, message):
+    top = _top(stored_as(make_container(), "int8"))
+    change(top)
+    with pytest.raises(ContainerFormatError, match=message):
+        _decode_map(top)
