@@ -24,6 +24,8 @@ RUNS = [
     ["caption.py"],
     ["store.py"],
     ["inject.py"],
+    ["serving.py"],
+    ["int8_containers.py"],
 ]
 
 

@@ -20,15 +20,16 @@ def json_lines(lines: Iterable[str]) -> Iterator[dict]:
 
 
 def table(rows: Iterable[dict]) -> Iterator[str]:
-    """The comparisons among `rows` as markdown table lines; context lines (bandwidths, FLOPs) stay in the raw output."""
+    """The comparisons and the results with a target among `rows` as markdown table lines; context lines
+    (bandwidths, FLOPs) stay in the raw output."""
     yield "| bench | metric | value | baseline | ratio | target | met |"
     yield "|---|---|---|---|---|---|---|"
     for row in rows:
-        if "ratio" not in row:
+        if "ratio" not in row and "target" not in row:
             continue
         met = {True: "yes", False: "**no**"}.get(row.get("met"), "")
         yield (f"| {row['bench']} | {row['metric']} | {row['value']} {row['unit']} | {row.get('baseline', '')} | "
-               f"{row['ratio']} | {row.get('target', '')} | {met} |")
+               f"{row.get('ratio', '')} | {row.get('target', '')} | {met} |")
 
 
 def main() -> None:
