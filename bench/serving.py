@@ -31,6 +31,8 @@ from common import emit, parse_args, write_bench_small
 from PIL import Image
 
 from shared.store.redis_conn import connect
+from shared.store.jobs import stream_key
+from shared.store.streams import decode_events
 from vlmq.demo_model import write_demo_model
 from vlmq.stack import ApiPorts, LocalStack, private_log_dir
 
@@ -136,8 +138,7 @@ def _stream_then_leave(base: str, seed: int, seen: dict[str, int]) -> None:
 def _end_event(store, key_prefix: str, job_id: str) -> dict:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        entries = store.xrange(f"{key_prefix}stream:{job_id}")
-        events = [json.loads(fields[b"e"]) for _, fields in entries]
+        events = list(decode_events(store.xrange(stream_key(key_prefix, job_id))))
         if events and events[-1]["type"] == "end":
             return events[-1]
         time.sleep(0.05)

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import quote
@@ -81,6 +82,9 @@ class EmbeddedRedis:
         data_dir: str | Path | None = None,
         appendonly: bool = False,
         password: str | None = None,
+        config: Sequence[str] = (),
+        disabled_commands: Sequence[str] = DISABLED_COMMANDS,
+        sentinel: bool = False,
     ):
         self._executable = find_redis_server()
         self._auto_port = port is None
@@ -89,6 +93,9 @@ class EmbeddedRedis:
         self.data_dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="vlmq-redis-"))
         self.appendonly = appendonly
         self.password = password
+        self.extra_config = list(config)
+        self.disabled_commands = tuple(disabled_commands)
+        self.sentinel = sentinel
         self._process: subprocess.Popen | None = None
         self._log_start = 0
 
@@ -132,7 +139,7 @@ class EmbeddedRedis:
             # Its own session: a Ctrl-C meant for `vlmq up` must not kill Redis
             # before the workers using it have stopped.
             self._process = subprocess.Popen(
-                [self._executable, str(config)],
+                [self._executable, str(config), *(["--sentinel"] if self.sentinel else [])],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -153,6 +160,13 @@ class EmbeddedRedis:
         try:
             process.wait(timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crashed host: nothing is flushed, clients see the connection drop."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
             process.kill()
             process.wait()
 
@@ -183,7 +197,8 @@ class EmbeddedRedis:
             'save ""',
             f"appendonly {'yes' if self.appendonly else 'no'}",
             'logfile ""',
-            *(f'rename-command {command} ""' for command in DISABLED_COMMANDS),
+            *(f'rename-command {command} ""' for command in self.disabled_commands),
+            *self.extra_config,
         ]
         if self.password:
             escaped = self.password.replace("\\", "\\\\").replace('"', '\\"')

@@ -20,6 +20,11 @@ message and one takes it; the others find nothing and wait again.
 ``close`` also survives a Redis that went away while a BLMOVE was waiting (kombu's
 own would end the worker then; see ``Channel.close``).
 
+Behind Sentinel (``sentinel://`` broker URLs) ``SentinelTransport`` is kombu's Sentinel
+transport with the same take: kombu's Sentinel channel finds the master (and finds it
+again after a failover, on reconnection), this channel takes from it. What a failover
+can lose is Redis replication's to lose, not the take's: see docs/SCALING.md.
+
 Used for consumers of a single queue without priorities (how vlmq's workers
 consume); anything else falls back to kombu's BRPOP. Selected in
 ``create_celery_app`` with ``broker_transport``.
@@ -35,6 +40,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
 TRANSPORT = "shared.queue.broker:Transport"
+SENTINEL_TRANSPORT = "shared.queue.broker:SentinelTransport"
 
 # KEYS: queue, unacked hash, unacked index; ARGV: now. Peeks first so that a message
 # that is not kombu's JSON is still taken (and left to kombu to handle) rather than
@@ -114,3 +120,20 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """The atomic take (``Channel``) on the master kombu's Sentinel channel connects to."""
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
+
+    def __init__(self, client, **kwargs):
+        super().__init__(client, **kwargs)
+        # The ';'-separated entries of a Sentinel URL are Sentinels of one master, not alternate brokers,
+        # but kombu cycles through them as such on a connection error, and its switch re-reads the
+        # transport from the entry's scheme: after a failover the worker would consume through kombu's
+        # own Sentinel transport (BRPOP, no atomic take). The Sentinels already lead to the new master:
+        # nothing to switch to.
+        client.cycle = None

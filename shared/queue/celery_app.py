@@ -23,12 +23,16 @@ from kombu import Exchange, Queue
 
 from shared.config.errors import StoreUnavailable, VlmqError
 from shared.config.settings import Settings
+from shared.queue.broker import SENTINEL_TRANSPORT
 from shared.queue.broker import TRANSPORT as BROKER_TRANSPORT
 from shared.store.jobs import FAILED, JobStore
 from shared.store.redis_conn import (
     CONNECT_TIMEOUT_S,
     SOCKET_TIMEOUT_S,
     connect,
+    is_cluster_url,
+    is_sentinel_url,
+    sentinel_parts,
     translate_connection_errors,
 )
 
@@ -102,9 +106,32 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+def celery_url(url: str) -> tuple[str, dict[str, Any]]:
+    """A vlmq Redis URL as Celery takes it, and the transport options it needs: a Sentinel URL without its
+    ``master_name``, which goes to the options. A cluster URL is refused: Celery's Redis transport and
+    result backend speak one server (or Sentinel), not Cluster."""
+    if is_cluster_url(url):
+        raise ValueError("Celery cannot use a Redis Cluster: VLMQ_BROKER_URL must be a redis:// or sentinel:// URL "
+                         "(the store, VLMQ_STORE_URL, may be a cluster; docs/SCALING.md)")
+    if is_sentinel_url(url):
+        _, master, url = sentinel_parts(url)
+        return url, {"master_name": master}
+    return url, {}
+
+
+def result_backend_url(settings: Settings) -> str:
+    """Where Celery keeps results: the store, unless the store is a cluster, which Celery's Redis backend cannot
+    use; then the broker. vlmq sends every task with ``ignore_result`` (outcomes live in the job store), so the
+    backend holds next to nothing either way."""
+    store = settings.effective_store_url
+    return settings.broker_url if is_cluster_url(store) else store
+
+
 def create_celery_app(settings: Settings, name: str = "vlmq") -> Celery:
     """A Celery app on ``settings.broker_url`` whose results (small: keys and status) go to the store Redis."""
-    app = Celery(name, broker=settings.broker_url, backend=settings.effective_store_url)
+    broker, broker_options = celery_url(settings.broker_url)
+    backend, backend_options = celery_url(result_backend_url(settings))
+    app = Celery(name, broker=broker, backend=backend)
     app.conf.update(
         # Each queue on its own direct exchange and routing key. A bare Queue(name)
         # is bound to Celery's default exchange under the default routing key, so
@@ -127,14 +154,14 @@ def create_celery_app(settings: Settings, name: str = "vlmq") -> Celery:
         accept_content=["json", "msgpack"],
         result_accept_content=["json", "msgpack"],
         # kombu's Redis transport with a take that cannot lose a message (see shared.queue.broker).
-        broker_transport=BROKER_TRANSPORT,
+        broker_transport=SENTINEL_TRANSPORT if is_sentinel_url(settings.broker_url) else BROKER_TRANSPORT,
         # Unacked messages return to the queue after this long; it must exceed the longest task.
-        broker_transport_options=broker_transport_options(settings),
+        broker_transport_options=broker_transport_options(settings) | broker_options,
         broker_connection_retry_on_startup=True,
         task_publish_retry_policy=PUBLISH_RETRY_POLICY,
         # TLS as the URLs say (rediss://), with certificates verified by default.
         broker_use_ssl=redis_ssl_options(settings.broker_url),
-        redis_backend_use_ssl=redis_ssl_options(settings.effective_store_url),
+        redis_backend_use_ssl=redis_ssl_options(result_backend_url(settings)),
         # The result backend's Redis calls give up like vlmq's own clients do, not after 2 minutes.
         redis_socket_timeout=SOCKET_TIMEOUT_S,
         redis_socket_connect_timeout=CONNECT_TIMEOUT_S,
@@ -143,7 +170,7 @@ def create_celery_app(settings: Settings, name: str = "vlmq") -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=True,
         result_expires=settings.job_ttl_s,
         # Results live in the store Redis under vlmq's prefix, like every other store key.
-        result_backend_transport_options={"global_keyprefix": settings.key_prefix},
+        result_backend_transport_options={"global_keyprefix": settings.key_prefix, **backend_options},
         task_track_started=True,
     )
     app.vlmq_settings = settings

@@ -10,6 +10,8 @@ import time
 
 import redis
 
+from shared.store.redis_conn import mget
+
 HEARTBEAT_INTERVAL_S = 5.0
 HEARTBEAT_TTL_S = 15
 
@@ -51,5 +53,5 @@ class WorkerHeartbeat:
 
 def live_workers(client: redis.Redis, prefix: str, kind: str) -> list[dict]:
     keys = list(client.scan_iter(match=_key(prefix, kind, "*"), count=100))
-    values = client.mget(keys) if keys else []
+    values = mget(client, keys) if keys else []
     return [json.loads(v) for v in values if v is not None]

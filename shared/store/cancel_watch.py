@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import redis
 
 from shared.store.jobs import CANCELLED, JobStore
+from shared.store.redis_conn import subscriber
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class CancelWatch:
 
     def _listen(self) -> None:
         while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = subscriber(self._redis)  # on a cluster, a node at random: any node hears every PUBLISH
             try:
                 pubsub.subscribe(self._jobs.cancelled_channel)
                 self._recheck()  # a job cancelled while there was no subscription

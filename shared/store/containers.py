@@ -17,7 +17,12 @@ from shared.store.container import (
     decode_container,
     encode_container_buffers,
 )
-from shared.store.redis_conn import pipelined, set_buffers, translate_connection_errors
+from shared.store.redis_conn import (
+    by_node,
+    pipelined,
+    set_buffers,
+    translate_connection_errors,
+)
 
 DEFAULT_TTL_S = 7 * 24 * 3600
 DEFAULT_MAX_CONTAINER_BYTES = 256 * 1024 * 1024
@@ -150,13 +155,19 @@ class ContainerStore:
         self.touch(container_id)
 
     def _fetch(self, container_ids: Sequence[str]) -> list[EmbeddingContainer | None]:
-        # One round trip: MGET for the blobs and PTTL for each key. The stored
-        # expires_at dates from the put; the live TTL reflects touch/pin since.
+        # One round trip per node (one in all on a single Redis): an MGET per slot for the blobs and
+        # PTTL for each key. The stored expires_at dates from the put; the live TTL reflects touch/pin since.
         keys = [self.key(cid) for cid in container_ids]
-        blobs, *ttls_ms = pipelined(self._redis, ("MGET", *keys), *(("PTTL", key) for key in keys))
+        replies: dict[str, tuple[Any, int]] = {}  # key → (blob, TTL in ms)
+        for slots in by_node(self._redis, keys):
+            node_keys = [key for slot in slots for key in slot]
+            answers = pipelined(self._redis, *[("MGET", *slot) for slot in slots], *[("PTTL", key) for key in node_keys])
+            blobs = [blob for values in answers[: len(slots)] for blob in values]
+            replies.update(zip(node_keys, zip(blobs, answers[len(slots):])))
         now = time.time()
         found: list[EmbeddingContainer | None] = []
-        for blob, ttl_ms in zip(blobs, ttls_ms):
+        for key in keys:
+            blob, ttl_ms = replies[key]
             if blob is None:
                 found.append(None)
                 continue

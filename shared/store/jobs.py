@@ -1,6 +1,6 @@
 """Job state and claim-check blobs in the store Redis.
 
-A job is JSON at ``{prefix}job:{id}``::
+A job is JSON at ``{prefix}job:{<id>}``::
 
     {id, kind, tenant, status: queued|running|succeeded|failed|cancelled,
      error: {code, message} | None, result: dict | None, attempts, created_at, updated_at}
@@ -10,6 +10,10 @@ and a cancelled one also on ``{prefix}cancelled``, where workers stop its work.
 
 Image bytes travel as blobs under ``{prefix}in:{uuid}``; a Celery message carries
 only the key. Everything has a TTL.
+
+A job's keys — its state, its done list, its token stream — carry the job id as a hash tag
+(``job:{<id>}``): in a Redis Cluster they share a slot, so one transaction may touch them
+together (docs/DESIGN.md §7).
 """
 
 from __future__ import annotations
@@ -33,7 +37,15 @@ _WAIT_SLICE_S = 1.0
 
 
 def job_key(key_prefix: str, job_id: str) -> str:
-    return f"{key_prefix}job:{job_id}"
+    return f"{key_prefix}job:{{{job_id}}}"
+
+
+def done_key(key_prefix: str, job_id: str) -> str:
+    return f"{key_prefix}done:{{{job_id}}}"
+
+
+def stream_key(key_prefix: str, job_id: str) -> str:
+    return f"{key_prefix}stream:{{{job_id}}}"
 
 
 def finished_channel(key_prefix: str) -> str:
@@ -67,7 +79,7 @@ class JobStore:
         return job_key(self._prefix, job_id)
 
     def _done_key(self, job_id: str) -> str:
-        return f"{self._prefix}done:{job_id}"
+        return done_key(self._prefix, job_id)
 
     def create(self, kind: str, tenant: str, *, job_id: str | None = None) -> str:
         """A new ``queued`` job; returns its id (a uuid4 hex unless given). An existing id is refused."""
@@ -152,7 +164,7 @@ class JobStore:
     def wait(self, job_id: str, timeout_s: float, tenant: str | None = None) -> dict[str, Any]:
         """The job once it has finished, or as it stands after ``timeout_s``.
 
-        Finishing pushes a marker to ``{prefix}done:{id}``. Waiters block on it with
+        Finishing pushes a marker to ``{prefix}done:{<id>}``. Waiters block on it with
         ``BLMOVE`` from the list to itself, which returns the marker without
         consuming it, so any number of waiters wake — and late ones return at once.
         """
@@ -196,8 +208,10 @@ class JobStore:
         # Optimistic transaction: WATCH the job, apply the change, write it back; a
         # concurrent writer makes EXEC fail and redis-py runs this again.
         key = self._job_key(job_id)
+        finishing = False
 
         def transaction(pipe: redis.client.Pipeline) -> dict[str, Any]:
+            nonlocal finishing
             raw = pipe.get(key)
             if raw is None:
                 raise NotFound(f"job not found (unknown or expired): {job_id}")
@@ -206,13 +220,19 @@ class JobStore:
                 return job
             change(job)
             job["updated_at"] = time.time()
+            finishing = job["status"] in TERMINAL_STATUSES
             pipe.multi()
             pipe.set(key, json.dumps(job), ex=self.ttl_s)
-            if job["status"] in TERMINAL_STATUSES:
+            if finishing:
                 pipe.lpush(self._done_key(job_id), b"1")
                 pipe.expire(self._done_key(job_id), self.ttl_s)
-                pipe.publish(self.finished_channel, job_id)
             return job
 
         with translate_connection_errors(self._redis):
-            return self._redis.transaction(transaction, key, value_from_callable=True)
+            job = self._redis.transaction(transaction, key, value_from_callable=True)
+            if finishing:
+                # After EXEC, not inside it: a cluster transaction runs on the job's slot and takes
+                # no PUBLISH. A waiter woken reads the job committed; one never woken (this process
+                # died in between) reads it at its timeout, and a blocking waiter has the done list.
+                self._redis.publish(self.finished_channel, job_id)
+        return job

@@ -1,4 +1,4 @@
-"""Generated text as it is produced: a Redis Stream per job at `{prefix}stream:{job}`.
+"""Generated text as it is produced: a Redis Stream per job at `{prefix}stream:{<job>}` (the job id its hash tag).
 
 Entries are `{"type": "text", "text": ..., "tokens": n}` pieces (n: tokens generated so far),
 then one `{"type": "end", "finish_reason": ..., "error": ..., "usage": {...}}`. Readers (the SSE endpoints, through
@@ -12,6 +12,7 @@ from typing import Iterator
 
 import redis
 
+from shared.store.jobs import stream_key
 from shared.store.redis_conn import translate_connection_errors
 
 READ_BLOCK_MS = 1000
@@ -28,7 +29,7 @@ class TokenStreams:
         self._redis, self._prefix, self.ttl_s = client, key_prefix, ttl_s
 
     def key(self, job_id: str) -> str:
-        return f"{self._prefix}stream:{job_id}"
+        return stream_key(self._prefix, job_id)
 
     def _add(self, job_id: str, event: dict) -> None:
         key = self.key(job_id)

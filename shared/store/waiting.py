@@ -18,7 +18,7 @@ import redis
 import redis.asyncio
 
 from shared.store.jobs import TERMINAL_STATUSES, decode_job, finished_channel, job_key
-from shared.store.redis_conn import translate_connection_errors
+from shared.store.redis_conn import async_subscriber, translate_connection_errors
 from shared.store.streams import READ_BLOCK_MS, decode_events
 
 log = logging.getLogger(__name__)
@@ -131,16 +131,18 @@ class JobWaiters:
     async def _listen(self) -> None:
         channel = finished_channel(self._prefix)
         while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = None
             try:
+                pubsub = await async_subscriber(self._redis)
                 await pubsub.subscribe(channel)
                 self._wake()  # a job may have finished while there was no subscription: everyone reads again
                 while True:
                     message = await pubsub.get_message(timeout=_LISTEN_S)
                     if message is not None:
                         self._wake(message["data"].decode())
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            except (redis.RedisError, OSError) as exc:  # the server gone, or a cluster mid-failover
                 log.warning("job finish subscription lost (%s); subscribing again", type(exc).__name__)
                 await asyncio.sleep(_RESUBSCRIBE_S)
             finally:
-                await pubsub.aclose()
+                if pubsub is not None:
+                    await pubsub.aclose()

@@ -12,7 +12,9 @@ import httpx
 import pytest
 
 from generator_service.api.app import create_app
+from shared.store.jobs import stream_key
 from shared.store.redis_conn import connect
+from shared.store.streams import decode_events
 from tests.support.services import api_server
 
 KEY_A, KEY_B = "cancel-key-a", "cancel-key-b"
@@ -49,8 +51,7 @@ def _end_event(store, job_id: str, timeout_s: float = 60) -> dict:
     """The end event the worker wrote on the job's stream (it ends a cancelled stream too)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        entries = store.xrange(f"svc:stream:{job_id}")
-        events = [json.loads(fields[b"e"]) for _, fields in entries]
+        events = list(decode_events(store.xrange(stream_key("svc:", job_id))))
         if events and events[-1]["type"] == "end":
             return events[-1]
         time.sleep(0.05)

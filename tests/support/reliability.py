@@ -17,7 +17,8 @@ import redis
 from celery import Celery, chain
 
 from shared.queue.tasks import embed_signature, generate_signature
-from shared.store.jobs import TERMINAL_STATUSES, JobStore
+from shared.store.jobs import TERMINAL_STATUSES, JobStore, done_key, job_key
+from shared.store.redis_conn import mget
 
 CAPTION_PAYLOAD = {
     "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}],
@@ -55,7 +56,7 @@ def wait_finished(jobs: JobStore, job_ids: list[str], timeout_s: float) -> dict[
 
 def count_finished(client: redis.Redis, prefix: str, job_ids: list[str]) -> int:
     """How many of the jobs have finished, in one round trip (cheap enough to poll tightly)."""
-    raws = client.mget([f"{prefix}job:{job_id}" for job_id in job_ids])
+    raws = mget(client, [job_key(prefix, job_id) for job_id in job_ids])
     return sum(1 for raw in raws if raw is not None and json.loads(raw)["status"] in TERMINAL_STATUSES)
 
 
@@ -71,7 +72,7 @@ def unacked_task_ids(broker: redis.Redis, queue: str) -> set[str]:
 
 def deliveries(client: redis.Redis, prefix: str, task_ids: list[str]) -> dict[str, int]:
     """How many times each task was delivered to a worker (AttemptLimitedTask's count; the task id is the job id)."""
-    values = client.mget([f"{prefix}attempts:{task_id}" for task_id in task_ids])
+    values = mget(client, [f"{prefix}attempts:{task_id}" for task_id in task_ids])
     return {task_id: int(v or 0) for task_id, v in zip(task_ids, values)}
 
 
@@ -79,7 +80,7 @@ def finish_markers(client: redis.Redis, prefix: str, job_ids: list[str]) -> dict
     """How many times each job went from running to finished (JobStore pushes one marker per transition)."""
     pipe = client.pipeline(transaction=False)
     for job_id in job_ids:
-        pipe.llen(f"{prefix}done:{job_id}")
+        pipe.llen(done_key(prefix, job_id))
     return dict(zip(job_ids, pipe.execute()))
 
 

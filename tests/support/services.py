@@ -72,16 +72,15 @@ def worker_process(kind: str, model: Path, settings: Settings, *extra_args: str,
 def worker_processes(kinds: list[str], model: Path, settings: Settings, *extra_args: str, **env: str) -> Iterator[list[subprocess.Popen]]:
     """One `vlmq worker KIND --model MODEL` subprocess per entry of `kinds`, started together (their
     model loads overlap); waits until every one has reported in, and stops them all together."""
-    import redis as redis_lib
-
     from shared.queue.heartbeat import live_workers
+    from shared.store.redis_conn import connect
 
     procs = [
         subprocess.Popen([sys.executable, "-m", "vlmq", "worker", kind, "--model", str(model), *extra_args],
                          env=service_env(settings, **env), cwd=REPO)
         for kind in kinds
     ]
-    client = redis_lib.Redis.from_url(settings.effective_store_url)
+    client = connect(settings.effective_store_url)  # any deployment vlmq speaks: one Redis, a cluster, Sentinel
     try:
         deadline = time.monotonic() + 60
         waiting = list(zip(kinds, procs))

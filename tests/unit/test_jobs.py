@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from shared.config.errors import Forbidden, NotFound
-from shared.store.jobs import JobStore
+from shared.store.jobs import JobStore, job_key
 from shared.store.redis_conn import connect
 
 
@@ -33,7 +33,7 @@ def test_create_stores_a_queued_job_with_ttl(jobs, redis_client, key_prefix):
         "created_at": job["created_at"],
         "updated_at": job["created_at"],
     }
-    assert 595 <= redis_client.ttl(f"{key_prefix}job:{job_id}") <= 600
+    assert 595 <= redis_client.ttl(job_key(key_prefix, job_id)) <= 600
 
 
 def test_create_with_a_given_id_refuses_to_overwrite(jobs):
