@@ -32,8 +32,14 @@ def _split_list(value: object) -> object:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VLMQ_", extra="ignore")
 
-    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker (Redis URL; rediss:// for TLS, certificates verified)")
-    store_url: str | None = Field(None, description="Redis for containers, uploads and results; defaults to the broker")
+    broker_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="Celery broker: a Redis URL (rediss:// for TLS, certificates verified) or "
+        "Sentinel, sentinel://host:port[/db]?master_name=NAME;sentinel://host:port… (a cluster cannot be the broker)"
+    )
+    store_url: str | None = Field(
+        None, description="Redis for containers, uploads and job state; defaults to the broker. Also Sentinel (as the broker) "
+        "or a Redis Cluster, redis+cluster://host:port[,host:port…] (docs/SCALING.md)"
+    )
     key_prefix: str = Field("vlmq:", description="Prefix of every key vlmq writes in the store")
     container_ttl_s: int = Field(7 * 24 * 3600, gt=0, description="Lifetime of an embedding container")
     job_ttl_s: int = Field(24 * 3600, gt=0, description="Lifetime of job state, uploads and token streams")

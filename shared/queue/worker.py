@@ -7,6 +7,7 @@ import os
 import redis
 from celery import Celery
 
+from shared.config.errors import StoreUnavailable
 from shared.queue.heartbeat import WorkerHeartbeat
 from shared.store.redis_conn import connect, describe_auth_error
 
@@ -18,7 +19,10 @@ def check_credentials(url: str) -> None:
     password never fixes itself. A Redis that is merely down is left to Celery,
     which waits for it.
     """
-    client = connect(url, retries=0)
+    try:
+        client = connect(url, retries=0)  # a cluster client reads the slot map here: StoreUnavailable if none answers
+    except StoreUnavailable:
+        return
     try:
         client.ping()
     except redis.AuthenticationError as exc:
