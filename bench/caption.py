@@ -1,42 +1,56 @@
-"""Bulk captioning on *bench-small* (docs/DESIGN.md §9): `vlmq caption` through queue and store vs the pipelines in one process.
+"""Bulk captioning on *bench-small* (docs/DESIGN.md §9): `vlmq caption` against the pipelines in one process,
+against the `transformers` loop a user would write instead, and with two prompts per image.
 
 bench-small (bench/common.py): CLIP ViT-B/16 at 224 px (196 image tokens) +
 projector + a SmolLM2-135M-shaped Llama (hidden 576, 30 layers, 9 heads, 3 KV
 heads, MLP 1536, tied embeddings, vocab 49152), random weights, float32. It is
-the LLaVA demo model at those sizes (no transformers, no download): the demo
-tokenizer (400 tokens) with the LM's vocabulary padded to 49152 — the tokenizer
-never produces the padded IDs and decoding skips them, but the LM computes
-full-size logits, which is what the timing needs.
+the LLaVA demo model at those sizes (no download): the demo tokenizer (400
+tokens) with the LM's vocabulary padded to 49152 — the tokenizer never produces
+the padded IDs and decoding skips them, but the LM computes full-size logits,
+which is what the timing needs.
 
-Two ways to caption the same N images (default 32) with the same prompt, greedy,
-16 new tokens each, same Settings (batch sizes, dtype):
+Four ways to caption the same N images (default 32), greedy, 16 new tokens each:
 
-  queued   `python -m vlmq caption DIR --model CKPT ...` with no broker
-           configured: it starts its private stack (embedded Redis, one embed
-           worker process, one generate worker process), sends one
-           `embed | generate` chain per image (at most 32 in flight), and writes
-           out.jsonl. The figure is the command's own images/s, measured from the
-           first enqueue to the last line written: it covers queue, store,
-           claim-check uploads, job polling — not the one-off model loading at
-           stack start (reported apart as `startup_s`).
-  direct   this process builds the same two pipelines (`build_pipeline` of each
-           worker module) and calls them: `EmbedPipeline.embed_many` on all images
-           (the batcher makes batches of `embed_max_batch`), then
-           `GeneratePipeline.generate` from `generate_max_batch` threads (the
-           engine decodes them together) — what a worker does, minus Celery and
-           the queue. Timed from reading the first file to the last caption.
+  queued        `python -m vlmq caption DIR --model CKPT ...` with no broker
+                configured: it starts its private stack (embedded Redis, one embed
+                worker process, one generate worker process), sends one
+                `embed | generate` chain per image (at most 32 in flight), and
+                writes out.jsonl. The figure is the command's own images/s, from
+                the first enqueue to the last line written: it covers queue, store,
+                claim-check uploads, job polling — not the one-off model loading at
+                stack start (reported apart as `startup_s`).
+  two prompts   the same command with two named prompts: each image embedded once,
+                both prompts generated against its container. Compared in
+                captions/s with the one-prompt run.
+  direct        this process builds the same two pipelines (`build_pipeline` of each
+                worker module, the private stack's generate batch) and calls them:
+                `EmbedPipeline.embed_many` on all images, then
+                `GeneratePipeline.generate` from `generate_max_batch` threads — what
+                a worker does, minus Celery and the queue.
+  transformers  the loop a user would write: `LlavaForConditionalGeneration.generate`
+                on the same checkpoint over batches of 8 images, prepared by
+                `LlavaProcessor` with the checkpoint's chat template, the same
+                prompt and number of new tokens (`min_new_tokens` = `max_new_tokens`:
+                EOS never ends a caption early).
+  direct and transformers are timed from reading the first file to the last caption.
+
+EOS: vlmq's generate payload has no `ignore_eos` yet, so the vlmq rows cannot ask
+for it; each row reports the completion tokens it produced, and the ratios are
+like for like when they equal images × new tokens (random weights all but never
+pick EOS from 49152 logits).
 
 Threads, on this 2-core machine: each worker process runs with
 OMP_NUM_THREADS=1 (two processes, one core each: torch threads beyond the
-cores only contend), and the direct run uses 2 threads (one process gets both
-cores). Both sides thus have the whole machine; the queued side overlaps
-embedding with generation across its two processes, the direct side runs
-each phase on both cores. With more cores, raise `--worker-threads` to
-cores ÷ 2 and `--direct-threads` to the core count.
+cores only contend), and the direct and transformers runs use 2 threads (one
+process gets both cores). Every contender thus has the whole machine. With more
+cores, raise `--worker-threads` to cores ÷ 2 and `--direct-threads` to the core count.
 
-Prints JSON lines (bench/common.py): the direct figure, then the queued one with ratio and target.
+Prints JSON lines (bench/common.py): the direct and transformers figures, then the
+queued one against each, then the two-prompt captions/s against the one-prompt run.
 
-Usage: python bench/caption.py [--images 32] [--new-tokens 16] [--worker-threads 1] [--direct-threads 2] [--quick]
+Each contender runs once per round (`--rounds`, default 2), in turn; the best round of each is kept.
+
+Usage: python bench/caption.py [--images 32] [--new-tokens 16] [--worker-threads 1] [--direct-threads 2] [--rounds 2] [--quick]
 """
 
 from __future__ import annotations
@@ -50,15 +64,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from common import REPO, compare, emit, parse_args, write_bench_small
+from vlmq.caption.command import PRIVATE_GENERATE_BATCH
 from PIL import Image
 
 BENCH = "caption"
 PROMPT = "Describe this image in one sentence."
+SECOND_PROMPT = "List the objects in this image."
 TENANT = "public"
 
 
@@ -82,12 +102,23 @@ def caption_payload(container_id: str, new_tokens: int) -> dict:
     return {"messages": [{"role": "user", "content": content}], "sampling": {"max_tokens": new_tokens, "temperature": 0}, "stop": []}
 
 
-def run_queued(checkpoint: Path, images: Path, out: Path, new_tokens: int, worker_threads: int) -> tuple[float, float, list[dict]]:
-    """`vlmq caption` with its private stack; returns (images/s, seconds to start the stack, lines)."""
+@dataclass
+class QueuedRun:
+    images_per_s: float
+    captions_per_s: float
+    startup_s: float
+    completion_tokens: int
+    lines: list[dict]
+
+
+def run_queued(checkpoint: Path, images: Path, out: Path, new_tokens: int, worker_threads: int, prompts: list[str]) -> QueuedRun:
+    """`vlmq caption` with its private stack, one `--prompt` per entry of `prompts`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLMQ_")}  # no broker: the private stack
     env.update(OMP_NUM_THREADS=str(worker_threads), PYTHONPATH=str(REPO))
-    command = [sys.executable, "-m", "vlmq", "caption", str(images), "--model", str(checkpoint), "--prompt", PROMPT,
-               "--out", str(out), "--max-tokens", str(new_tokens), "--temperature", "0", "--max-in-flight", "32", "--no-progress"]
+    command = [sys.executable, "-m", "vlmq", "caption", str(images), "--model", str(checkpoint), "--out", str(out),
+               "--max-tokens", str(new_tokens), "--temperature", "0", "--max-in-flight", "32", "--no-progress"]
+    for prompt in prompts:
+        command += ["--prompt", prompt]
     started = time.perf_counter()
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -95,11 +126,15 @@ def run_queued(checkpoint: Path, images: Path, out: Path, new_tokens: int, worke
         raise SystemExit(f"vlmq caption failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     match = re.search(r"in ([\d.]+) s: ([\d.]+) images/s", result.stdout)
     seconds, rate = float(match.group(1)), float(match.group(2))
-    return rate, wall - seconds, [json.loads(line) for line in out.read_text().splitlines()]
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    captions = sum(1 for line in lines for name in ("caption", "short", "long") if name in line)
+    return QueuedRun(rate, captions / seconds, wall - seconds, sum(line.get("completion_tokens", 0) for line in lines), lines)
 
 
-def run_direct(checkpoint: Path, paths: list[Path], new_tokens: int, threads: int) -> tuple[float, dict[str, str]]:
-    """Both pipelines in this process against a fresh Redis; returns (images/s, caption by path)."""
+@contextmanager
+def direct_runner(checkpoint: Path, new_tokens: int, threads: int) -> Iterator[Callable[[list[Path], str], tuple[float, dict]]]:
+    """Both pipelines in this process against a fresh Redis: yields run(paths, tenant) → (images/s, caption by path).
+    Each round takes a tenant of its own, so no container of an earlier round is reused."""
     from embedder_service.worker import build_pipeline as build_embed_pipeline
     from generator_service.worker import build_pipeline as build_generate_pipeline
     from shared.config.settings import Settings
@@ -107,15 +142,54 @@ def run_direct(checkpoint: Path, paths: list[Path], new_tokens: int, threads: in
 
     torch.set_num_threads(threads)
     with EmbeddedRedis() as redis_server:
-        settings = Settings(broker_url=redis_server.url, store_url=redis_server.url)
+        # The generate batch of the private stack `vlmq caption` starts, so that both decode alike.
+        settings = Settings(broker_url=redis_server.url, store_url=redis_server.url, generate_max_batch=PRIVATE_GENERATE_BATCH)
         embedder = build_embed_pipeline(settings, str(checkpoint), "cpu")
         generator = build_generate_pipeline(settings, str(checkpoint), "cpu")
+
+        def run(paths: list[Path], tenant: str) -> tuple[float, dict[str, str]]:
+            torch.set_num_threads(threads)
+            started = time.perf_counter()
+            containers = embedder.embed_many([path.read_bytes() for path in paths], tenant)
+            with ThreadPoolExecutor(max_workers=settings.generate_max_batch) as pool:
+                results = list(pool.map(lambda c: generator.generate(tenant, caption_payload(c.id, new_tokens)), containers))
+            seconds = time.perf_counter() - started
+            return len(paths) / seconds, {str(path): result["text"] for path, result in zip(paths, results)}
+
+        yield run
+
+
+def transformers_runner(checkpoint: Path, new_tokens: int, threads: int, batch: int = 8
+                        ) -> Callable[[list[Path]], tuple[float, int, dict[str, str]]]:
+    """The transformers loop over batches of `batch`: run(paths) → (images/s, completion tokens, caption by path)."""
+    from transformers import AutoTokenizer, CLIPImageProcessorPil, LlavaForConditionalGeneration, LlavaProcessor
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    processor = LlavaProcessor(image_processor=CLIPImageProcessorPil.from_pretrained(checkpoint), tokenizer=tokenizer,
+                               patch_size=config["vision_config"]["patch_size"],
+                               vision_feature_select_strategy=config["vision_feature_select_strategy"],
+                               chat_template=(checkpoint / "chat_template.jinja").read_text(), num_additional_image_tokens=1)
+    model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+
+    def run(paths: list[Path]) -> tuple[float, int, dict[str, str]]:
+        torch.set_num_threads(threads)
+        captions, tokens = {}, 0
         started = time.perf_counter()
-        containers = embedder.embed_many([path.read_bytes() for path in paths], TENANT)
-        with ThreadPoolExecutor(max_workers=settings.generate_max_batch) as pool:
-            results = list(pool.map(lambda c: generator.generate(TENANT, caption_payload(c.id, new_tokens)), containers))
-        seconds = time.perf_counter() - started
-    return len(paths) / seconds, {str(path): result["text"] for path, result in zip(paths, results)}
+        with torch.inference_mode():
+            for first in range(0, len(paths), batch):
+                chunk = paths[first:first + batch]
+                inputs = processor(images=[Image.open(path).convert("RGB") for path in chunk], text=[text] * len(chunk),
+                                   return_tensors="pt", padding=True)
+                output = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+                new = output[:, inputs["input_ids"].shape[1]:]
+                tokens += new.numel()
+                captions |= dict(zip(map(str, chunk), tokenizer.batch_decode(new, skip_special_tokens=True)))
+        return len(paths) / (time.perf_counter() - started), tokens, captions
+
+    return run
 
 
 def main() -> None:
@@ -123,21 +197,50 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--worker-threads", type=int, default=1, help="torch threads of each worker process")
-    parser.add_argument("--direct-threads", type=int, default=2, help="torch threads of the one-process run")
-    args = parse_args(parser, quick={"images": 4, "new_tokens": 4})
+    parser.add_argument("--direct-threads", type=int, default=2, help="torch threads of the one-process runs")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of every contender; the best of each is kept")
+    args = parse_args(parser, quick={"images": 4, "new_tokens": 4, "rounds": 1})
+
+    # Every contender once per round, the rounds in turn, the best round of each kept: load on a shared host
+    # only ever slows a run down, and each contender meets the same load.
+    best: dict[str, tuple] = {}
+
+    def keep(name: str, rate: float, *rest) -> None:
+        if name not in best or rate > best[name][0]:
+            best[name] = (rate, *rest)
 
     with tempfile.TemporaryDirectory(prefix="vlmq-bench-caption-") as tmp:
         tmp = Path(tmp)
         checkpoint = tmp / "bench-small"
         write_bench_small(checkpoint, "llava")
         paths = write_images(tmp / "images", args.images)
-        queued, startup_s, lines = run_queued(checkpoint, tmp / "images", tmp / "out.jsonl", args.new_tokens, args.worker_threads)
-        direct, direct_captions = run_direct(checkpoint, paths, args.new_tokens, args.direct_threads)
+        queued_run = partial(run_queued, checkpoint, tmp / "images", new_tokens=args.new_tokens, worker_threads=args.worker_threads)
+        transformers_run = transformers_runner(checkpoint, args.new_tokens, args.direct_threads)
+        with direct_runner(checkpoint, args.new_tokens, args.direct_threads) as direct_run:
+            for index in range(args.rounds):
+                one = queued_run(tmp / f"one{index}.jsonl", prompts=[PROMPT])
+                keep("queued", one.images_per_s, one)
+                two = queued_run(tmp / f"two{index}.jsonl", prompts=[f"short={PROMPT}", f"long={SECOND_PROMPT}"])
+                keep("two", two.captions_per_s, two)
+                keep("direct", *direct_run(paths, f"round{index}"))
+                keep("transformers", *transformers_run(paths))
+    queued, two = best["queued"][1], best["two"][1]
+    direct, direct_captions = best["direct"]
+    reference, reference_tokens, reference_captions = best["transformers"]
 
-    same = sum(direct_captions.get(line["path"]) == line.get("caption") for line in lines)
-    emit(BENCH, "images_per_s_direct", direct, "images/s", images=args.images, new_tokens=args.new_tokens, threads=args.direct_threads)
-    compare(BENCH, "images_per_s_queued", queued, direct, "images/s", ">= 0.85", images=args.images, new_tokens=args.new_tokens,
-            worker_threads=args.worker_threads, startup_s=startup_s, captions_equal_to_direct=f"{same}/{len(lines)}")
+    sizes = {"images": args.images, "new_tokens": args.new_tokens}
+    same = sum(direct_captions.get(line["path"]) == line.get("caption") for line in queued.lines)
+    same_hf = sum(reference_captions.get(line["path"]) == line.get("caption") for line in queued.lines)
+    emit(BENCH, "images_per_s_direct", direct, "images/s", **sizes, threads=args.direct_threads)
+    emit(BENCH, "images_per_s_transformers", reference, "images/s", **sizes, batch=8, threads=args.direct_threads,
+         completion_tokens=reference_tokens)
+    compare(BENCH, "images_per_s_queued", queued.images_per_s, direct, "images/s", ">= 0.9", **sizes,
+            worker_threads=args.worker_threads, startup_s=queued.startup_s, captions_equal_to_direct=f"{same}/{len(queued.lines)}")
+    compare(BENCH, "images_per_s_queued_vs_transformers", queued.images_per_s, reference, "images/s", ">= 1.5", **sizes,
+            worker_threads=args.worker_threads, completion_tokens=queued.completion_tokens,
+            captions_equal_to_transformers=f"{same_hf}/{len(queued.lines)}")
+    compare(BENCH, "captions_per_s_two_prompts", two.captions_per_s, queued.captions_per_s, "captions/s", ">= 1.3", **sizes,
+            worker_threads=args.worker_threads, completion_tokens=two.completion_tokens)
 
 
 if __name__ == "__main__":

@@ -12,17 +12,26 @@ import sys
 from pathlib import Path
 
 from shared.config.settings import get_settings
+from vlmq.caption.outputs import FORMATS as OUTPUT_FORMATS
 
 WORKER_KINDS = ("embed", "generate")
-MODEL_HELP = "Hugging Face checkpoint folder, or demo[:FAMILY] for the tiny demo checkpoint (written once to the cache)"
+MODEL_HELP = ("Hugging Face checkpoint folder, a Hub name org/name[@revision] (fetched to the Hugging Face cache; "
+              "HF_TOKEN, HF_HUB_OFFLINE honoured), or demo[:FAMILY] for the tiny demo checkpoint (written once to the cache)")
 DEMO_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vlmq"
 
 
 def resolve_model_path(text: str) -> str:
-    """A checkpoint folder, or `demo` / `demo:FAMILY`: the demo checkpoint, written once to the cache."""
+    """A checkpoint folder; `demo` / `demo:FAMILY`: the demo checkpoint, written once to the cache; or a Hugging
+    Face Hub name `org/name[@revision]`: its snapshot in the Hugging Face cache, fetched if missing."""
     name, _, family = text.partition(":")
     if name != "demo" or Path(text).exists():
-        return text
+        from shared.config.errors import CheckpointError
+        from shared.modeling.hub import resolve_checkpoint
+
+        try:
+            return resolve_checkpoint(text)
+        except CheckpointError as exc:
+            raise argparse.ArgumentTypeError(exc.message) from None
     from vlmq.demo_model import write_demo_model
 
     family = _demo_family(family or "llava")
@@ -82,10 +91,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    import uvicorn
+    from shared.web.serve import serve
 
-    factory = "embedder_service.api.app:create_app" if args.kind == "embed" else "generator_service.api.app:create_app"
-    uvicorn.run(factory, factory=True, host=args.host, port=args.port, log_level=args.log_level)
+    if args.kind == "embed":
+        from embedder_service.api.app import create_app
+    else:
+        from generator_service.api.app import create_app
+    serve(create_app(), args.host, args.port, args.log_level)
     return 0
 
 
@@ -146,27 +158,61 @@ def cmd_caption(args: argparse.Namespace) -> int:
     import kombu.exceptions
 
     from shared.config.errors import StoreUnavailable
-    from vlmq.caption import CaptionError, CaptionOptions, StackChoice, caption
+    from vlmq.caption.command import CaptionError, RunChoice, StackChoice, Target, caption, dry_run
+    from vlmq.caption.inputs import InputError, InputOptions
+    from vlmq.caption.outputs import OutputError, guess_format
+    from vlmq.caption.prompts import PromptError, parse_prompts
+    from vlmq.caption.options import CaptionOptions
     from vlmq.stack import StackError
 
     _sigterm_like_ctrl_c()
-    options = CaptionOptions(
-        prompt=args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        seed=args.seed, stop=tuple(args.stop), max_in_flight=args.max_in_flight, tenant=args.tenant, timeout_s=args.timeout,
-    )
-    stack = StackChoice(args.model, args.embed_workers, args.generate_workers, args.worker_timeout)
     try:
-        summary = caption(args.input, args.out, options, stack, progress=not args.no_progress)
+        options = CaptionOptions(
+            prompts=parse_prompts(args.prompt, args.prompts), max_tokens=args.max_tokens, temperature=args.temperature,
+            top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), max_in_flight=args.max_in_flight,
+            tenant=args.tenant, timeout_s=args.timeout, limit=args.limit, max_failures=args.max_failures,
+        )
+        target = Target(args.input, args.out, args.out_format or guess_format(args.out),
+                        InputOptions(args.image_column, args.id_column))
+        run = RunChoice(args.run_id, args.client_id or RunChoice.client_id, args.claim_timeout)
+        if args.dry_run:
+            print(dry_run(target, options, run), flush=True)
+            return 0
+        stack = StackChoice(args.model, args.embed_workers, args.generate_workers, args.worker_timeout)
+        summary = caption(target, options, stack, run, progress=not args.no_progress)
     except KeyboardInterrupt:  # while the stack was starting; an interrupted run returns its summary
         print("vlmq caption: interrupted", file=sys.stderr)
         return 130
-    except (CaptionError, StackError, StoreUnavailable, kombu.exceptions.OperationalError) as exc:
+    except (CaptionError, StackError, StoreUnavailable, kombu.exceptions.OperationalError, InputError, OutputError,
+            PromptError) as exc:
         print(f"vlmq caption: error: {exc}", file=sys.stderr)
         return 2
     print(summary.line(), flush=True)
     if summary.interrupted:
         return 130
-    return 1 if summary.failed else 0
+    return 1 if summary.failed or summary.stopped else 0
+
+
+def cmd_caption_merge(args: argparse.Namespace) -> int:
+    from vlmq.caption.merge import merge
+    from vlmq.caption.outputs import OutputError, guess_format
+
+    try:
+        written, duplicates = merge(args.out, args.out_format or guess_format(args.out))
+    except OutputError as exc:
+        print(f"vlmq caption merge: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"merged into {args.out}: {written} records written, {duplicates} duplicates passed over", flush=True)
+    return 0
+
+
+def _failure_limit(text: str):
+    from vlmq.caption.options import FailureLimit
+
+    try:
+        return FailureLimit.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_int(text: str) -> int:
@@ -205,16 +251,27 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_up)
 
     cap = sub.add_parser(
-        "caption", help="caption every image of a folder, glob or path list into a JSON-lines file (resumable)",
+        "caption", help="caption images of a folder, glob, shards, Parquet or manifest (resumable; `caption merge` joins parts)",
         description="Uses the running stack when VLMQ_BROKER_URL is set, else starts a private one. "
-                    "Paths already in --out are skipped, so re-running continues an interrupted run. "
+                    "Images already in the output are skipped, so re-running continues an interrupted run. "
+                    "`vlmq caption merge OUT` joins the parts of a --run-id run. "
                     "Exit status: 0 all done, 1 some images failed, 2 could not run, 130 interrupted.",
     )
-    cap.add_argument("input", help="a folder (recursive), a glob pattern (quote it), an image, or a text file of paths")
+    cap.add_argument("input", help="a folder (recursive; or of .tar shards or .parquet files), a glob or brace pattern "
+                     "(quote it), an image, a .tar shard, a .parquet file, a .jsonl manifest, or a text file of paths")
     cap.add_argument("--model", type=resolve_model_path, help=MODEL_HELP + " (needed for the private stack)")
-    cap.add_argument("--prompt", required=True, help="the instruction shown with each image")
-    cap.add_argument("--out", required=True, help="JSON-lines output, appended to")
+    cap.add_argument("--prompt", action="append", default=[], help="the instruction shown with each image; repeatable "
+                     "as name=TEXT, each prompt answered from the same embedding")
+    cap.add_argument("--prompts", default=None, help="a YAML file mapping prompt names to prompt texts")
+    cap.add_argument("--out", default=None, help="output file (.jsonl, .parquet) or folder (webdataset shards), "
+                     "added to; not needed for --out-format txt")
+    cap.add_argument("--out-format", choices=OUTPUT_FORMATS, default=None, help="default: parquet for a .parquet --out, else jsonl")
+    cap.add_argument("--image-column", default=None, help="Parquet: the image bytes or path column; manifest: the path field")
+    cap.add_argument("--id-column", default=None, help="Parquet: a column carried into each record as id")
     cap.add_argument("--max-in-flight", type=_positive_int, default=32, help="images enqueued and not yet finished, at most")
+    cap.add_argument("--limit", type=_positive_int, default=None, help="caption at most this many images in this run")
+    cap.add_argument("--dry-run", action="store_true", help="count the images and those already done; caption nothing")
+    cap.add_argument("--max-failures", type=_failure_limit, default=None, help="stop once more images than this failed: a count (50) or a share (10%%)")
     cap.add_argument("--max-tokens", type=_positive_int, default=32)
     cap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     cap.add_argument("--top-p", type=float, default=None)
@@ -223,6 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--stop", nargs="*", default=[], help="stop strings")
     cap.add_argument("--tenant", default="public", help="tenant the containers and jobs belong to")
     cap.add_argument("--timeout", type=float, default=600.0, help="seconds one image may take before it is failed")
+    cap.add_argument("--run-id", default=None, help="share the run with every client given the same id (same Redis): "
+                     "each input once, this client's output in OUT.parts/")
+    cap.add_argument("--client-id", default=None, help="this client's name in a shared run (default: host-pid); "
+                     "unique among running clients")
+    cap.add_argument("--claim-timeout", type=float, default=120.0, help="seconds before a silent client's inputs "
+                     "pass to another")
     cap.add_argument("--embed-workers", type=_positive_int, default=1, help="private stack only")
     cap.add_argument("--generate-workers", type=_positive_int, default=1, help="private stack only")
     cap.add_argument("--worker-timeout", type=float, default=30.0, help="running stack: seconds to wait for workers to report in")
@@ -237,8 +300,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_merge_parser() -> argparse.ArgumentParser:
+    """`vlmq caption merge`: parsed apart, as `caption` takes the input as its first word."""
+    parser = argparse.ArgumentParser(prog="vlmq caption merge", description="join the parts (OUT.parts/) of a "
+                                     "`vlmq caption --run-id` run into OUT, each image once")
+    parser.add_argument("out", help="the --out the clients were given")
+    parser.add_argument("--out-format", choices=("jsonl", "parquet"), default=None,
+                        help="default: parquet for a .parquet OUT, else jsonl")
+    parser.set_defaults(func=cmd_caption_merge)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["caption", "merge"]:
+        args = build_merge_parser().parse_args(argv[2:])
+        return args.func(args)
     args = build_parser().parse_args(argv)
     if getattr(args, "device", "unset") is None:
         device = get_settings().device

@@ -34,6 +34,7 @@ TERMINAL_STATUSES = frozenset({SUCCEEDED, FAILED, CANCELLED})
 
 # A waiter blocks this long per call, well under the client's socket timeout.
 _WAIT_SLICE_S = 1.0
+_MIN_BLOCK_S = 0.01
 
 
 def job_key(key_prefix: str, job_id: str) -> str:
@@ -175,8 +176,9 @@ class JobStore:
             remaining = deadline - time.monotonic()
             if job["status"] in TERMINAL_STATUSES or remaining <= 0:
                 return job
+            # Redis reads a timeout that rounds to 0 ms as "block forever": never ask for less than the floor.
             with translate_connection_errors(self._redis):
-                self._redis.blmove(done_key, done_key, min(remaining, _WAIT_SLICE_S), "RIGHT", "LEFT")
+                self._redis.blmove(done_key, done_key, min(max(remaining, _MIN_BLOCK_S), _WAIT_SLICE_S), "RIGHT", "LEFT")
 
     def put_blob(self, data: bytes) -> str:
         """Store bytes (an uploaded image) for a worker to fetch; returns the key."""

@@ -7,11 +7,9 @@ start and stop its own.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -20,9 +18,11 @@ import psutil
 import pytest
 
 from shared.config.settings import Settings
+from tests.support import captioning
+from tests.support.captioning import caption_stack, read_lines, write_images
 from tests.support.images import png_bytes
-from tests.support.services import REPO, free_port, service_env, worker_process
-from vlmq.caption import captioned_paths, discover_inputs
+from tests.support.services import REPO, free_port, service_env
+from vlmq.caption.inputs import open_units
 from vlmq.demo_model import write_demo_model
 
 PROMPT = "Describe this image."
@@ -36,34 +36,16 @@ def model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def stack_settings(model, redis_server) -> Settings:
-    settings = Settings(broker_url=redis_server.url, key_prefix=f"caption-{uuid.uuid4().hex[:8]}:")
-    with worker_process("embed", model, settings), worker_process("embed", model, settings), \
-            worker_process("generate", model, settings):
+    with caption_stack(model, redis_server.url, embed_workers=2) as settings:
         yield settings
 
 
-def write_images(folder: Path, seeds: range, size=(32, 24)) -> list[Path]:
-    """Distinct small PNGs, every third one in a subfolder (inputs are found recursively)."""
-    paths = []
-    for seed in seeds:
-        path = folder / ("nested" if seed % 3 == 0 else "") / f"img{seed:03d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(png_bytes(seed, size))
-        paths.append(path)
-    return paths
-
-
 def caption_command(inputs: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "vlmq", "caption", str(inputs), "--prompt", PROMPT, "--out", str(out),
-            "--max-tokens", str(MAX_TOKENS), "--no-progress", *extra]
+    return captioning.caption_command(inputs, "--prompt", PROMPT, "--out", str(out), "--max-tokens", str(MAX_TOKENS), *extra)
 
 
 def run_caption(env: dict, inputs: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(caption_command(inputs, out, *extra), env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
-
-
-def read_lines(out: Path) -> list[dict]:
-    return [json.loads(line) for line in out.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +60,7 @@ def first_run(stack_settings, tmp_path_factory):
 def test_every_image_gets_one_line_with_the_caption_the_pipelines_give_directly(first_run, stack_settings, model):
     from embedder_service.worker import build_pipeline as build_embed_pipeline
     from generator_service.worker import build_pipeline as build_generate_pipeline
-    from vlmq.caption import CaptionOptions
+    from vlmq.caption.options import CaptionOptions
 
     images, out, result = first_run
     assert result.returncode == 0, result.stderr
@@ -89,7 +71,7 @@ def test_every_image_gets_one_line_with_the_caption_the_pipelines_give_directly(
 
     embedder = build_embed_pipeline(stack_settings, str(model), "cpu")
     generator = build_generate_pipeline(stack_settings, str(model), "cpu")
-    payload = CaptionOptions(PROMPT, max_tokens=MAX_TOKENS).payload()
+    payload = CaptionOptions({"caption": PROMPT}, max_tokens=MAX_TOKENS).payload(PROMPT)
     for line in lines:
         container = embedder.embed(Path(line["path"]).read_bytes(), "public")
         assert line["container_id"] == container.id
@@ -195,20 +177,17 @@ def test_a_private_stack_captions_and_leaves_no_process_behind(model, tmp_path):
     assert not [child for child in seen.values() if child.is_running()], commands
 
 
+def discovered(spec: str) -> list[str]:
+    return sorted(item.path for unit in open_units(spec) for item in unit.items())
+
+
 def test_inputs_are_found_in_folders_globs_and_path_lists(tmp_path, monkeypatch):
     paths = write_images(tmp_path / "images", range(4))
     (tmp_path / "images" / "notes.txt").write_text("not an image")
     expected = sorted(str(path) for path in paths)
-    assert sorted(discover_inputs(str(tmp_path / "images"))) == expected
-    assert sorted(discover_inputs(str(tmp_path / "images" / "**" / "*.png"))) == expected
+    assert discovered(str(tmp_path / "images")) == expected
+    assert discovered(str(tmp_path / "images" / "**" / "*.png")) == expected
     listing = tmp_path / "list.txt"
     monkeypatch.chdir(tmp_path)
     listing.write_text("# my images\n" + "\n".join(os.path.relpath(p, tmp_path) for p in paths) + "\n\n")
-    assert sorted(discover_inputs(str(listing))) == expected
-
-
-def test_a_torn_last_line_is_cut_before_resuming(tmp_path):
-    out = tmp_path / "out.jsonl"
-    out.write_text(json.dumps({"path": "/a.png", "caption": "x"}) + "\n" + '{"path": "/b.png", "capt')
-    assert captioned_paths(out) == {"/a.png"}
-    assert out.read_text().endswith("}\n") and out.read_text().count("\n") == 1
+    assert discovered(str(listing)) == expected

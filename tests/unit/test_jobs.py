@@ -146,3 +146,12 @@ def test_blobs_round_trip_with_ttl_and_delete(jobs, redis_client, key_prefix):
 def test_blob_keys_outside_the_upload_space_are_refused(jobs, key_prefix):
     with pytest.raises(ValueError, match="not an upload key"):
         jobs.get_blob(f"{key_prefix}c:some-container")
+
+
+@pytest.mark.parametrize("timeout_s", [0.0004, 0.001, 0.004])
+def test_a_wait_of_under_a_millisecond_returns_instead_of_blocking_forever(jobs, timeout_s):
+    # BLMOVE with a timeout that rounds to 0 ms blocks until the socket gives up (10 s).
+    job_id = jobs.create("generate", "acme")
+    started = time.monotonic()
+    assert jobs.wait(job_id, timeout_s)["status"] == "queued"
+    assert time.monotonic() - started < 1
