@@ -10,6 +10,19 @@ line per metric (bench/common.py):
   decode_roofline_fraction          batch-1 decode vs memory bandwidth ÷ weight bytes      target ≥ 0.8
   aggregate_decode_tokens_per_s_b8  8 concurrent requests decoding vs batch 1              target ≥ 4×
   prefill_image_vs_text             prefill with 196 injected rows vs text only            target ≤ 1.05×
+  second_question_ttft              time to first token of a new question about an image
+                                    the engine saw (prefix cache) vs the first question    target ≤ 0.2×
+  stream_itl_p99_while_prompts_arrive  4 streams' p99 inter-token latency while 8 prompts
+                                    arrive, chunked prefill (512, and 32) vs idle          target ≤ 3×; the same
+                                    with whole-prompt prefill, for comparison
+  side_by_side_decode_tokens_per_s  two processes' batch-1 decode loops at once, combined,
+                                    vs one after the other; cores divided as a local stack
+                                    divides them (vlmq.stack)                              target ≥ 0.8×; the same
+                                    with both on every core, 2 threads each, for comparison
+
+The decode and prefill rows run the engine as before the paged cache's features: prefix cache
+off, whole-prompt prefill (so a repeated prompt is recomputed each time); the last two rows
+turn them on, each prompt with an image of its own IDs (a new image) unless the row says so.
 
 Decode rates exclude the prefill: (N - 1) tokens ÷ (time for N tokens - time for 1),
 both sides measured the same way (transformers with min_new_tokens so it makes N).
@@ -54,7 +67,15 @@ Usage: python bench/generate.py [--threads 2] [--new-tokens 64] [--repeats 5] [-
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
 import tempfile
+import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -78,6 +99,7 @@ from generator_service.sampling import SamplingParams
 from shared.modeling.checkpoint import Checkpoint
 from shared.store.container import EmbeddingContainer, Layout
 from shared.store.token_ids import EMBEDDING_INDEX_BASE
+from vlmq.stack import available_cores, divide_cores
 
 TEXT_BEFORE, TEXT_AFTER = 8, 16  # prompt: BOS + text, the image, text
 TEXT_IDS_END = 49000  # random text IDs lie from the demo tokenizer's size to here: none is a special token
@@ -173,7 +195,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--family", choices=list(SETUPS), default="llava")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when a GPU is visible")
-    args = parse_args(parser, quick={"repeats": 1, "new_tokens": 8})
+    parser.add_argument("--decode-loop", metavar="CHECKPOINT", help=argparse.SUPPRESS)  # a side-by-side child (below)
+    parser.add_argument("--cores", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, default=8.0, help=argparse.SUPPRESS)
+    args = parse_args(parser, quick={"repeats": 1, "new_tokens": 8, "seconds": 2.0})
+    if args.decode_loop:
+        return decode_loop(args.decode_loop, [int(c) for c in args.cores.split(",") if c], args.threads, args.seconds)
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device, dtype, sync = ("cuda", torch.bfloat16, torch.cuda.synchronize) if cuda else ("cpu", torch.float32, None)
     torch.set_num_threads(args.threads)
@@ -191,7 +218,7 @@ def main() -> None:
         image_rows = image.embeddings.to(device, dtype)
         prompt = before + image.token_ids() + after
 
-        engine = Engine(ours, max_batch=8, max_seq_len=1024)
+        engine = Engine(ours, max_batch=8, max_seq_len=1024, prefix_cache=False, prefill_chunk_tokens=0)
 
         def run_ours(requests: int, max_tokens: int) -> list[list[int]]:
             params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
@@ -234,7 +261,7 @@ def main() -> None:
         image_prompt = torch.tensor(prompt, device=device)
         ranges = torch.tensor([[image.first_token_id, image.num_tokens]], device=device)
         positions, _ = ours.prompt_positions(prompt, [image])  # M-RoPE's; the engine computes them off its thread
-        cache = engine.cache
+        cache = ours.new_cache(1, len(prompt))  # one unpaged row
         p = best_of({
             "text": lambda: ours.prefill(text_prompt, cache, 0),
             "image": lambda: ours.prefill(image_prompt, cache, 0, ranges=ranges, rows=image_rows, positions=positions),
@@ -264,6 +291,119 @@ def main() -> None:
     compare(bench, "aggregate_end_to_end_tokens_per_s_b8", 8 * new / t["ours_b8_n"], new / t["ours_n"], "tokens/s",
             note="includes 8 prefills of the prompt")
     compare(bench, "prefill_image_vs_text", p["image"] * 1e3, p["text"] * 1e3, "ms", "<= 1.05")
+    if not cuda:
+        serving_rows(bench, ours, image, setup["before"], setup["after"], setup["spec"], args.repeats)
+        if args.family == "llava":
+            side_by_side_rows(bench, args.threads, args.seconds)
+
+
+def side_by_side_rows(bench: str, threads: int, seconds: float) -> None:
+    """Two generate workers on one machine: their decode loops at once, cores divided as `vlmq.stack` divides them
+    (and, for comparison, both on every core), against each alone in turn."""
+    with tempfile.TemporaryDirectory() as tmp:
+        write_bench_small(Path(tmp), "llava", tower=False)
+        alone = [rate for _ in range(2) for rate in decode_processes(tmp, [None], threads, seconds)]  # one after the other
+        divided = decode_processes(tmp, divide_cores(available_cores(), 2), threads, seconds)
+        shared = decode_processes(tmp, [None, None], threads, seconds)
+    reference = statistics.mean(alone)  # the combined rate of two loops run one after the other
+    compare(bench, "side_by_side_decode_tokens_per_s", sum(divided), reference, "tokens/s", ">= 0.8",
+            cores="divided (vlmq.stack)", each=[round(r, 2) for r in divided])
+    compare(bench, "side_by_side_decode_tokens_per_s", sum(shared), reference, "tokens/s",
+            cores=f"shared, {threads} threads each", each=[round(r, 2) for r in shared])
+
+
+def decode_processes(checkpoint: str, shares: list[list[int] | None], threads: int, seconds: float) -> list[float]:
+    """One decode loop per share of cores (None: every core), in child processes started together once all are loaded;
+    each one's tokens/s."""
+    children = [subprocess.Popen([sys.executable, __file__, "--decode-loop", checkpoint, "--threads", str(threads),
+                                  "--seconds", str(seconds), "--cores", ",".join(map(str, cores or []))],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for cores in shares]
+    for child in children:
+        assert child.stdout.readline().strip() == "ready"
+    for child in children:
+        child.stdin.write("go\n")
+        child.stdin.flush()
+    return [json.loads(child.communicate()[0])["tokens_per_s"] for child in children]
+
+
+def decode_loop(checkpoint: str, cores: list[int], threads: int, seconds: float) -> None:
+    """A side-by-side child: batch-1 greedy decoding for `seconds` once told to go; prints its tokens/s. On `cores`
+    (one thread each) as a local stack pins a worker, else on every core with `threads` threads."""
+    if cores:
+        os.sched_setaffinity(0, cores)
+        threads = len(cores)
+    torch.set_num_threads(threads)
+    engine = Engine(LlamaForCausalLM.from_checkpoint(checkpoint), max_batch=1, max_seq_len=2048, prefix_cache=False,
+                    prefill_chunk_tokens=0)
+    engine.submit(GenerationRequest(list(range(100, 120)), SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True)))
+    engine.step()  # the prefill and the first tokens, before the timed window
+    print("ready", flush=True)
+    sys.stdin.readline()
+    made, began = 0, time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        made += engine.step()
+    print(json.dumps({"tokens_per_s": made / (time.perf_counter() - began)}), flush=True)
+
+
+def new_image(image: EmbeddingContainer, n: int) -> EmbeddingContainer:
+    """The same rows under IDs of their own: to the engine, an image it has never seen."""
+    return replace(image, id=f"bench-{n}", first_token_id=EMBEDDING_INDEX_BASE + (n + 1) * 100_000)
+
+
+def serving_rows(bench: str, ours, image: EmbeddingContainer, before: list[int], after: list[int], spec, repeats: int) -> None:
+    """The paged engine's rows: a second question's time to first token, running streams' latency under arrivals."""
+    g = torch.Generator().manual_seed(2)
+    other = text_ids(spec, len(after), g)  # the second question
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    engine = Engine(ours, max_batch=8, max_seq_len=1024, prefix_cache=True, prefill_chunk_tokens=512)
+    first, second = [], []
+    for n in range(max(repeats, 2)):  # a new image each round: the first question misses, the second hits
+        fresh = new_image(image, n)
+        for times, question in ((first, after), (second, other)):
+            started = time.perf_counter()
+            engine.submit(GenerationRequest(before + fresh.token_ids() + question, one, [fresh]))
+            engine.run_until_idle()
+            times.append(time.perf_counter() - started)
+    prompt_tokens = len(before) + len(image.token_ids()) + len(after)
+    compare(bench, "second_question_ttft", min(second[1:]) * 1e3, min(first[1:]) * 1e3, "ms", "<= 0.2",
+            image_tokens=image.num_tokens, prompt_tokens=prompt_tokens)
+
+    idle = None
+    for chunk in (512, 32, 0):
+        gaps, idle_gaps = streams_under_arrivals(ours, image, before, after, chunk)
+        idle = idle if idle is not None else statistics.median(idle_gaps)
+        p99 = sorted(gaps)[int(0.99 * (len(gaps) - 1))]
+        compare(bench, "stream_itl_p99_while_prompts_arrive", p99 * 1e3, idle * 1e3, "ms", "<= 3" if chunk else None,
+                prefill_chunk_tokens=chunk, streams=4, arriving_prompts=8, prompt_tokens=prompt_tokens)
+
+
+def streams_under_arrivals(ours, image, before, after, chunk: int) -> tuple[list[float], list[float]]:
+    """4 streams decode; after 16 idle steps 8 prompts arrive. The streams' gaps between tokens that overlap the
+    prompts' prefill (from their arrival until the last has its first token), and the idle ones before."""
+    engine = Engine(ours, max_batch=12, max_seq_len=2048, kv_cache_tokens=16384, prefix_cache=False, prefill_chunk_tokens=chunk)
+    stamps: list[list[float]] = [[] for _ in range(4)]
+    long = SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True)
+    streams = [engine.submit(GenerationRequest(before + [5], long, on_token=lambda _, s=s: s.append(time.perf_counter())))
+               for s in stamps]
+    while min(len(s) for s in stamps) < 17:
+        engine.step()
+    arrived = time.perf_counter()
+    firsts: list[float] = []
+    for n in range(8):
+        fresh = new_image(image, 1000 + n)
+        engine.submit(GenerationRequest(before + fresh.token_ids() + after, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True),
+                                        [fresh], on_token=lambda _: firsts.append(time.perf_counter())))
+    while len(firsts) < 8:
+        engine.step()
+    done = time.perf_counter()
+    while min(s[-1] for s in stamps) < done:  # the gap the last prefill step opened closes at each stream's next token
+        engine.step()
+    for stream in streams:
+        stream.cancel()
+    engine.run_until_idle()
+    gaps = [b - a for s in stamps for a, b in itertools.pairwise(s) if b > arrived and a < done]  # every gap the arrivals overlap
+    idle = [b - a for s in stamps for a, b in itertools.pairwise(s[:17])]
+    return gaps, idle
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The generation engine: batched decoding of token-ID requests over one KV cache.
+"""The generation engine: batched decoding of token-ID requests over one paged KV cache.
 
 It knows nothing about text. A request is prompt token IDs (container IDs ≥
 EMBEDDING_INDEX_BASE included), the containers those IDs belong to, sampling
@@ -8,9 +8,16 @@ and matches stop strings, and tells the engine to stop by returning True from
 
 Threading: `submit()` and `RequestHandle.cancel()` may be called from any thread;
 `step()`, `run_until_idle()` and `run_forever()` from one engine thread only, which
-is also where the callbacks run. Requests join and leave between steps: each step
-prefills the waiting requests that fit into free cache rows, then decodes one token
-for every running request, each row at its own position.
+is also where the callbacks run.
+
+Each step (docs/DESIGN.md §11):
+1. admits waiting requests first come, first served while the KV pool can promise every
+   block they may need (prompt + max_tokens), taking the blocks of their longest cached
+   prefix (`kv_blocks`); the first that does not fit waits, and the ones behind it too;
+2. plans up to `prefill_chunk_tokens` prompt tokens in chunks of the admitted prompts, in
+   order (a long prompt advances a chunk per step);
+3. decodes one token for every sequence whose prompt is done, in one batch, with the first
+   chunk in the same forward (one read of the weights for both); other chunks run alone.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -26,9 +34,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from generator_service.kv_blocks import BlockPool, block_hashes
 from generator_service.sampling import SamplingParams, make_generator, next_token
 from generator_service.tokenizer import check_token_ids
 from shared.config.errors import InvalidInput, ModelMismatch, VlmqError
+from shared.config.settings import get_settings
+from shared.queue.metrics import HISTOGRAMS, Histogram
 from shared.store.token_ids import EMBEDDING_INDEX_BASE
 
 log = logging.getLogger(__name__)
@@ -51,6 +62,8 @@ class GenerationRequest:
     on_token: Callable[[int], bool | None] | None = None
     on_finish: Callable[[GenerationResult], None] | None = None
     request_id: str | None = None
+    # Requests share prefix-cache blocks only under one salt (the tenant): no timing side channel on text either.
+    cache_salt: str = ""
 
 
 @dataclass(frozen=True)
@@ -58,6 +71,7 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     image_tokens: int  # prompt tokens that are container rows
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -109,6 +123,7 @@ class _Sequence:
 
     request: GenerationRequest
     handle: RequestHandle
+    prompt_ids: list[int]
     prompt: Tensor  # Long[P] on the model's device
     ranges: Tensor | None  # Long[C, 2] (first, count) sorted, or None without containers
     rows: Tensor | None  # [Σ count, D] in the model's dtype
@@ -117,28 +132,69 @@ class _Sequence:
     stop_ids: frozenset[int]
     generator: torch.Generator
     seen: Tensor | None  # Bool[V]: text tokens so far, for the repetition penalty
-    positions: Tensor | None  # the prompt's RoPE positions from the model (None: 0 … P-1)
+    positions: Tensor | None  # the prompt's RoPE positions from the model, Long[P] or Long[3, P] (None: 0 … P-1)
     position_offset: int  # RoPE position − cache position of generated tokens (M-RoPE: ≤ 0 after images)
+    hashes: list[bytes]  # prefix-cache hash of each full block so far (the prompt's from submit, then as decoding fills them)
+    submitted_at: float
     output: list[int] = field(default_factory=list)
-    length: int = 0  # cache positions written
-    row: int = -1
+    blocks: list[int] = field(default_factory=list)  # the block table
+    promised: int = 0  # blocks the pool promised at admission and has not handed out yet
+    computed: int = 0  # prompt positions in the cache (a cached prefix, then prefilled chunks)
+    length: int = 0  # positions in the cache once the prompt is done (prompt + generated tokens fed back)
+    cached_tokens: int = 0  # the prompt prefix found in the prefix cache
+    last_token_at: float = 0.0
+
+
+@dataclass
+class EngineStats:
+    """What the engine counts for /metrics since it started (`generator_service.engine_metrics` publishes it)."""
+
+    prefix_lookup_tokens: int = 0  # prompt tokens of admitted requests
+    prefix_hit_tokens: int = 0  # of those, found in the prefix cache
+    ttft: Histogram = field(default_factory=lambda: Histogram(HISTOGRAMS["ttft_seconds"]))  # submit → first token
+    itl: Histogram = field(default_factory=lambda: Histogram(HISTOGRAMS["itl_seconds"]))  # between a request's tokens
 
 
 class Engine:
-    """Runs requests together over one preallocated KV cache of `max_batch` rows × `max_seq_len` positions."""
+    """Runs up to `max_batch` requests together over a paged KV pool of `kv_cache_tokens` positions.
 
-    def __init__(self, model, max_batch: int = 8, max_seq_len: int = 2048, eos_token_ids: Sequence[int] = ()):
-        if max_batch < 1 or max_seq_len < 2:
-            raise ValueError(f"need max_batch ≥ 1 and max_seq_len ≥ 2, got {max_batch}, {max_seq_len}")
+    kv_cache_tokens: the pool, in positions of `block_tokens` each block (default: max_batch × max_seq_len,
+    the memory of an unpaged cache); a request waits until the pool can promise its prompt and
+    answer. prefix_cache: reuse the blocks of prompt prefixes computed before. prefill_chunk_tokens:
+    prompt tokens prefilled per step (0: whole prompts). Left out, these three are the settings'
+    (VLMQ_KV_BLOCK_TOKENS, VLMQ_PREFIX_CACHE, VLMQ_PREFILL_CHUNK_TOKENS), so a whole test run can
+    switch them.
+    """
+
+    def __init__(
+        self, model, max_batch: int = 8, max_seq_len: int = 2048, eos_token_ids: Sequence[int] = (),
+        kv_cache_tokens: int | None = None, block_tokens: int | None = None, prefix_cache: bool | None = None,
+        prefill_chunk_tokens: int | None = None,
+    ):
+        settings = get_settings()
+        block_tokens = settings.kv_block_tokens if block_tokens is None else block_tokens
+        prefix_cache = settings.prefix_cache == "on" if prefix_cache is None else prefix_cache
+        prefill_chunk_tokens = settings.prefill_chunk_tokens if prefill_chunk_tokens is None else prefill_chunk_tokens
+        if max_batch < 1 or max_seq_len < 2 or block_tokens < 1 or prefill_chunk_tokens < 0:
+            raise ValueError(f"need max_batch ≥ 1, max_seq_len ≥ 2, block_tokens ≥ 1, prefill_chunk_tokens ≥ 0, got "
+                             f"{max_batch}, {max_seq_len}, {block_tokens}, {prefill_chunk_tokens}")
         self.model = model
         self.max_batch = max_batch
-        self.max_seq_len = min(max_seq_len, model.config.max_position_embeddings)
+        self.block_tokens = block_tokens
+        num_blocks = -(-(kv_cache_tokens or max_batch * max_seq_len) // block_tokens)
+        self.kv_tokens = num_blocks * block_tokens
+        context = min(max_seq_len, model.config.max_position_embeddings)
+        self.max_seq_len = min(context, self.kv_tokens)  # a request longer than the whole pool could never run
+        self._limit = "context" if context <= self.kv_tokens else "KV cache"
         self.eos_token_ids = tuple(eos_token_ids)
-        self.cache = model.new_cache(max_batch, self.max_seq_len)
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.cache = model.new_cache(num_blocks, block_tokens)
+        self.pool = BlockPool(num_blocks, prefix_cache)
+        self.stats = EngineStats()
         self._incoming: queue.SimpleQueue[_Sequence] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._waiting: deque[_Sequence] = deque()
-        self._rows: list[_Sequence | None] = [None] * max_batch
+        self._running: list[_Sequence] = []  # admitted, in admission order
         self._ids = itertools.count()
 
     # -- any thread ---------------------------------------------------------------------
@@ -157,7 +213,7 @@ class Engine:
             raise InvalidInput("the prompt is empty")
         if len(prompt) >= self.max_seq_len:
             raise InvalidInput(
-                f"prompt of {len(prompt)} tokens does not fit the context of {self.max_seq_len} tokens "
+                f"prompt of {len(prompt)} tokens does not fit the {self._limit} of {self.max_seq_len} tokens "
                 "(at least one position must remain for the answer)"
             )
         containers = _unique_containers(request.containers)
@@ -182,12 +238,16 @@ class Engine:
         if params.needs_penalty:
             seen = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=model.device)
             seen[prompt_tensor[prompt_tensor < EMBEDDING_INDEX_BASE]] = True  # container IDs are not text
-        # Computed here, off the engine thread: M-RoPE walks the prompt and its images' grids.
+        # Computed here, off the engine thread: M-RoPE walks the prompt and its images' grids; the hashes read every ID.
         positions, next_position = model.prompt_positions(prompt, containers)
+        hashes = []
+        if self.pool.prefix_cache:
+            hashes = block_hashes(prompt, self.block_tokens, request.cache_salt, model.config.bidirectional_images)
         request_id = request.request_id or f"req-{next(self._ids)}"
         return _Sequence(
             request=request,
             handle=RequestHandle(request_id),
+            prompt_ids=prompt,
             prompt=prompt_tensor,
             ranges=ranges,
             rows=rows,
@@ -198,29 +258,46 @@ class Engine:
             seen=seen,
             positions=positions,
             position_offset=next_position - len(prompt),
+            hashes=hashes,
+            submitted_at=time.perf_counter(),
         )
 
     # -- the engine thread -----------------------------------------------------------------
 
     @property
     def num_running(self) -> int:
-        return sum(seq is not None for seq in self._rows)
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
 
     def has_work(self) -> bool:
-        return bool(self._waiting) or self.num_running > 0 or not self._incoming.empty()
+        return bool(self._waiting) or bool(self._running) or not self._incoming.empty()
 
     @torch.inference_mode()
     def step(self) -> int:
-        """Admit and prefill what fits, then decode one token for every running request; returns tokens made."""
+        """Admit what the pool allows, prefill up to the chunk budget, decode one token for every sequence past its
+        prompt (with the first chunk in the same forward); returns tokens made."""
         while not self._incoming.empty():
             self._waiting.append(self._incoming.get_nowait())
-        for seq in self._rows:
-            if seq is not None and seq.handle.cancelled:
+        for seq in [*self._waiting, *self._running]:
+            if seq.handle.cancelled:
                 self._finish(seq, FINISH_CANCELLED)
-        made = self._prefill_waiting()
-        running = [seq for seq in self._rows if seq is not None]
-        if running:
-            made += self._decode(running)
+        self._admit()
+        chunks = self._plan_chunks()
+        decoding = [seq for seq in self._running if seq.output]
+        made, mixed = 0, bool(decoding and chunks)
+        if mixed:
+            # The streams' next tokens and the first chunk in one forward: every weight read once for both, so a
+            # long prompt arriving costs the streams a chunk's compute per step, not a whole prefill.
+            made += self._decode(decoding, chunks.pop(0))
+        for seq, start, end in chunks:
+            made += self._prefill(seq, start, end)
+        if not decoding:  # what this step prefilled decodes at once, as it would alone
+            decoding = [seq for seq in self._running if seq.output]
+        if decoding and not mixed:
+            made += self._decode(decoding)
         return made
 
     def run_until_idle(self) -> None:
@@ -241,56 +318,137 @@ class Engine:
                 self._wakeup.clear()
         while not self._incoming.empty():
             self._waiting.append(self._incoming.get_nowait())
-        for seq in [*self._waiting, *(s for s in self._rows if s is not None)]:
+        for seq in [*self._waiting, *self._running]:
             self._finish(seq, FINISH_CANCELLED)
-        self._waiting.clear()
 
-    def _prefill_waiting(self) -> int:
-        made = 0
-        while self._waiting and None in self._rows:
-            seq = self._waiting.popleft()
-            if seq.handle.cancelled:
-                self._finish(seq, FINISH_CANCELLED)
-                continue
-            seq.row = self._rows.index(None)  # lowest free row keeps the decoded batch short
-            self._rows[seq.row] = seq
-            try:
-                logits = self.model.prefill(seq.prompt, self.cache, seq.row, ranges=seq.ranges, rows=seq.rows, positions=seq.positions)
-            except Exception as exc:  # noqa: BLE001 - one bad request must not stop the others
-                self._fail(seq, exc)
-                continue
-            seq.length = seq.prompt.shape[0]
-            self._accept(seq, self._pick(seq, logits[0]))
-            made += 1
-        return made
+    def _admit(self) -> None:
+        bs = self.block_tokens
+        while self._waiting and len(self._running) < self.max_batch:
+            seq = self._waiting[0]
+            prompt_len = len(seq.prompt_ids)
+            # At least the prompt's last token is computed here: its logits give the first new token.
+            cached = self.pool.lookup(seq.hashes[: (prompt_len - 1) // bs])
+            positions = prompt_len + seq.max_new_tokens - 1  # the last new token is never fed back
+            if not self.pool.admit(cached, -(-positions // bs) - len(cached)):
+                break  # first come, first served: the ones behind wait too
+            self._waiting.popleft()
+            seq.blocks, seq.promised = list(cached), -(-positions // bs) - len(cached)
+            seq.computed = seq.cached_tokens = len(cached) * bs
+            self._running.append(seq)
+            self.stats.prefix_lookup_tokens += prompt_len
+            self.stats.prefix_hit_tokens += seq.cached_tokens
 
-    def _decode(self, running: list[_Sequence]) -> int:
-        # Rows 0…n-1 go through the model together; a free row inside that span runs a
-        # dummy token at position 0 of its own (unused) cache row.
-        n = max(seq.row for seq in running) + 1
-        ids, positions, rope_positions = [0] * n, [0] * n, [0] * n
+    def _plan_chunks(self) -> list[tuple[_Sequence, int, int]]:
+        """This step's prefill chunks (sequence, first position, end): the admitted prompts in order, up to the budget."""
+        budget, chunks = self.prefill_chunk_tokens or self.kv_tokens, []
+        for seq in [s for s in self._running if s.computed < len(s.prompt_ids)]:
+            if budget <= 0:
+                break
+            end = self._chunk_end(seq, budget)
+            budget -= end - seq.computed
+            chunks.append((seq, seq.computed, end))
+        return chunks
+
+    def _prefill(self, seq: _Sequence, start: int, end: int) -> int:
+        """Prefill positions start … end-1 of `seq`'s prompt alone; returns the tokens made (1 when the prompt is done)."""
+        self._grow(seq, end)
+        try:
+            logits = self.model.prefill(seq.prompt[start:end], self.cache, seq.blocks, start, ranges=seq.ranges,
+                                        rows=seq.rows, positions=self._positions(seq, start, end))
+        except Exception as exc:  # noqa: BLE001 - one bad request must not stop the others
+            self._fail(seq, exc)
+            return 0
+        return self._prefilled(seq, end, logits[0])
+
+    def _positions(self, seq: _Sequence, start: int, end: int) -> Tensor | None:
+        return None if seq.positions is None else seq.positions[..., start:end]
+
+    def _prefilled(self, seq: _Sequence, end: int, logits: Tensor) -> int:
+        """The prompt is in the cache up to `end`: cache the blocks now final; at the prompt's end pick the first token."""
+        for i in range(seq.computed // self.block_tokens, min(end // self.block_tokens, len(seq.hashes))):
+            self.pool.register(seq.blocks[i], seq.hashes[i])
+        seq.computed = end
+        if end < len(seq.prompt_ids):
+            return 0
+        seq.length = end
+        self._accept(seq, self._pick(seq, logits))
+        return 1
+
+    def _chunk_end(self, seq: _Sequence, budget: int) -> int:
+        """Where the next prefill chunk of `seq` ends: `budget` tokens on, or the prompt's end. With bidirectional
+        images (Gemma 3) a chunk never ends inside an image: it ends before the image, or, when it starts inside
+        that image (after a cached prefix), at the image's end."""
+        ids, start = seq.prompt_ids, seq.computed
+        end = min(len(ids), start + budget)
+        if not self.model.config.bidirectional_images:
+            return end
+        image_start = end
+        while start < image_start < len(ids) and ids[image_start] >= EMBEDDING_INDEX_BASE and ids[image_start - 1] >= EMBEDDING_INDEX_BASE:
+            image_start -= 1
+        if image_start == end or image_start > start:
+            return image_start
+        while end < len(ids) and ids[end] >= EMBEDDING_INDEX_BASE:
+            end += 1
+        return end
+
+    def _grow(self, seq: _Sequence, positions: int) -> None:
+        """Give `seq` the blocks for its first `positions` positions (promised at admission)."""
+        while len(seq.blocks) * self.block_tokens < positions:
+            seq.blocks.append(self.pool.allocate())
+            seq.promised -= 1
+
+    def _decode(self, running: list[_Sequence], chunk: tuple[_Sequence, int, int] | None = None) -> int:
+        """One token for each of `running`, and with `chunk` (sequence, start, end) that prefill chunk in the same forward."""
+        ids, positions, rope_positions = [], [], []
         for seq in running:
-            ids[seq.row], positions[seq.row] = seq.output[-1], seq.length
-            rope_positions[seq.row] = seq.length + seq.position_offset
+            self._grow(seq, seq.length + 1)
+            ids.append(seq.output[-1])
+            positions.append(seq.length)
+            rope_positions.append(seq.length + seq.position_offset)
         if rope_positions == positions:
             rope_positions = None  # RoPE at the cache positions (every model without M-RoPE): nothing extra to build
+        ids, tables = torch.tensor(ids, device=self.model.device), [seq.blocks for seq in running]
         try:
-            logits = self.model.decode(torch.tensor(ids, device=self.model.device), positions, self.cache, rope_positions)  # [n, V]
+            if chunk is None:
+                logits = self.model.decode(ids, positions, self.cache, rope_positions, tables=tables)  # [N, V]
+            else:
+                prefilling, start, end = chunk
+                self._grow(prefilling, end)
+                logits, chunk_logits = self.model.decode_and_prefill(
+                    ids, positions, self.cache, rope_positions, tables, prefilling.prompt[start:end], prefilling.blocks, start,
+                    prefilling.ranges, prefilling.rows, self._positions(prefilling, start, end))  # [N, V], [1, V]
         except Exception as exc:  # noqa: BLE001
-            for seq in running:
+            for seq in [*running, *(chunk[:1] if chunk else ())]:
                 self._fail(seq, exc)
             return 0
         argmax = logits.argmax(-1).tolist()  # one host sync for every plain-greedy row
-        for seq in running:
+        for i, seq in enumerate(running):
             seq.length += 1
+            if seq.length % self.block_tokens == 0:
+                self._register_filled(seq)
             plain_greedy = seq.request.params.greedy and not seq.request.params.needs_penalty
-            self._accept(seq, argmax[seq.row] if plain_greedy else self._pick(seq, logits[seq.row]))
-        return len(running)
+            self._accept(seq, argmax[i] if plain_greedy else self._pick(seq, logits[i]))
+        return len(running) + (0 if chunk is None else self._prefilled(chunk[0], chunk[2], chunk_logits[0]))
+
+    def _register_filled(self, seq: _Sequence) -> None:
+        """Cache the block decoding just filled (generated tokens are text: no image runs on past it)."""
+        index, bs = seq.length // self.block_tokens - 1, self.block_tokens
+        if not self.pool.prefix_cache or index < len(seq.hashes):
+            return
+        tokens = (seq.prompt_ids + seq.output)[index * bs : (index + 1) * bs]
+        seq.hashes += block_hashes(tokens, bs, seq.request.cache_salt, previous=seq.hashes[-1] if seq.hashes else None)
+        self.pool.register(seq.blocks[index], seq.hashes[index])
 
     def _pick(self, seq: _Sequence, logits: Tensor) -> int:
         return next_token(logits, seq.request.params, seq.generator, seq.seen)
 
     def _accept(self, seq: _Sequence, token: int) -> None:
+        now = time.perf_counter()
+        if seq.output:
+            self.stats.itl.observe(now - seq.last_token_at)
+        else:
+            self.stats.ttft.observe(now - seq.submitted_at)
+        seq.last_token_at = now
         seq.output.append(token)
         if seq.seen is not None:
             seq.seen[token] = True
@@ -312,9 +470,13 @@ class Engine:
         self._finish(seq, FINISH_ERROR, exc)
 
     def _finish(self, seq: _Sequence, reason: str, error: BaseException | None = None) -> None:
-        if seq.row >= 0 and self._rows[seq.row] is seq:
-            self._rows[seq.row] = None
-        usage = Usage(seq.prompt.shape[0], len(seq.output), seq.image_tokens)
+        if seq in self._running:
+            self._running.remove(seq)
+            self.pool.release(seq.blocks, seq.promised)
+            seq.blocks, seq.promised = [], 0
+        elif seq in self._waiting:
+            self._waiting.remove(seq)
+        usage = Usage(seq.prompt.shape[0], len(seq.output), seq.image_tokens, seq.cached_tokens)
         result = GenerationResult(seq.handle.request_id, list(seq.output), reason, usage, error)
         seq.handle._finish(result)
         if seq.request.on_finish is not None:

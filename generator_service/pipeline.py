@@ -150,7 +150,9 @@ class GeneratePipeline:
                 emit(stops.flush(decoder.flush()))  # text held back for a stop string that never came
             handoff.put(None)
 
-        handle = self.engine.submit(GenerationRequest(encoded.ids, params, encoded.containers, on_token=on_token, on_finish=on_finish))
+        # Salted with the tenant: no tenant's prompt reuses (or times) another tenant's cached text.
+        handle = self.engine.submit(GenerationRequest(encoded.ids, params, encoded.containers, on_token=on_token, on_finish=on_finish,
+                                                      cache_salt=tenant))
         with watch_cancel(handle.cancel) if watch_cancel is not None else nullcontext():
             for text, tokens_so_far in _drained(handoff):
                 if on_text is not None:
@@ -165,6 +167,7 @@ class GeneratePipeline:
                 "prompt_tokens": result.usage.prompt_tokens,
                 "completion_tokens": result.usage.completion_tokens,
                 "image_tokens": result.usage.image_tokens,
+                "cached_tokens": result.usage.cached_tokens,
                 "total_tokens": result.usage.prompt_tokens + result.usage.completion_tokens,
             },
         }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 from generator_service.engine import Engine
+from generator_service.engine_metrics import publish_engine_stats
 from generator_service.pipeline import GeneratePipeline
 from generator_service.tasks import register_generate_task
 from generator_service.tokenizer import Tokenizer
@@ -12,6 +13,7 @@ from shared.config.settings import Settings
 from shared.modeling.checkpoint import Checkpoint, resolve_dtype
 from shared.modeling.registry import family_for
 from shared.queue.celery_app import GENERATE_QUEUE, create_celery_app
+from shared.queue.metrics import WorkerStats
 from shared.queue.worker import run_celery_worker
 from shared.store.containers import ContainerStore
 from shared.store.redis_conn import connect
@@ -22,9 +24,12 @@ def build_pipeline(settings: Settings, model_path: str, device: str) -> Generate
     family = family_for(checkpoint.config)
     model = family.load_language_class().from_checkpoint(checkpoint, device=device, dtype=resolve_dtype(settings.dtype, device))
     tokenizer = Tokenizer.from_checkpoint(checkpoint)
-    engine = Engine(model, max_batch=settings.generate_max_batch, max_seq_len=settings.generate_max_seq_len, eos_token_ids=tokenizer.eos_token_ids)
+    engine = Engine(model, max_batch=settings.generate_max_batch, max_seq_len=settings.generate_max_seq_len, eos_token_ids=tokenizer.eos_token_ids,
+                    kv_cache_tokens=settings.kv_cache_tokens, block_tokens=settings.kv_block_tokens,
+                    prefix_cache=settings.prefix_cache == "on", prefill_chunk_tokens=settings.prefill_chunk_tokens)
     threading.Thread(target=engine.run_forever, args=(threading.Event(),), name="vlmq-engine", daemon=True).start()
     client = connect(settings.effective_store_url)
+    publish_engine_stats(engine, WorkerStats(client, settings.key_prefix, "generate"), threading.Event())
     store = ContainerStore(client, settings.key_prefix, settings.container_ttl_s, settings.max_container_bytes)
     image_placeholder = family.image_prompt(checkpoint).placeholder(tokenizer)
     return GeneratePipeline(model, tokenizer, engine, store, settings, checkpoint.fingerprint, image_placeholder)

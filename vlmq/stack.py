@@ -120,10 +120,13 @@ class LocalStack:
             # Explicit values beat the environment; everything else (key prefix, limits) comes from it.
             store = os.environ.get("VLMQ_STORE_URL") if self._broker_url else broker
             self.settings = Settings(broker_url=broker, store_url=store or broker)
-            for kind, count in (("embed", self.embed_workers), ("generate", self.generate_workers)):
-                for index in range(count):
-                    self._spawn(f"{kind}-worker-{index}", ["worker", kind, "--model", self.model, "--device", self.device],
-                                worker_kind=kind)
+            workers = [(kind, index) for kind, count in (("embed", self.embed_workers), ("generate", self.generate_workers))
+                       for index in range(count)]
+            # On the CPU each worker gets cores of its own (see `divide_cores`).
+            shares = divide_cores(available_cores(), len(workers)) if self.device == "cpu" else [None] * len(workers)
+            for (kind, index), cores in zip(workers, shares):
+                self._spawn(f"{kind}-worker-{index}", ["worker", kind, "--model", self.model, "--device", self.device],
+                            worker_kind=kind, cores=cores)
             if self.apis is not None:
                 for kind in ("embed", "generate"):
                     port = self.apis.embed_port if kind == "embed" else self.apis.generate_port
@@ -178,7 +181,12 @@ class LocalStack:
         env.update(VLMQ_BROKER_URL=self.settings.broker_url, VLMQ_STORE_URL=self.settings.effective_store_url)
         return env
 
-    def _spawn(self, name: str, cli_args: list[str], *, worker_kind: str | None = None, health_url: str | None = None) -> None:
+    def _spawn(self, name: str, cli_args: list[str], *, worker_kind: str | None = None, health_url: str | None = None,
+               cores: list[int] | None = None) -> None:
+        """cores: the CPUs the child may run on (and as many torch/OpenMP threads); None: all, torch's default threads."""
+        env = self._child_env()
+        if cores is not None:
+            env.update(OMP_NUM_THREADS=str(len(cores)), MKL_NUM_THREADS=str(len(cores)))
         log_path = None
         output = None  # inherit
         if self.log_dir is not None:
@@ -188,8 +196,8 @@ class LocalStack:
         try:
             process = subprocess.Popen(
                 [sys.executable, "-m", "vlmq", *cli_args],
-                env=self._child_env(), stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT if output else None,
-                start_new_session=True, preexec_fn=die_with_parent(),
+                env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT if output else None,
+                start_new_session=True, preexec_fn=_child_setup(cores),
             )
         finally:
             if output is not None:
@@ -229,6 +237,42 @@ class LocalStack:
 
     def _log_hint(self) -> str:
         return f" (logs in {self.log_dir})" if self.log_dir is not None else ""
+
+
+def available_cores() -> list[int]:
+    """The CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def divide_cores(cores: list[int], workers: int) -> list[list[int] | None]:
+    """Each worker's share of `cores`: contiguous, as even as possible, so that workers decoding or embedding side by
+    side never queue their threads behind each other's (two workers with a thread per core each on the same cores made
+    a decode step wait for a descheduled thread; issue 24). Fewer cores than workers: None each (no division)."""
+    if workers < 2 or len(cores) < workers:
+        return [None] * workers
+    size, extra = divmod(len(cores), workers)
+    shares, at = [], 0
+    for index in range(workers):
+        count = size + (index < extra)
+        shares.append(cores[at : at + count])
+        at += count
+    return shares
+
+
+def _child_setup(cores: list[int] | None):
+    """The child's `preexec_fn`: tied to the parent's life (`die_with_parent`), pinned to `cores` where the OS allows."""
+    tie = die_with_parent()
+    if cores is None or not hasattr(os, "sched_setaffinity"):
+        return tie
+
+    def setup() -> None:
+        if tie is not None:
+            tie()
+        os.sched_setaffinity(0, cores)
+
+    return setup
 
 
 def private_log_dir() -> Path:

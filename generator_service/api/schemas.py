@@ -50,6 +50,7 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     image_tokens: int
+    cached_tokens: int = Field(0, description="Prompt tokens whose keys and values came from the worker's prefix cache")
     total_tokens: int
 
 

@@ -17,14 +17,16 @@ run the decode steps, the weights stay row-major, the layout those read. After
 `prepare()` the state dict no longer mirrors the checkpoint: these modules are
 inference-only.
 
-Token tensors are flat, `[N, D]` with N the tokens of this forward (one per row
-when decoding, one sequence's tokens when prefilling); `ForwardBatch` says where
-each token sits in the KV cache.
+Token tensors are flat, `[N, D]` with N the tokens of this forward (one per sequence
+when decoding, one sequence's tokens when prefilling, or both: a `MixedBatch`);
+`ForwardBatch` says where each token sits in the paged KV cache (`KVCache`) and which
+positions it attends over.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -118,88 +120,125 @@ class DecoderConfig:
 
 
 class KVCache:
-    """Keys and values for up to `max_batch` sequences of `max_seq_len` tokens, allocated once.
+    """Keys and values in `num_blocks` blocks of `block_size` positions each, allocated once (a paged cache).
 
-    k, v: [layers, max_batch, kv_heads, max_seq_len, head_dim]. Row `b` belongs to
-    one sequence; the owner (the engine) tracks how many positions of it are valid.
+    k, v: [layers, num_blocks, kv_heads, block_size, head_dim]. A sequence's positions live in the
+    blocks of its block table, in order: position p is at offset p % block_size of block
+    table[p // block_size]. The owner (the engine) hands out blocks and tracks which positions are
+    valid. `num_blocks` rows of `block_size` positions, with row b's table [b], is the unpaged cache
+    of `max_batch` × `max_seq_len` (`LlamaForCausalLM.new_cache`).
     """
 
-    def __init__(self, config: DecoderConfig, max_batch: int, max_seq_len: int, dtype: torch.dtype, device):
-        shape = (config.num_layers, max_batch, config.num_kv_heads, max_seq_len, config.head_dim)
+    def __init__(self, config: DecoderConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device):
+        shape = (config.num_layers, num_blocks, config.num_kv_heads, block_size, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.max_batch = max_batch
-        self.max_seq_len = max_seq_len
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.num_kv_heads = config.num_kv_heads
 
     @property
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
+    def flat_rows(self, tables: Tensor, positions: Tensor) -> Tensor:
+        """tables: Long[R, blocks], positions: Long[R, T] → Long[R, T, kv_heads]: where each (position, KV head)
+        of row r sits in a layer's cache viewed as [num_blocks * kv_heads * block_size, hd]."""
+        bs, hkv = self.block_size, self.num_kv_heads
+        blocks = torch.gather(tables, 1, positions // bs)  # [R, T]
+        heads = torch.arange(hkv, device=tables.device)
+        return (blocks[..., None] * hkv + heads) * bs + (positions % bs)[..., None]
+
+    def table(self, blocks: Sequence[int] | int, end: int) -> Tensor:
+        """A block table as Long[1, n] for positions 0 … end-1; an int b is row b of an unpaged cache ([b])."""
+        blocks = [blocks] if isinstance(blocks, int) else list(blocks)
+        if not 0 < end <= len(blocks) * self.block_size:
+            raise ValueError(f"{end} positions do not fit {len(blocks)} blocks of {self.block_size}")
+        if not all(0 <= b < self.num_blocks for b in blocks):
+            raise ValueError(f"block table {blocks} names blocks outside the cache's {self.num_blocks}")
+        return torch.tensor([blocks], device=self.k.device)
+
 
 @dataclass
 class ForwardBatch:
-    """Where the N tokens of one forward go, computed once and shared by every layer.
+    """Where the N tokens of one forward go, computed once and shared by every layer of a kind.
 
     Two shapes of forward:
-    - prefill: N consecutive tokens of one sequence in cache row `row`, positions
-      `start … start+N-1`;
-    - decode: one token for each of cache rows 0 … N-1, row b at position `positions[b]`.
+    - prefill: N consecutive tokens of one sequence, positions `start … start+N-1`;
+    - decode: one token for each of N sequences, sequence b at position `positions[b]`.
+    Either way every token's keys go to `write_index`, and a query of row r attends over the
+    first `kv_len` positions of row r's block table (a prefill is one row).
     """
 
     rotations: Tensor  # [N, 1, hd/2] complex: RoPE of each token
     decode: bool
-    row: int = 0  # prefill
-    start: int = 0  # prefill
-    write_index: Tensor | None = None  # decode: [N * kv_heads] flat cache rows to write, see `for_decode`
-    kv_len: int = 0  # keys each query attends over (a prefix of the cache rows)
+    write_index: Tensor  # Long[N * kv_heads]: flat cache rows (see `KVCache.flat_rows`) of each token's K and V
+    read_index: Tensor  # Long[R, kv_heads, kv_len]: flat cache rows of the keys each row attends over (the torch path)
+    block_table: Tensor  # Long[R, blocks]: each row's blocks (the CPU decode kernel reads through it)
+    kv_len: int  # positions each query attends over (a prefix of its row's positions)
+    start: int = 0  # prefill: the first token's position
     mask: Tensor | None = None  # decode: [N, 1, 1, kv_len] additive (0 / -inf); None when every row sees all kv_len.
     # prefill: [N, kv_len] bool (True: attend) when it is not plain causal (a sliding window, image blocks), else None.
 
     @classmethod
     def for_prefill(
-        cls, rope: Tensor, row: int, start: int, length: int, rotations: Tensor | None = None, sliding_window: int | None = None,
-        blocks: Tensor | None = None,
+        cls, rope: Tensor, cache: KVCache, table: Sequence[int] | int, start: int, length: int, rotations: Tensor | None = None,
+        sliding_window: int | None = None, blocks: Tensor | None = None,
     ) -> ForwardBatch:
-        """rotations: [length, 1, hd/2] when the tokens' RoPE positions are not start … start+length-1 (M-RoPE).
+        """table: the sequence's block table (an int b: row b of an unpaged cache), covering start + length positions.
 
+        rotations: [length, 1, hd/2] when the tokens' RoPE positions are not start … start+length-1 (M-RoPE).
         sliding_window: query at position p sees keys p - window < k ≤ p (transformers' sliding causal mask).
         blocks: Long[length], each token's image block (-1: text), from `image_blocks`: tokens of one
         block also see each other's later positions (Gemma 3). As transformers composes it, the window
         still applies: (causal or same block) and within the window.
         """
-        if rotations is None:
-            rotations = rope[start : start + length].unsqueeze(1)
+        device = rope.device
         end, mask = start + length, None
+        tables = cache.table(table, end)  # [1, blocks]
+        if rotations is None:
+            rotations = rope[start:end].unsqueeze(1)
         windowed = sliding_window is not None and end > sliding_window
         if windowed or blocks is not None:
-            query = torch.arange(start, end, device=rope.device)[:, None]  # [N, 1]
-            key = torch.arange(end, device=rope.device)[None, :]  # [1, T]
+            query = torch.arange(start, end, device=device)[:, None]  # [N, 1]
+            key = torch.arange(end, device=device)[None, :]  # [1, T]
             mask = key <= query  # [N, T]
             if blocks is not None:
-                # Keys before `start` are earlier chunks, all visible already: a block never spans chunks.
+                # Keys before `start` are earlier chunks or a cached prefix, all visible already. A chunk may start
+                # inside an image whose first tokens are cached: they were computed with the whole image present
+                # (the prefix cache keys such a block on the rest of the image too), and this chunk holds the rest.
                 key_blocks = F.pad(blocks, (start, 0), value=-1)  # [T]
                 mask |= (blocks[:, None] == key_blocks[None, :]) & (blocks[:, None] >= 0)
             if windowed:
                 mask &= key > query - sliding_window
-        return cls(rotations=rotations, decode=False, row=row, start=start, kv_len=end, mask=mask)
+        positions = torch.arange(end, device=device)[None, :]  # [1, T]
+        rows = cache.flat_rows(tables, positions)  # [1, T, Hkv]
+        return cls(rotations=rotations, decode=False, write_index=rows[0, start:].reshape(-1), read_index=rows.transpose(1, 2),
+                   block_table=tables, kv_len=end, start=start, mask=mask)
 
     @classmethod
     def for_decode(
         cls, rope: Tensor, positions: list[int], cache: KVCache, num_kv_heads: int, dtype, rope_positions: list[int] | None = None,
-        sliding_window: int | None = None,
+        sliding_window: int | None = None, tables: list[list[int]] | None = None,
     ) -> ForwardBatch:
         """positions[b]: where row b's token goes; host ints, so building the batch needs no device sync.
 
         rope_positions[b]: row b's RoPE position when it is not its cache position (M-RoPE:
         text after an image continues from the image's largest position + 1).
+        tables[b]: row b's block table, covering positions[b] + 1 positions; None: row b of an unpaged cache ([b]).
         """
         device = rope.device
         n, kv_len = len(positions), max(positions) + 1
+        if tables is None:
+            tables = [[b] for b in range(n)]
+        width = max(len(t) for t in tables)
+        # Shorter tables padded with block 0: the positions they would name are past that row's end, masked.
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)  # [N, blocks]
+        if kv_len > width * cache.block_size or any(p >= len(t) * cache.block_size for p, t in zip(positions, tables)):
+            raise ValueError(f"positions {positions} do not fit block tables {tables} of {cache.block_size}-position blocks")
         pos = torch.tensor(positions, device=device)  # [N]
-        # The cache layer viewed as [max_batch * kv_heads * max_seq_len, hd]: row b, head h, position p
-        # is entry (b * kv_heads + h) * max_seq_len + p, so writing every row's new key is one index_copy_.
-        rows = torch.arange(n, device=device)[:, None] * num_kv_heads + torch.arange(num_kv_heads, device=device)
-        write_index = (rows * cache.max_seq_len + pos[:, None]).reshape(-1)  # [N * Hkv]
+        write_index = cache.flat_rows(table, pos[:, None]).reshape(-1)  # [N * Hkv]
+        read_index = cache.flat_rows(table, torch.arange(kv_len, device=device).expand(n, kv_len)).transpose(1, 2)  # [N, Hkv, T]
         mask = None
         windowed = sliding_window is not None and kv_len > sliding_window
         if windowed or any(p != kv_len - 1 for p in positions):  # rows of different lengths: hide each row's unused tail
@@ -210,7 +249,22 @@ class ForwardBatch:
             mask = torch.zeros(n, 1, 1, kv_len, dtype=dtype, device=device)
             mask.masked_fill_(~keep[:, None, None, :], float("-inf"))
         rotations = rope[pos if rope_positions is None else torch.tensor(rope_positions, device=device)].unsqueeze(1)
-        return cls(rotations=rotations, decode=True, write_index=write_index, kv_len=kv_len, mask=mask)
+        return cls(rotations=rotations, decode=True, write_index=write_index, read_index=read_index, block_table=table,
+                   kv_len=kv_len, mask=mask)
+
+
+@dataclass
+class MixedBatch:
+    """A decode batch and a prefill chunk in one forward: their tokens (the decode rows first) go through the
+    projections and MLPs together, one read of every weight, and each part attends as it would alone."""
+
+    decoding: ForwardBatch
+    prefilling: ForwardBatch
+    decode = False  # the fused decode kernel does not take a chunk: the torch layer runs
+
+    def __post_init__(self):
+        self.rotations = torch.cat([self.decoding.rotations, self.prefilling.rotations])  # [N_decode + N_chunk, 1, hd/2]
+        self.write_index = torch.cat([self.decoding.write_index, self.prefilling.write_index])  # [(N_decode + N_chunk) * kv_heads]
 
 
 def image_blocks(ids: Tensor, base: int) -> Tensor | None:
@@ -278,7 +332,7 @@ class Attention(nn.Module):
         del self.q_proj, self.k_proj, self.v_proj, self.o_proj
 
     def forward(self, x: Tensor, residual: Tensor | None, k_cache: Tensor, v_cache: Tensor, batch: ForwardBatch) -> Tensor:
-        """x: [N, D] normed input, residual: [N, D] or None; k/v_cache: [B, Hkv, S, hd] → residual + attention: [N, D]
+        """x: [N, D] normed input, residual: [N, D] or None; k/v_cache: [blocks, Hkv, block_size, hd] → residual + attention: [N, D]
         (the attention output alone without a residual)."""
         c = self.config
         n, h, hkv, hd = x.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
@@ -290,37 +344,45 @@ class Attention(nn.Module):
         q, k = qk[:, :h], qk[:, h:]  # [N, H, hd], [N, Hkv, hd]
         v = qkv[:, c.q_size + c.kv_size :].view(n, hkv, hd)  # [N, Hkv, hd]
 
-        if batch.decode:
-            # One query per cache row. The heads sharing a KV head are stacked as that
-            # head's queries ([N, Hkv, group, hd]), so grouped-query attention reads the
-            # cache in place, with no repeated keys. Plain matmul/softmax: for one query
-            # per row the CPU SDPA kernel costs several times more, masked or not.
-            k_cache.view(-1, hd).index_copy_(0, batch.write_index, k.reshape(-1, hd))
-            v_cache.view(-1, hd).index_copy_(0, batch.write_index, v.reshape(-1, hd))
-            keys = k_cache[:n, :, : batch.kv_len]  # [N, Hkv, T, hd]
-            values = v_cache[:n, :, : batch.kv_len]
-            scores = torch.matmul(q.reshape(n, hkv, h // hkv, hd), keys.transpose(2, 3))  # [N, Hkv, group, T]
-            if batch.mask is not None:
-                scores.add_(batch.mask)
-            out = torch.matmul(scores.softmax(-1), values)  # [N, Hkv, group, hd]
+        # The cache layer viewed as [num_blocks * kv_heads * block_size, hd]: every token's K and V in one index_copy_.
+        k_rows, v_rows = k_cache.view(-1, hd), v_cache.view(-1, hd)
+        k_rows.index_copy_(0, batch.write_index, k.reshape(-1, hd))
+        v_rows.index_copy_(0, batch.write_index, v.reshape(-1, hd))
+        if isinstance(batch, MixedBatch):  # the decode rows first, then the chunk
+            d = batch.decoding.rotations.shape[0]
+            out = torch.cat([self.attend(q[:d], k[:d], v[:d], k_rows, v_rows, batch.decoding),
+                             self.attend(q[d:], k[d:], v[d:], k_rows, v_rows, batch.prefilling)])
         else:
-            end = batch.start + n
-            k_cache[batch.row, :, batch.start : end] = k.transpose(0, 1)
-            v_cache[batch.row, :, batch.start : end] = v.transpose(0, 1)
-            q = q.transpose(0, 1).unsqueeze(0)  # [1, H, N, hd]
-            if batch.start == 0 and batch.mask is None:
-                keys, values = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)  # [1, Hkv, N, hd]
-                out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=1.0, enable_gqa=True)
-            else:
-                # Continuing a cached prefix: query i sees positions ≤ start + i (and within the sliding window).
-                keys = k_cache[batch.row : batch.row + 1, :, :end]
-                values = v_cache[batch.row : batch.row + 1, :, :end]
-                mask = batch.mask if batch.mask is not None else torch.ones(n, end, dtype=torch.bool, device=x.device).tril(batch.start)
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0, enable_gqa=True)
-            out = out[0].transpose(0, 1)  # [N, H, hd]
+            out = self.attend(q, k, v, k_rows, v_rows, batch)
         if residual is None:
             return linear(out.reshape(n, c.q_size), self.wo)
         return linear_add(out.reshape(n, c.q_size), self.wo, residual)
+
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, k_rows: Tensor, v_rows: Tensor, batch: ForwardBatch) -> Tensor:
+        """q: [N, H, hd], this forward's k, v: [N, Hkv, hd] (in the cache already, whose layer k/v_rows
+        is viewed as [blocks * Hkv * block_size, hd]) → attention output [N, H, hd]."""
+        n, h, hd = q.shape
+        hkv = k.shape[1]
+        if batch.decode:
+            # One query per sequence. The heads sharing a KV head are stacked as that head's queries
+            # ([N, Hkv, group, hd]), so grouped-query attention reads each key once, with no repeats.
+            # Plain matmul/softmax: for one query per row the CPU SDPA kernel costs several times more.
+            keys, values = k_rows[batch.read_index], v_rows[batch.read_index]  # [N, Hkv, T, hd], gathered from the blocks
+            scores = torch.matmul(q.reshape(n, hkv, h // hkv, hd), keys.transpose(2, 3))  # [N, Hkv, group, T]
+            if batch.mask is not None:
+                scores.add_(batch.mask)
+            return torch.matmul(scores.softmax(-1), values).view(n, h, hd)  # [N, Hkv, group, hd] → [N, H, hd]
+        q = q.transpose(0, 1).unsqueeze(0)  # [1, H, N, hd]
+        if batch.start == 0 and batch.mask is None:
+            keys, values = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)  # [1, Hkv, N, hd]
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=1.0, enable_gqa=True)
+        else:
+            # Continuing a cached prefix: query i sees positions ≤ start + i (and within the sliding window).
+            keys, values = k_rows[batch.read_index], v_rows[batch.read_index]  # [1, Hkv, T, hd]
+            mask = batch.mask if batch.mask is not None else torch.ones(n, batch.kv_len, dtype=torch.bool, device=q.device).tril(batch.start)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0, enable_gqa=True)
+        return out[0].transpose(0, 1)  # [N, H, hd]
 
 
 class GatedMLP(nn.Module):
@@ -395,8 +457,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, batch: ForwardBatch) -> Tensor:
         if batch.decode and self.fused_decode is not None:
-            return self.fused_decode(x, *self.fused_weights, k_cache, v_cache, batch.rotations, batch.write_index, batch.kv_len,
-                                     batch.mask, self.fused_eps, *self.fused_options)
+            return self.fused_decode(x, *self.fused_weights, k_cache, v_cache, batch.rotations, batch.write_index, batch.block_table,
+                                     batch.kv_len, batch.mask, self.fused_eps, *self.fused_options)
         # .forward() directly: per-layer module-call overhead is a measurable share of a CPU decode step.
         if not self.post_norms:
             x = self.self_attn.forward(self.input_layernorm.forward(x), x, k_cache, v_cache, batch)

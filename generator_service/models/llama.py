@@ -4,11 +4,14 @@ Loads `language_model.*` tensors of a Hugging Face checkpoint (the `text_config`
 of the multimodal config) and matches `transformers`' `LlamaForCausalLM` /
 `MistralForCausalLM` numerically: Mistral is Llama with other config defaults
 and an optional sliding attention window (a `DecoderConfig` field). Two
-forwards, both over a `KVCache` the caller owns:
+forwards, both over a paged `KVCache` the caller owns (each sequence a block table):
 
-- `prefill`: one sequence's prompt into cache row `row`; prompt IDs ≥
-  EMBEDDING_INDEX_BASE read their container's rows (`cuda_ext.gather.ops.multimodal_embedding`);
-- `decode`: one new token for each of cache rows 0…N-1, each at its own position.
+- `prefill`: consecutive tokens of one sequence (its prompt, or a chunk of it after a cached or
+  earlier part); prompt IDs ≥ EMBEDDING_INDEX_BASE read their container's rows
+  (`cuda_ext.gather.ops.multimodal_embedding`);
+- `decode`: one new token for each of N sequences, each at its own position.
+
+`new_cache(rows, seq_len)` with an int for the block table is the unpaged case: row b is block b.
 
 Qwen2-VL (`qwen2.py`) and Gemma 3 (`gemma3.py`) are this class with their own
 `read_config`. Where layers differ in window and RoPE (Gemma 3's sliding and global
@@ -17,6 +20,7 @@ layers), each forward builds one `ForwardBatch` per kind of layer (`kinds`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -30,6 +34,7 @@ from generator_service.models.decoder import (
     DecoderLayer,
     ForwardBatch,
     KVCache,
+    MixedBatch,
     image_blocks,
 )
 from shared.config.errors import CheckpointError
@@ -195,12 +200,9 @@ class LlamaForCausalLM(nn.Module):
         self.prepared = True
         return self
 
-    def new_cache(self, max_batch: int, max_seq_len: int) -> KVCache:
-        if max_seq_len > self.config.max_position_embeddings:
-            raise ValueError(
-                f"max_seq_len {max_seq_len} exceeds the model's context of {self.config.max_position_embeddings}"
-            )
-        return KVCache(self.config, max_batch, max_seq_len, self.dtype, self.device)
+    def new_cache(self, num_blocks: int, block_size: int) -> KVCache:
+        """`num_blocks` blocks of `block_size` positions: a paged pool, or `max_batch` rows of `max_seq_len` (table [row])."""
+        return KVCache(self.config, num_blocks, block_size, self.dtype, self.device)
 
     # -- forward pieces -----------------------------------------------------------
 
@@ -216,7 +218,7 @@ class LlamaForCausalLM(nn.Module):
         # Gemma scales the text rows only: container rows are the projector's output, used as they are.
         return torch.where((ids < EMBEDDING_INDEX_BASE)[:, None], x * self.embed_scale, x)
 
-    def forward(self, x: Tensor, cache: KVCache, batches: list[ForwardBatch]) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache, batches: list[ForwardBatch | MixedBatch]) -> Tensor:
         """x: [N, D] embeddings, batches: one per attention kind (`self.kinds`) → [N, D] final hidden states;
         writes the N tokens' keys and values."""
         for i, layer in enumerate(self.model.layers):
@@ -240,43 +242,75 @@ class LlamaForCausalLM(nn.Module):
         self,
         ids: Tensor,
         cache: KVCache,
-        row: int,
+        row: int | Sequence[int],
         start: int = 0,
         ranges: Tensor | None = None,
         rows: Tensor | None = None,
         all_logits: bool = False,
         positions: Tensor | None = None,
     ) -> Tensor:
-        """ids: Long[S], the prompt (from `start` on) of the sequence in cache row `row`.
+        """ids: Long[S], the prompt (from `start` on) of the sequence whose block table is `row`
+        (an int b: row b of an unpaged cache), which covers start + S positions.
 
         ranges/rows: the bound containers (see `cuda_ext.gather.ops.multimodal_embedding`).
         positions: the tokens' RoPE positions, Long[S] or Long[3, S] with M-RoPE (see
         `prompt_positions`); default start … start+S-1.
         Returns logits [1, V] of the last token, or [S, V] with `all_logits`.
         """
-        n = ids.shape[0]
-        if not 0 < start + n <= cache.max_seq_len:
-            raise ValueError(f"{start + n} positions do not fit a cache of {cache.max_seq_len}")
-        if positions is not None:
-            positions = positions.to(self.device)
-        # Gemma 3: each image's tokens see each other both ways; a chunk (start > 0) must not split an image.
-        blocks = image_blocks(ids, EMBEDDING_INDEX_BASE) if self.config.bidirectional_images else None
-        batches = [
-            ForwardBatch.for_prefill(rope, row, start, n, None if positions is None else rope_rotations(rope, positions, self.mrope),
-                                     sliding_window=window, blocks=blocks)
-            for rope, window in self.kinds
-        ]
+        batches = self.prefill_batches(ids, cache, row, start, positions)
         hidden = self.forward(self.embed(ids, ranges, rows), cache, batches)
         return self.logits(hidden if all_logits else hidden[-1:])
 
-    @torch.inference_mode()
-    def decode(self, ids: Tensor, positions: list[int], cache: KVCache, rope_positions: list[int] | None = None) -> Tensor:
-        """ids: Long[N] text tokens for cache rows 0…N-1 at `positions` (host ints) → logits [N, V].
-
-        rope_positions: each row's RoPE position where it is not its cache position (M-RoPE).
-        """
-        batches = [
-            ForwardBatch.for_decode(rope, positions, cache, self.config.num_kv_heads, self.dtype, rope_positions, sliding_window=window)
+    def prefill_batches(self, ids: Tensor, cache: KVCache, row: int | Sequence[int], start: int, positions: Tensor | None) -> list[ForwardBatch]:
+        """One `ForwardBatch` per attention kind for a prefill (see `prefill`)."""
+        n = ids.shape[0]
+        if start + n > self.config.max_position_embeddings:
+            raise ValueError(f"{start + n} positions exceed the model's context of {self.config.max_position_embeddings}")
+        if positions is not None:
+            positions = positions.to(self.device)
+        # Gemma 3: each image's tokens see each other both ways; a chunk must hold the rest of an image it starts in
+        # and must not end inside one (the engine's chunks do neither).
+        blocks = image_blocks(ids, EMBEDDING_INDEX_BASE) if self.config.bidirectional_images else None
+        return [
+            ForwardBatch.for_prefill(rope, cache, row, start, n,
+                                     None if positions is None else rope_rotations(rope, positions, self.mrope),
+                                     sliding_window=window, blocks=blocks)
             for rope, window in self.kinds
         ]
-        return self.logits(self.forward(self.embed(ids), cache, batches))
+
+    @torch.inference_mode()
+    def decode(
+        self, ids: Tensor, positions: list[int], cache: KVCache, rope_positions: list[int] | None = None,
+        tables: list[list[int]] | None = None,
+    ) -> Tensor:
+        """ids: Long[N] text tokens of N sequences at `positions` (host ints) → logits [N, V].
+
+        rope_positions: each row's RoPE position where it is not its cache position (M-RoPE).
+        tables: each row's block table; None: rows 0…N-1 of an unpaged cache.
+        """
+        return self.logits(self.forward(self.embed(ids), cache, self.decode_batches(positions, cache, rope_positions, tables)))
+
+    def decode_batches(self, positions: list[int], cache: KVCache, rope_positions: list[int] | None,
+                       tables: list[list[int]] | None) -> list[ForwardBatch]:
+        """One `ForwardBatch` per attention kind for a decode step (see `decode`)."""
+        return [
+            ForwardBatch.for_decode(rope, positions, cache, self.config.num_kv_heads, self.dtype, rope_positions,
+                                    sliding_window=window, tables=tables)
+            for rope, window in self.kinds
+        ]
+
+    @torch.inference_mode()
+    def decode_and_prefill(
+        self, ids: Tensor, positions: list[int], cache: KVCache, rope_positions: list[int] | None, tables: list[list[int]],
+        chunk: Tensor, table: Sequence[int], start: int, ranges: Tensor | None = None, rows: Tensor | None = None,
+        chunk_positions: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """`decode(ids, positions, cache, rope_positions, tables)` and `prefill(chunk, cache, table, start, ranges, rows,
+        positions=chunk_positions)` in one forward, every weight read once for both → (logits [N, V], the chunk's last [1, V])."""
+        batches = [MixedBatch(d, p) for d, p in zip(self.decode_batches(positions, cache, rope_positions, tables),
+                                                    self.prefill_batches(chunk, cache, table, start, chunk_positions))]
+        x = torch.cat([self.embed(ids), self.embed(chunk, ranges, rows)])  # [N + S, D]
+        n = ids.shape[0]
+        hidden = self.forward(x, cache, batches)  # [N + S, D]
+        logits = self.logits(torch.cat([hidden[:n], hidden[-1:]]))  # [N + 1, V]
+        return logits[:n], logits[n:]

@@ -8,9 +8,14 @@ per worker kind, and each API turns that hash into Prometheus metrics when scrap
 from __future__ import annotations
 
 import logging
+import time
 
 import redis
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -18,8 +23,30 @@ log = logging.getLogger(__name__)
 HISTOGRAMS = {
     "batch_size": (1, 2, 4, 8, 16, 32, 64),
     "latency_seconds": (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    # The generator engine's: submit to first token, and between two tokens of one request.
+    "ttft_seconds": (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    "itl_seconds": (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 }
 
+
+class Histogram:
+    """Counts per upper bound (cumulative, as Prometheus buckets) and the sum, kept in process memory."""
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: +Inf, every observation
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+        self.counts[-1] += 1
+        self.sum += value
+
+
+# A worker's gauges count while it refreshed them this recently (a stopped worker's last values drop out).
+GAUGE_FRESH_S = 30.0
 
 # Every store key has a TTL (the store may evict by TTL, and nothing may pile up): the stats
 # hash lives this long after the last job recorded in it. Prometheus treats the reset of a
@@ -57,6 +84,30 @@ class WorkerStats:
         except redis.exceptions.RedisError:
             log.warning("could not record %s=%s", name, value)
 
+    def add_histogram(self, name: str, counts: list[float], total: float) -> None:
+        """Add observations counted elsewhere: `counts` per bound of HISTOGRAMS[name] then +Inf (as `Histogram.counts`)."""
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for bound, count in zip((*HISTOGRAMS[name], "+Inf"), counts):
+                if count:
+                    pipe.hincrbyfloat(self.key, f"h:{name}:{bound}", count)
+            pipe.hincrbyfloat(self.key, f"h:{name}:sum", total)
+            pipe.expire(self.key, STATS_TTL_S)
+            pipe.execute()
+        except redis.exceptions.RedisError:
+            log.warning("could not record histogram %s", name)
+
+    def set_gauges(self, worker: str, **values: float) -> None:
+        """The current values of one worker's gauges (each worker of the kind has its own; /metrics labels them)."""
+        try:
+            fields = {f"g:{name}:{worker}": value for name, value in values.items()}
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hset(self.key, mapping={**fields, f"seen:{worker}": time.time()})
+            pipe.expire(self.key, STATS_TTL_S)
+            pipe.execute()
+        except redis.exceptions.RedisError:
+            log.warning("could not record gauges %s", values)
+
     def read(self) -> dict[str, float]:
         return {k.decode(): float(v) for k, v in self.client.hgetall(self.key).items()}
 
@@ -83,4 +134,14 @@ class WorkerStatsCollector(Collector):
             hist = HistogramMetricFamily(f"vlmq_{kind}_{name}", f"{kind} workers: {name}")
             hist.add_metric([], buckets, values.get(f"h:{name}:sum", 0.0))
             yield hist
+        fresh = {key[5:] for key, seen in values.items() if key.startswith("seen:") and time.time() - seen <= GAUGE_FRESH_S}
+        gauges: dict[str, GaugeMetricFamily] = {}
+        for key, value in sorted(values.items()):
+            if key.startswith("g:"):
+                name, worker = key[2:].split(":", 1)
+                if worker in fresh:
+                    if name not in gauges:
+                        gauges[name] = GaugeMetricFamily(f"vlmq_{kind}_{name}", f"{kind} workers: {name}", labels=["worker"])
+                    gauges[name].add_metric([worker], value)
+        yield from gauges.values()
 

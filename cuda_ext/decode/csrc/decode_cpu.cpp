@@ -8,7 +8,8 @@
 //
 // The torch reference is `generator_service.models.decoder.DecoderLayer`'s own decode path (the test oracle);
 // the semantics are its: interleaved RoPE pairs, the softmax scale folded into Q's rows,
-// cache row n holding decode token n, an additive mask where rows see different prefixes.
+// token n's keys read through row n of a block table (the paged cache), an additive mask where
+// rows see different prefixes.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -85,28 +86,37 @@ void add_norm(const float* residual, float* z, const float* w, int64_t rows, int
   for (int64_t i = 0; i < rows * d; ++i) y[i] = residual[i] + z[i];
 }
 
-// Keys per unit of attention work: a KV head's cache is split into chunks of this many positions,
-// attended separately (on any thread) and merged, so that one sequence's few KV heads keep both
-// threads streaming (three heads on two threads left one idle a third of the time). 128 keys of K
-// and V at hd 64 are 64 KB: they stay in L1/L2 while the group's query heads reread them.
+// Keys per unit of attention work: a KV head's cache is split into chunks of at most this many
+// positions, attended separately (on any thread) and merged, so that one sequence's few KV heads
+// keep both threads streaming (three heads on two threads left one idle a third of the time). 128
+// keys of K and V at hd 64 are 64 KB: they stay in L1/L2 while the group's query heads reread them.
 constexpr int64_t kKeysPerChunk = 128;
 
-int64_t key_chunks(int64_t kv_len) { return (kv_len + kKeysPerChunk - 1) / kKeysPerChunk; }
+// A chunk's keys must be consecutive in memory, so a chunk never crosses a block: the block size,
+// halved while it is over kKeysPerChunk and even (an unpaged cache is one block of 2048 per row).
+int64_t chunk_keys(int64_t block_size) {
+  int64_t keys = block_size;
+  while (keys > kKeysPerChunk && keys % 2 == 0) keys /= 2;
+  return keys;
+}
 
-// attn[n, heads of KV head g] = softmax(q kᵀ + mask) v over cache row n's first kv_len positions,
-// for N tokens × Hkv KV heads, each head's keys in chunks. chunk_out holds, per chunk and query
-// head, the chunk's softmax-weighted values [hd], then its max score and Σ e^(score - max);
-// a chunk whose keys are all masked (another row's longer prefix, a sliding window) is skipped.
+int64_t key_chunks(int64_t kv_len, int64_t keys_per_chunk) { return (kv_len + keys_per_chunk - 1) / keys_per_chunk; }
+
+// attn[n, heads of KV head g] = softmax(q kᵀ + mask) v over the first kv_len positions of row n's
+// blocks (table: [N, width], blocks of block_size positions), for N tokens × Hkv KV heads, each
+// head's keys in chunks. chunk_out holds, per chunk and query head, the chunk's softmax-weighted
+// values [hd], then its max score and Σ e^(score - max); a chunk whose keys are all masked
+// (another row's longer prefix, a sliding window) is skipped.
 void attend_cache(const DecodeKernels& k, const float* qkv, int64_t qkv_size, const float* kc, const float* vc,
-                  const float* mask, int64_t rows, int64_t hkv, int64_t group, int64_t seq, int64_t hd, int64_t kv_len,
-                  float* scores, float* chunk_out, float* attn) {
-  const int64_t chunks = key_chunks(kv_len), q_size = hkv * group * hd;
+                  const float* mask, const int64_t* table, int64_t width, int64_t rows, int64_t hkv, int64_t group,
+                  int64_t block_size, int64_t hd, int64_t kv_len, float* scores, float* chunk_out, float* attn) {
+  const int64_t per_chunk = chunk_keys(block_size), chunks = key_chunks(kv_len, per_chunk), q_size = hkv * group * hd;
   const int64_t stride = group * (hd + 2);  // chunk_out floats per chunk
-  const int64_t chunk_bytes = 2 * std::min(kv_len, kKeysPerChunk) * hd * static_cast<int64_t>(sizeof(float));
+  const int64_t chunk_bytes = 2 * std::min(kv_len, per_chunk) * hd * static_cast<int64_t>(sizeof(float));
   at::parallel_for(0, rows * hkv * chunks, grain(chunk_bytes), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t head = i / chunks, c = i % chunks, n = head / hkv, g = head % hkv;
-      const int64_t first = c * kKeysPerChunk, keys = std::min(kKeysPerChunk, kv_len - first);
+      const int64_t first = c * per_chunk, keys = std::min(per_chunk, kv_len - first);
       const float* m = mask != nullptr ? mask + n * kv_len + first : nullptr;
       float* part = chunk_out + i * stride;
       float* sums = part + group * (hd + 1);
@@ -114,7 +124,8 @@ void attend_cache(const DecodeKernels& k, const float* qkv, int64_t qkv_size, co
         std::fill_n(sums, group, 0.0f);
         continue;
       }
-      const int64_t cache_at = ((n * hkv + g) * seq + first) * hd;  // cache row n, KV head g, position first
+      const int64_t block = table[n * width + first / block_size];  // row n's position `first`, KV head g:
+      const int64_t cache_at = ((block * hkv + g) * block_size + first % block_size) * hd;
       k.attend({qkv + n * qkv_size + g * group * hd, kc + cache_at, vc + cache_at, m, keys, group, hd,
                 scores + head * group * kv_len + first * group, part, part + group * hd, sums});
     }
@@ -198,14 +209,15 @@ at::Tensor& activation_(at::Tensor& x, const std::optional<at::Tensor>& up, cons
 // head of Q and K before RoPE, scaled by these rows, the softmax scale in Q's), attn_out_norm and
 // mlp_out_norm (each output normed before its residual add), and act "gelu_tanh" (GeGLU).
 // x: [N, D]; wqkv: [(H + 2 Hkv) hd, D] (Q rows scaled and RoPE-interleaved), bqkv: [(H + 2 Hkv) hd] or None;
-// wo: [D, H hd]; w_gate_up: [2I, D] (gate rows, then up rows); w_down: [D, I]; k/v_cache: [B, Hkv, S, hd],
-// written at write_index (Long[N · Hkv], flat rows of the cache viewed as [B · Hkv · S, hd]);
-// rotations: [N, 1, hd/2] complex64; the first kv_len cache positions are attended, plus mask
+// wo: [D, H hd]; w_gate_up: [2I, D] (gate rows, then up rows); w_down: [D, I]; k/v_cache: [blocks, Hkv, bs, hd],
+// written at write_index (Long[N · Hkv], flat rows of the cache viewed as [blocks · Hkv · bs, hd]);
+// rotations: [N, 1, hd/2] complex64; token n attends over the first kv_len positions of row n of
+// block_table (Long[N, width]: position p in block table[n, p / bs] at offset p % bs), plus mask
 // [N, 1, 1, kv_len] (0 / -inf) when rows differ. Returns the new x: [N, D].
 at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const at::Tensor& wqkv,
                         const std::optional<at::Tensor>& bqkv, const at::Tensor& wo, const at::Tensor& post_norm,
                         const at::Tensor& w_gate_up, const at::Tensor& w_down, at::Tensor& k_cache, at::Tensor& v_cache,
-                        const at::Tensor& rotations, const at::Tensor& write_index, int64_t kv_len,
+                        const at::Tensor& rotations, const at::Tensor& write_index, const at::Tensor& block_table, int64_t kv_len,
                         const std::optional<at::Tensor>& mask, double eps, const std::optional<at::Tensor>& qk_scale,
                         const std::optional<at::Tensor>& attn_out_norm, const std::optional<at::Tensor>& mlp_out_norm,
                         const std::string& act) {
@@ -213,7 +225,7 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
   check_float(k_cache, "k_cache", 4);
   check_float(v_cache, "v_cache", 4);
   const int64_t rows = x.size(0), d = x.size(1);
-  const int64_t batch = k_cache.size(0), hkv = k_cache.size(1), seq = k_cache.size(2), hd = k_cache.size(3);
+  const int64_t num_blocks = k_cache.size(0), hkv = k_cache.size(1), block_size = k_cache.size(2), hd = k_cache.size(3);
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "k_cache and v_cache must have one shape, got ", k_cache.sizes(), " and ",
               v_cache.sizes());
   TORCH_CHECK(wqkv.dim() == 2 && wqkv.size(0) % hd == 0 && wqkv.size(0) / hd > 2 * hkv, "wqkv must be [(H + 2 Hkv) hd, D], got ",
@@ -238,8 +250,16 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
     check_float(*bqkv, "bqkv", 1);
     TORCH_CHECK(bqkv->size(0) == qkv_size, "bqkv must be [", qkv_size, "], got ", bqkv->sizes());
   }
-  TORCH_CHECK(rows <= batch, rows, " tokens for a cache of ", batch, " rows");
-  TORCH_CHECK(0 < kv_len && kv_len <= seq, "kv_len ", kv_len, " outside the cache's 1 … ", seq);
+  TORCH_CHECK(block_table.scalar_type() == at::kLong && block_table.is_contiguous() && block_table.dim() == 2 &&
+                  block_table.size(0) == rows,
+              "block_table must be Long[N, width], got ", block_table.scalar_type(), " ", block_table.sizes());
+  const int64_t width = block_table.size(1);
+  TORCH_CHECK(0 < kv_len && kv_len <= width * block_size, "kv_len ", kv_len, " outside the block tables' 1 … ",
+              width * block_size);
+  const int64_t* table = block_table.data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows * width; ++i) {
+    TORCH_CHECK(0 <= table[i] && table[i] < num_blocks, "block_table names block ", table[i], " of a cache of ", num_blocks);
+  }
   TORCH_CHECK(rotations.scalar_type() == at::kComplexFloat && rotations.is_contiguous() && rotations.numel() == rows * hd / 2,
               "rotations must be contiguous complex64 [N, 1, hd/2], got ", rotations.scalar_type(), " ", rotations.sizes());
   TORCH_CHECK(write_index.scalar_type() == at::kLong && write_index.is_contiguous() && write_index.numel() == rows * hkv,
@@ -250,7 +270,7 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
   }
   const int64_t* where = write_index.data_ptr<int64_t>();
   for (int64_t i = 0; i < rows * hkv; ++i) {
-    TORCH_CHECK(0 <= where[i] && where[i] < batch * hkv * seq, "write_index ", where[i], " outside the cache");
+    TORCH_CHECK(0 <= where[i] && where[i] < num_blocks * hkv * block_size, "write_index ", where[i], " outside the cache");
   }
 
   if (qk_scale.has_value()) {
@@ -260,7 +280,8 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
   // One scratch buffer per calling thread (the engine's), reused across layers and steps.
   thread_local std::vector<float> scratch;
   const int64_t sizes[] = {rows * d, rows * qkv_size, rows * q_size, rows * d, rows * 2 * inter, rows * inter,
-                           rows * hkv * group * kv_len, rows * hkv * key_chunks(kv_len) * group * (hd + 2)};
+                           rows * hkv * group * kv_len,
+                           rows * hkv * key_chunks(kv_len, chunk_keys(block_size)) * group * (hd + 2)};
   int64_t total = 0;
   for (int64_t s : sizes) total += s;
   if (static_cast<int64_t>(scratch.size()) < total) scratch.resize(total);
@@ -304,8 +325,8 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
     }
   }
 
-  attend_cache(k, qkv, qkv_size, kc, vc, mask ? mask->data_ptr<float>() : nullptr, rows, hkv, group, seq, hd, kv_len, scores,
-               chunk_out, attn);
+  attend_cache(k, qkv, qkv_size, kc, vc, mask ? mask->data_ptr<float>() : nullptr, table, width, rows, hkv, group, block_size,
+               hd, kv_len, scores, chunk_out, attn);
   const float* x_data = x.data_ptr<float>();
   if (attn_out_norm) {  // mid = x + norm(o(attention)), through h (free until the MLP's input norm)
     matvec_parallel({wo.data_ptr<float>(), q_size, attn, rows, nullptr, nullptr, h, d}, d);
@@ -368,7 +389,8 @@ TORCH_LIBRARY(vlmq_decode_cpu, m) {
   m.def("linear(Tensor x, Tensor w) -> Tensor");
   m.def(
       "decode_layer(Tensor x, Tensor input_norm, Tensor wqkv, Tensor? bqkv, Tensor wo, Tensor post_norm, Tensor w_gate_up, "
-      "Tensor w_down, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rotations, Tensor write_index, int kv_len, Tensor? mask, "
+      "Tensor w_down, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rotations, Tensor write_index, Tensor block_table, "
+      "int kv_len, Tensor? mask, "
       "float eps, Tensor? qk_scale=None, Tensor? attn_out_norm=None, Tensor? mlp_out_norm=None, str act=\"silu\") -> Tensor");
   m.def("activation_(Tensor(a!) x, Tensor? up, str act) -> Tensor(a!)");
   m.def("isa() -> str", &vlmq::isa);  // no tensor arguments: one kernel for every dispatch key

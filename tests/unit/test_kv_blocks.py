@@ -1,0 +1,141 @@
+"""The KV block pool and the engine's scheduling over it: hashes, promises, LRU eviction, waiting, refusals, cancels.
+
+The engine tests run the demo LLaVA checkpoint; which tokens it makes is the oracle tests' business
+(tests/oracle/test_prefix_cache.py), here only how many requests run, wait and what their blocks become.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from generator_service.engine import Engine, GenerationRequest
+from generator_service.kv_blocks import BlockPool, block_hashes
+from generator_service.models.llama import LlamaForCausalLM
+from generator_service.sampling import SamplingParams
+from shared.config.errors import InvalidInput
+from shared.store.token_ids import EMBEDDING_INDEX_BASE as BASE
+
+IMAGE = list(range(BASE, BASE + 6))
+
+
+def test_hashes_name_the_whole_prefix_of_each_full_block():
+    a = block_hashes([1, 2, 3, 4, 5, 6, 7], 2)
+    assert len(a) == 3  # the partial last block has none
+    assert block_hashes([1, 2, 3, 4, 9, 9], 2) == a[:2] + [block_hashes([1, 2, 3, 4, 9, 9], 2)[2]]
+    assert block_hashes([1, 2, 3, 4, 9, 9], 2)[2] != a[2]
+    assert block_hashes([9, 2, 3, 4], 2)[1] != a[1]  # a block's hash covers the blocks before it
+    assert block_hashes([1, 2, 3, 4], 2, salt="tenant-b") != a[:2]
+    assert block_hashes([5, 6], 2, previous=a[1]) == a[2:3]  # the chain continues from a known hash
+
+
+def test_with_bidirectional_images_a_block_ending_inside_an_image_covers_the_rest_of_it():
+    whole = [1, 2, *IMAGE, 3, 4]  # blocks of 4: [1, 2, i0, i1] ends inside the image
+    partial = [1, 2, *IMAGE[:4], 3, 4]  # the same first block, the image cut short after it
+    assert block_hashes(whole, 4)[0] == block_hashes(partial, 4)[0]  # causal: the block sees nothing after it
+    assert block_hashes(whole, 4, bidirectional_images=True)[0] != block_hashes(partial, 4, bidirectional_images=True)[0]
+    text = [1, 2, 3, 4, *IMAGE]
+    assert block_hashes(text, 4, bidirectional_images=True)[0] == block_hashes(text, 4)[0]  # ends before the image
+
+
+def test_pool_promises_hands_out_caches_and_evicts_least_recently_used():
+    pool = BlockPool(4)
+    assert pool.admit([], 3) and pool.available == 1
+    assert not pool.admit([], 2)  # a promise the pool cannot keep is not made
+    blocks = [pool.allocate() for _ in range(3)]
+    for block, h in zip(blocks, (b"a", b"b", b"c")):
+        pool.register(block, h)
+    pool.release(blocks)
+    assert pool.used == 0 and pool.available == 4  # cached blocks without users count as available
+    assert pool.lookup([b"a", b"b", b"x", b"c"]) == blocks[:2]  # the prefix, block by block
+    assert pool.admit(blocks[:1], 2)  # a hit on "a" and two new blocks: the free one, then the LRU cached one
+    new = [pool.allocate(), pool.allocate()]
+    # Released tail first, so "c" was the least recently used: evicted first; "b" is still cached.
+    assert pool.lookup([b"a", b"b"]) == blocks[:2] and pool.lookup([b"a", b"b", b"c"]) == blocks[:2]
+    assert blocks[2] in new
+    pool.release([blocks[0], *new])
+    assert pool.used == 0 and pool.available == 4
+
+
+def test_pool_with_the_prefix_cache_off_never_hits():
+    pool = BlockPool(2, prefix_cache=False)
+    pool.admit([], 1)
+    block = pool.allocate()
+    pool.register(block, b"a")
+    pool.release([block])
+    assert pool.lookup([b"a"]) == []
+
+
+@pytest.fixture(scope="module")
+def model(demo_model):
+    return LlamaForCausalLM.from_checkpoint(demo_model)
+
+
+def params(n: int) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+
+
+def test_a_full_pool_makes_requests_wait_then_run(model):
+    engine = Engine(model, max_batch=8, max_seq_len=64, kv_cache_tokens=48, block_tokens=8, prefix_cache=False)
+    # Each needs 20 + 12 - 1 = 31 positions: 4 blocks of the pool's 6, so one runs at a time.
+    handles = [engine.submit(GenerationRequest(list(range(3, 23)), params(12))) for _ in range(3)]
+    engine.step()
+    assert (engine.num_running, engine.num_waiting) == (1, 2)
+    most = 0
+    while engine.has_work():
+        engine.step()
+        most = max(most, engine.num_running)
+        assert engine.pool.used <= 6
+    assert most == 1
+    assert all(len(h.result().token_ids) == 12 for h in handles)
+    assert engine.pool.used == 0 and engine.pool.reserved == 0
+
+
+def test_a_prompt_longer_than_the_pool_is_refused_naming_it(model):
+    engine = Engine(model, max_batch=4, max_seq_len=512, kv_cache_tokens=64, block_tokens=16)
+    with pytest.raises(InvalidInput, match=r"70 tokens.*KV cache of 64"):
+        engine.submit(GenerationRequest([5] * 70, params(4)))
+    # An answer that would outgrow the pool is cut to it ("length"), not refused.
+    handle = engine.submit(GenerationRequest([5] * 60, params(50)))
+    engine.run_until_idle()
+    assert (len(handle.result().token_ids), handle.result().finish_reason) == (4, "length")
+
+
+def test_cancel_frees_the_blocks_at_the_next_step(model):
+    engine = Engine(model, max_batch=4, max_seq_len=128, kv_cache_tokens=128, block_tokens=16, prefix_cache=False)
+    running = engine.submit(GenerationRequest(list(range(3, 40)), params(60)))
+    engine.step()
+    waiting = engine.submit(GenerationRequest(list(range(3, 40)), params(60)))  # 96 positions: the pool is promised
+    engine.step()
+    assert engine.num_waiting == 1 and engine.pool.used == 3
+    running.cancel()
+    engine.step()
+    assert running.result().finish_reason == "cancelled"
+    assert engine.num_running == 1 and engine.num_waiting == 0  # the waiting one got the freed blocks
+    waiting.cancel()
+    engine.step()
+    assert engine.pool.used == 0 and engine.pool.reserved == 0 and not engine.has_work()
+
+
+def test_concurrency_is_bounded_by_tokens_not_rows(model):
+    """The memory of 8 rows × 2048 positions holds 32 short chats of ≤ 300 tokens at once."""
+    engine = Engine(model, max_batch=64, max_seq_len=2048, kv_cache_tokens=8 * 2048, block_tokens=16, prefix_cache=False)
+    handles = [engine.submit(GenerationRequest(list(range(3, 3 + 200 + i)), params(100))) for i in range(32)]
+    engine.step()
+    assert engine.num_running == 32 and engine.num_waiting == 0
+    engine.run_until_idle()
+    assert all(len(h.result().token_ids) == 100 for h in handles)
+
+
+def test_hits_and_lookups_are_counted(model):
+    engine = Engine(model, max_batch=4, max_seq_len=128, block_tokens=8)
+    prompt = list(range(3, 30))  # 27 tokens: 3 whole blocks
+    first = engine.submit(GenerationRequest(prompt, params(2)))
+    engine.run_until_idle()
+    second = engine.submit(GenerationRequest(prompt, params(2)))
+    engine.run_until_idle()
+    other_tenant = engine.submit(GenerationRequest(prompt, params(2), cache_salt="b"))
+    engine.run_until_idle()
+    assert [h.result().usage.cached_tokens for h in (first, second, other_tenant)] == [0, 24, 0]
+    assert (engine.stats.prefix_hit_tokens, engine.stats.prefix_lookup_tokens) == (24, 81)
+    assert second.result().token_ids == first.result().token_ids
+    assert engine.stats.ttft.counts[-1] == 3 and engine.stats.itl.counts[-1] == 3

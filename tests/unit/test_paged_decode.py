@@ -1,0 +1,84 @@
+"""Decoding through block tables: the paged cache read by the torch layer and by the CPU decode kernel.
+
+The oracle is the unpaged cache (one row per sequence, the layout the decode kernel tests hold the
+kernel to): the same keys scattered over shuffled blocks of 16 positions must give the same output
+and write the new keys where the block tables say, in both paths.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from generator_service.models.decoder import ForwardBatch, KVCache
+from shared.modeling.layers import rope_table
+from tests.unit.test_decode_kernel import CONFIGS, layer_pair, mode, ops  # noqa: F401 - fixtures
+
+BLOCK = 16
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral_window", "gemma3"])
+@pytest.mark.parametrize("positions", [[5], [70, 33, 140]], ids=["batch1", "batch3_mixed"])
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+def test_paged_decode_equals_unpaged(ops, mode, name, positions, path):  # noqa: F811 - the imported fixtures
+    config = CONFIGS[name]
+    kernel_layer, reference_layer = layer_pair(config, mode)
+    layer = kernel_layer if path == "kernel" else reference_layer
+    width = max(positions) // BLOCK + 1
+    g = torch.Generator().manual_seed(7)
+    unpaged = KVCache(config, len(positions), width * BLOCK, torch.float32, "cpu")
+    unpaged.k.copy_(torch.randn(unpaged.k.shape, generator=g))
+    unpaged.v.copy_(torch.randn(unpaged.v.shape, generator=g))
+    # The same rows in shuffled blocks of a larger pool: row b's block j is tables[b][j].
+    paged = KVCache(config, 3 * len(positions) * width, BLOCK, torch.float32, "cpu")
+    order = torch.randperm(paged.num_blocks, generator=g).tolist()
+    tables = [order[b * width : b * width + p // BLOCK + 1] for b, p in enumerate(positions)]  # each just long enough
+    for b, table in enumerate(tables):
+        for j, block in enumerate(table):
+            paged.k[:, block] = unpaged.k[:, b, :, j * BLOCK : (j + 1) * BLOCK]
+            paged.v[:, block] = unpaged.v[:, b, :, j * BLOCK : (j + 1) * BLOCK]
+    rope = rope_table(config.rope, config.head_dim, config.max_position_embeddings, "cpu")
+    x = torch.randn(len(positions), config.hidden_size, generator=g)
+    outs = []
+    for cache, table in ((unpaged, None), (paged, tables)):
+        batch = ForwardBatch.for_decode(rope, positions, cache, config.num_kv_heads, torch.float32,
+                                        sliding_window=config.sliding_window, tables=table)
+        with torch.inference_mode():
+            outs.append(layer.forward(x, cache.k[0], cache.v[0], batch))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    for b, (table, p) in enumerate(zip(tables, positions)):  # the new keys went into the right block and offset
+        torch.testing.assert_close(paged.k[0, table[p // BLOCK], :, p % BLOCK], unpaged.k[0, b, :, p])
+        torch.testing.assert_close(paged.v[0, table[p // BLOCK], :, p % BLOCK], unpaged.v[0, b, :, p])
+
+
+def test_a_block_table_too_short_for_its_position_is_refused():
+    config = CONFIGS["llama"]
+    cache = KVCache(config, 4, BLOCK, torch.float32, "cpu")
+    rope = rope_table(config.rope, config.head_dim, config.max_position_embeddings, "cpu")
+    with pytest.raises(ValueError, match="do not fit"):
+        ForwardBatch.for_decode(rope, [BLOCK], cache, config.num_kv_heads, torch.float32, tables=[[0]])
+
+
+@pytest.mark.parametrize("kernel", ["auto", "reference"])
+def test_decode_and_prefill_in_one_forward_equal_each_alone(demo_model, mode, kernel):  # noqa: F811 - the imported fixture
+    """The mixed step: 3 sequences' decode tokens and another's chunk (after a first chunk) through one forward."""
+    from generator_service.models.llama import LlamaForCausalLM
+
+    mode(kernel)
+    model = LlamaForCausalLM.from_checkpoint(demo_model)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 200, (n,), generator=g) for n in (9, 20, 33, 30)]
+    tables = [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10]]
+    results = []
+    for together in (False, True):
+        cache = model.new_cache(12, BLOCK)
+        for prompt, table in zip(prompts[:3], tables):
+            model.prefill(prompt, cache, table)
+        model.prefill(prompts[3][:12], cache, tables[3])
+        ids, positions = torch.tensor([5, 6, 7]), [len(p) for p in prompts[:3]]
+        if together:
+            results.append(model.decode_and_prefill(ids, positions, cache, None, tables[:3], prompts[3][12:], tables[3], 12))
+        else:
+            results.append((model.decode(ids, positions, cache, tables=tables[:3]), model.prefill(prompts[3][12:], cache, tables[3], 12)))
+    for alone, together in zip(*results):
+        torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
