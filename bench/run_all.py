@@ -24,6 +24,7 @@ RUNS = [
     ["caption.py"],
     ["store.py"],
     ["inject.py"],
+    ["serve.py"],
     ["serving.py"],
     ["int8_containers.py"],
 ]
