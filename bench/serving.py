@@ -51,7 +51,7 @@ def _stack(model: Path, workers: int) -> LocalStack:
 
 
 def _metric(base: str, name: str) -> float:
-    line = next(line for line in httpx.get(f"{base}/metrics").text.splitlines() if line.startswith(f"{name} "))
+    line = next(line for line in httpx.get(f"{base}/metrics", timeout=30).text.splitlines() if line.startswith(f"{name} "))
     return float(line.split()[1])
 
 

@@ -124,7 +124,7 @@ def health_router(worker_kind: str, extra_ready_check: Callable[[Request], None]
     router = APIRouter(tags=["health"])
 
     @router.get("/healthz")
-    def healthz() -> dict:
+    async def healthz() -> dict:  # in the event loop: a thread pool busy with other requests does not delay it
         return {"status": "ok"}
 
     @router.get("/readyz")

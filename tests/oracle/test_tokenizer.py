@@ -167,11 +167,15 @@ def test_layout_ids_surround_the_image_ids(tok):
 
 
 def test_prompt_longer_than_the_context_names_both_lengths(tok):
-    c = container(BASE, 50)
-    length = len(tok.encode_prompt("look <a> here", {"<a>": c}).ids)
-    assert length > 50
+    c = container(BASE, 30)
+    prompt = "look closely at <a> and then tell me everything that you can see there"
+    length = len(tok.encode_prompt(prompt, {"<a>": c}).ids)
+    assert length > 40
     with pytest.raises(InvalidInput, match=rf"{length} tokens.*context of 40"):
-        tok.encode_prompt("look <a> here", {"<a>": c}, max_length=40)
+        tok.encode_prompt(prompt, {"<a>": c}, max_length=40)
+    # Images that alone exceed it are refused by their sizes, before any text is encoded.
+    with pytest.raises(InvalidInput, match="images alone take 50 tokens, over the context of 40"):
+        tok.encode_prompt("look <a> here", {"<a>": container(BASE, 50)}, max_length=40)
 
 
 def test_forged_ids_are_refused_by_name():

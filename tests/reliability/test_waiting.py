@@ -52,7 +52,7 @@ def api(redis_server):
 
 
 def _metric(base: str, name: str) -> float:
-    for line in httpx.get(f"{base}/metrics").text.splitlines():
+    for line in httpx.get(f"{base}/metrics", timeout=30).text.splitlines():
         if line.startswith(f"{name} "):
             return float(line.split()[1])
     raise AssertionError(f"/metrics has no {name}")
