@@ -16,7 +16,6 @@ import pytest
 
 from embedder_service.api.app import create_app as create_embed_app
 from generator_service.api.app import create_app as create_generate_app
-from shared.config.errors import StoreUnavailable
 from shared.config.settings import Settings
 from shared.queue.celery_app import create_celery_app
 from shared.store.jobs import JobStore
@@ -25,12 +24,10 @@ from tests.support.captioning import read_lines, run_caption, write_images
 from tests.support.images import png_bytes
 from tests.support.redis_topologies import LocalCluster
 from tests.support.reliability import (
-    FaultFigures,
+    chains_outcome,
     count_finished,
-    deliveries,
-    finish_markers,
     submit_chain,
-    wait_finished,
+    submit_through_failover,
 )
 from tests.support.services import api_server, worker_processes
 
@@ -97,26 +94,10 @@ def test_a_master_killed_mid_run_loses_no_job(cluster_stack):
     victim = cluster.masters[0]
     victim.kill()
     killed_at = time.monotonic()
-    refused = 0
-    while len(chains) < JOBS:
-        try:
-            chains.append(submit_chain(celery, jobs, png_bytes(5000 + len(chains), size=(40, 32))))
-        except StoreUnavailable:  # what an API answers 503 with: the client sends again
-            refused += 1
-    generate_ids = [c.generate_id for c in chains]
-
-    finished = wait_finished(jobs, generate_ids, timeout_s=120)
-    markers = finish_markers(client, settings.key_prefix, generate_ids)
-    delivered = deliveries(client, settings.key_prefix, [c.embed_id for c in chains] + generate_ids)
-    figures = FaultFigures(
-        "cluster master killed", submitted=len(chains), seconds=time.monotonic() - started,
-        completed=sum(1 for j in finished.values() if j["status"] == "succeeded"),
-        failed=sum(1 for j in finished.values() if j["status"] == "failed"),
-        lost=len(chains) - len(finished), duplicated=sum(1 for n in markers.values() if n > 1),
-        redelivered=sum(1 for n in delivered.values() if n > 1),
-        extra={"done_before_kill": done_before, "submits_refused_during_failover": refused, "seconds_after_kill": round(time.monotonic() - killed_at, 1),
-               "primaries_after": len(client.get_primaries())},
-    )
+    refused = submit_through_failover(celery, jobs, chains, JOBS, 5000)
+    figures, finished = chains_outcome("cluster master killed", client, settings.key_prefix, jobs, chains, started, timeout_s=120)
+    figures.extra = {"done_before_kill": done_before, "submits_refused_during_failover": refused,
+                     "seconds_after_kill": round(time.monotonic() - killed_at, 1), "primaries_after": len(client.get_primaries())}
     figures.print()
     assert figures.lost == 0 and figures.duplicated == 0
     assert [j["error"] for j in finished.values() if j["status"] != "succeeded"] == []

@@ -27,12 +27,10 @@ from shared.store.jobs import JobStore
 from shared.store.redis_conn import connect
 from tests.support.images import png_bytes
 from tests.support.reliability import (
-    FaultFigures,
+    chains_outcome,
     count_finished,
-    deliveries,
-    finish_markers,
+    embed_then_generate,
     submit_chain,
-    wait_finished,
 )
 from tests.support.services import (
     REPO,
@@ -75,24 +73,10 @@ def test_a_run_survives_a_redis_restart(aof_stack):
     restarted_at = time.monotonic()
 
     # Through the APIs too, after the restart: the APIs' clients reconnect by themselves.
-    job = httpx.post(f"{aof_stack['embed']}/v1/embeddings?wait=30",
-                     files={"file": ("a.png", png_bytes(2100), "image/png")}, timeout=40).json()
-    assert job["status"] == "succeeded", job
-    generated = httpx.post(f"{aof_stack['generate']}/v1/generate?wait=30", timeout=40,
-                           json={"prompt": f"{job['images'][0]['alias']} hi", "max_tokens": 3, "temperature": 0})
-    assert generated.status_code == 200 and generated.json()["status"] == "succeeded", generated.text
+    embed_then_generate(aof_stack["embed"], aof_stack["generate"], 2100, wait_s=30)
 
-    finished = wait_finished(jobs, generate_ids, timeout_s=45)
-    markers = finish_markers(client, settings.key_prefix, generate_ids)
-    delivered = deliveries(client, settings.key_prefix, [c.embed_id for c in chains] + generate_ids)
-    figures = FaultFigures(
-        "redis restart", submitted=len(chains), seconds=time.monotonic() - started,
-        completed=sum(1 for j in finished.values() if j["status"] == "succeeded"),
-        failed=sum(1 for j in finished.values() if j["status"] == "failed"),
-        lost=len(chains) - len(finished), duplicated=sum(1 for n in markers.values() if n > 1),
-        redelivered=sum(1 for n in delivered.values() if n > 1),
-        extra={"done_before_restart": done_before, "seconds_after_restart": round(time.monotonic() - restarted_at, 1)},
-    )
+    figures, finished = chains_outcome("redis restart", client, settings.key_prefix, jobs, chains, started, timeout_s=45)
+    figures.extra = {"done_before_restart": done_before, "seconds_after_restart": round(time.monotonic() - restarted_at, 1)}
     figures.print()
     assert figures.lost == 0 and figures.duplicated == 0
     assert [j["error"] for j in finished.values() if j["status"] != "succeeded"] == []

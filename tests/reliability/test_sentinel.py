@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import time
 
-import httpx
 import pytest
 
 from embedder_service.api.app import create_app as create_embed_app
 from generator_service.api.app import create_app as create_generate_app
-from shared.config.errors import StoreUnavailable
 from shared.config.settings import Settings
 from shared.queue.celery_app import create_celery_app
 from shared.store.jobs import JobStore
@@ -21,12 +19,11 @@ from shared.store.redis_conn import connect
 from tests.support.images import png_bytes
 from tests.support.redis_topologies import LocalSentinel
 from tests.support.reliability import (
-    FaultFigures,
+    chains_outcome,
     count_finished,
-    deliveries,
-    finish_markers,
+    embed_then_generate,
     submit_chain,
-    wait_finished,
+    submit_through_failover,
 )
 from tests.support.services import api_server, worker_processes
 
@@ -44,19 +41,9 @@ def sentinel_stack(demo_model):
             yield {"group": group, "settings": settings, "embed": embed_url, "generate": generate_url}
 
 
-def _through_the_apis(stack: dict, seed: int) -> dict:
-    job = httpx.post(f"{stack['embed']}/v1/embeddings?wait=60", timeout=70,
-                     files={"file": ("a.png", png_bytes(seed), "image/png")}).json()
-    assert job["status"] == "succeeded", job
-    generated = httpx.post(f"{stack['generate']}/v1/generate?wait=60", timeout=70,
-                           json={"prompt": f"{job['images'][0]['alias']} hi", "max_tokens": 3, "temperature": 0})
-    assert generated.status_code == 200 and generated.json()["status"] == "succeeded", generated.text
-    return generated.json()
-
-
 def test_a_master_failover_mid_run_loses_no_job(sentinel_stack):
     group, settings = sentinel_stack["group"], sentinel_stack["settings"]
-    _through_the_apis(sentinel_stack, 6000)
+    embed_then_generate(sentinel_stack["embed"], sentinel_stack["generate"], 6000)
     client = connect(settings.effective_store_url)
     jobs = JobStore(client, settings.key_prefix, settings.job_ttl_s)
     celery = create_celery_app(settings)
@@ -68,26 +55,10 @@ def test_a_master_failover_mid_run_loses_no_job(sentinel_stack):
     old_master = group.current_master_port()
     group.server_on(old_master).kill()
     killed_at = time.monotonic()
-    refused = 0
-    while len(chains) < JOBS:
-        try:
-            chains.append(submit_chain(celery, jobs, png_bytes(6100 + len(chains), size=(40, 32))))
-        except StoreUnavailable:  # an API's 503 while no master is known: the client sends again
-            refused += 1
-    generate_ids = [c.generate_id for c in chains]
-
-    finished = wait_finished(jobs, generate_ids, timeout_s=120)
-    markers = finish_markers(client, settings.key_prefix, generate_ids)
-    delivered = deliveries(client, settings.key_prefix, [c.embed_id for c in chains] + generate_ids)
-    figures = FaultFigures(
-        "sentinel failover", submitted=len(chains), seconds=time.monotonic() - started,
-        completed=sum(1 for j in finished.values() if j["status"] == "succeeded"),
-        failed=sum(1 for j in finished.values() if j["status"] == "failed"),
-        lost=len(chains) - len(finished), duplicated=sum(1 for n in markers.values() if n > 1),
-        redelivered=sum(1 for n in delivered.values() if n > 1),
-        extra={"done_before_failover": done_before, "submits_refused_during_failover": refused,
-               "seconds_after_failover": round(time.monotonic() - killed_at, 1)},
-    )
+    refused = submit_through_failover(celery, jobs, chains, JOBS, 6100)
+    figures, finished = chains_outcome("sentinel failover", client, settings.key_prefix, jobs, chains, started, timeout_s=120)
+    figures.extra = {"done_before_failover": done_before, "submits_refused_during_failover": refused,
+                     "seconds_after_failover": round(time.monotonic() - killed_at, 1)}
     figures.print()
     new_master = connect(f"redis://127.0.0.1:{group.current_master_port()}/0")
     assert new_master.info("replication")["role"] == "master" and group.current_master_port() != old_master
@@ -97,4 +68,4 @@ def test_a_master_failover_mid_run_loses_no_job(sentinel_stack):
     assert figures.lost == 0 and figures.duplicated == 0
     assert [j["error"] for j in finished.values() if j["status"] != "succeeded"] == []
     # The APIs' clients (sync and asyncio, through Sentinel) found the new master too.
-    _through_the_apis(sentinel_stack, 6001)
+    embed_then_generate(sentinel_stack["embed"], sentinel_stack["generate"], 6001)

@@ -13,12 +13,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import httpx
 import redis
 from celery import Celery, chain
 
+from shared.config.errors import StoreUnavailable
 from shared.queue.tasks import embed_signature, generate_signature
 from shared.store.jobs import TERMINAL_STATUSES, JobStore, done_key, job_key
 from shared.store.redis_conn import mget
+from tests.support.images import png_bytes
 
 CAPTION_PAYLOAD = {
     "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}],
@@ -102,6 +105,46 @@ class FaultFigures:
         figures = {k: v for k, v in self.__dict__.items() if k not in ("name", "extra")}
         figures["seconds"] = round(self.seconds, 1)
         print(f"\n[{self.name}] " + json.dumps({**figures, **self.extra}), flush=True)
+
+
+def submit_through_failover(celery: Celery, jobs: JobStore, chains: list[Chain], total: int, first_seed: int) -> int:
+    """Submit chains until there are `total`, sending again each one the store refused while no master was
+    known (what a client does with an API's 503); returns how many were refused."""
+    refused = 0
+    while len(chains) < total:
+        try:
+            chains.append(submit_chain(celery, jobs, png_bytes(first_seed + len(chains), size=(40, 32))))
+        except StoreUnavailable:
+            refused += 1
+    return refused
+
+
+def chains_outcome(name: str, client: redis.Redis, prefix: str, jobs: JobStore, chains: list[Chain], started: float,
+                   timeout_s: float) -> tuple[FaultFigures, dict[str, dict]]:
+    """Wait for every chain's generate job, then the figures of the run (the caller adds `extra`) and the finished jobs."""
+    generate_ids = [c.generate_id for c in chains]
+    finished = wait_finished(jobs, generate_ids, timeout_s)
+    markers = finish_markers(client, prefix, generate_ids)
+    delivered = deliveries(client, prefix, [c.embed_id for c in chains] + generate_ids)
+    figures = FaultFigures(
+        name, submitted=len(chains), seconds=time.monotonic() - started,
+        completed=sum(1 for j in finished.values() if j["status"] == "succeeded"),
+        failed=sum(1 for j in finished.values() if j["status"] == "failed"),
+        lost=len(chains) - len(finished), duplicated=sum(1 for n in markers.values() if n > 1),
+        redelivered=sum(1 for n in delivered.values() if n > 1),
+    )
+    return figures, finished
+
+
+def embed_then_generate(embed_url: str, generate_url: str, seed: int, wait_s: float = 60) -> dict:
+    """One image through the embed API, then a generate with its alias through the other; the finished generate job."""
+    job = httpx.post(f"{embed_url}/v1/embeddings?wait={wait_s}", timeout=wait_s + 10,
+                     files={"file": ("a.png", png_bytes(seed), "image/png")}).json()
+    assert job["status"] == "succeeded", job
+    generated = httpx.post(f"{generate_url}/v1/generate?wait={wait_s}", timeout=wait_s + 10,
+                           json={"prompt": f"{job['images'][0]['alias']} hi", "max_tokens": 3, "temperature": 0})
+    assert generated.status_code == 200 and generated.json()["status"] == "succeeded", generated.text
+    return generated.json()
 
 
 class Supervisor:
