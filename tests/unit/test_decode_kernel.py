@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from cuda_ext import build
 from cuda_ext.decode import ops as decode
-from cuda_ext.decode.ops import set_decode_kernel
 from generator_service.models.decoder import (
     GATE_ACTIVATIONS,
     DecoderConfig,
@@ -46,15 +45,6 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module")
-def ops():
-    """The built extension (once per machine, cached); skips where the toolchain is missing (a failed build fails)."""
-    try:
-        return build.decode_cpu_ops()
-    except build.ToolchainMissing as error:
-        pytest.skip(f"toolchain not found: {error}")
-
-
 def _isas(ops) -> list[str]:
     return ["best"] + (["avx2"] if ops.isa() == "avx512" else [])
 
@@ -74,13 +64,6 @@ def isa(request, ops):
     yield used
     ops.use_isa("best")
     ops.use_prefetch(chosen)
-
-
-@pytest.fixture
-def mode():
-    previous = decode.decode_kernel()
-    yield set_decode_kernel
-    set_decode_kernel(previous)
 
 
 def layer_pair(config: DecoderConfig, mode, seed: int = 0) -> tuple[DecoderLayer, DecoderLayer]:

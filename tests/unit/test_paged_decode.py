@@ -12,7 +12,7 @@ import torch
 
 from generator_service.models.decoder import ForwardBatch, KVCache
 from shared.modeling.layers import rope_table
-from tests.unit.test_decode_kernel import CONFIGS, layer_pair, mode, ops  # noqa: F401 - fixtures
+from tests.unit.test_decode_kernel import CONFIGS, layer_pair
 
 BLOCK = 16
 
@@ -20,7 +20,7 @@ BLOCK = 16
 @pytest.mark.parametrize("name", ["llama", "mistral_window", "gemma3"])
 @pytest.mark.parametrize("positions", [[5], [70, 33, 140]], ids=["batch1", "batch3_mixed"])
 @pytest.mark.parametrize("path", ["kernel", "reference"])
-def test_paged_decode_equals_unpaged(ops, mode, name, positions, path):  # noqa: F811 - the imported fixtures
+def test_paged_decode_equals_unpaged(ops, mode, name, positions, path):
     config = CONFIGS[name]
     kernel_layer, reference_layer = layer_pair(config, mode)
     layer = kernel_layer if path == "kernel" else reference_layer
@@ -60,7 +60,7 @@ def test_a_block_table_too_short_for_its_position_is_refused():
 
 
 @pytest.mark.parametrize("kernel", ["auto", "reference"])
-def test_decode_and_prefill_in_one_forward_equal_each_alone(demo_model, mode, kernel):  # noqa: F811 - the imported fixture
+def test_decode_and_prefill_in_one_forward_equal_each_alone(demo_model, mode, kernel):
     """The mixed step: 3 sequences' decode tokens and another's chunk (after a first chunk) through one forward."""
     from generator_service.models.llama import LlamaForCausalLM
 
