@@ -34,10 +34,9 @@ Four ways to caption the same N images (default 32), greedy, 16 new tokens each:
                 EOS never ends a caption early).
   direct and transformers are timed from reading the first file to the last caption.
 
-EOS: vlmq's generate payload has no `ignore_eos` yet, so the vlmq rows cannot ask
-for it; each row reports the completion tokens it produced, and the ratios are
-like for like when they equal images × new tokens (random weights all but never
-pick EOS from 49152 logits).
+EOS: ignored on every side (`--ignore-eos` / `"ignore_eos": true` for vlmq), so every
+caption is exactly the number of new tokens; each row reports the completion tokens
+it produced, which shows it.
 
 Threads, on this 2-core machine: each worker process runs with
 OMP_NUM_THREADS=1 (two processes, one core each: torch threads beyond the
@@ -99,7 +98,7 @@ def write_images(folder: Path, count: int) -> list[Path]:
 
 def caption_payload(container_id: str, new_tokens: int) -> dict:
     content = [{"type": "image", "container_id": container_id}, {"type": "text", "text": PROMPT}]
-    return {"messages": [{"role": "user", "content": content}], "sampling": {"max_tokens": new_tokens, "temperature": 0}, "stop": []}
+    return {"messages": [{"role": "user", "content": content}], "sampling": {"max_tokens": new_tokens, "temperature": 0, "ignore_eos": True}, "stop": []}
 
 
 @dataclass
@@ -116,7 +115,7 @@ def run_queued(checkpoint: Path, images: Path, out: Path, new_tokens: int, worke
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLMQ_")}  # no broker: the private stack
     env.update(OMP_NUM_THREADS=str(worker_threads), PYTHONPATH=str(REPO))
     command = [sys.executable, "-m", "vlmq", "caption", str(images), "--model", str(checkpoint), "--out", str(out),
-               "--max-tokens", str(new_tokens), "--temperature", "0", "--max-in-flight", "32", "--no-progress"]
+               "--max-tokens", str(new_tokens), "--ignore-eos", "--temperature", "0", "--max-in-flight", "32", "--no-progress"]
     for prompt in prompts:
         command += ["--prompt", prompt]
     started = time.perf_counter()

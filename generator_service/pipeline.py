@@ -26,7 +26,7 @@ import torch
 
 from generator_service.chat_template import image_parts
 from generator_service.engine import Engine, GenerationRequest
-from generator_service.sampling import SamplingParams
+from generator_service.sampling import SAMPLING_FIELDS, SamplingParams
 from generator_service.stops import StopMatcher
 from generator_service.tokenizer import EncodedPrompt, Tokenizer, default_alias_ids
 from shared.config.errors import ContainerFormatError, InvalidInput, ModelMismatch
@@ -34,7 +34,6 @@ from shared.config.settings import Settings
 from shared.store.container import EmbeddingContainer
 from shared.store.containers import ContainerStore
 
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_tokens", "seed")
 
 
 class GeneratePipeline:
@@ -108,7 +107,7 @@ class GeneratePipeline:
         unknown = set(sampling) - set(SAMPLING_FIELDS)
         if unknown:
             raise InvalidInput(f"unknown sampling fields: {sorted(unknown)}")
-        params = SamplingParams(**sampling, stop_token_ids=self.tokenizer.eos_token_ids)
+        params = SamplingParams(**sampling)  # the engine adds the tokenizer's EOS ids unless ignore_eos
         if params.max_tokens > self.settings.max_new_tokens:
             raise InvalidInput(f"max_tokens must be ≤ {self.settings.max_new_tokens}, got {params.max_tokens}")
         return params

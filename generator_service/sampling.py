@@ -15,6 +15,8 @@ from torch import Tensor
 
 from shared.config.errors import InvalidInput
 
+# What a request payload's "sampling" may hold; stop_token_ids are the engine's (its EOS ids), not a client's.
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_tokens", "seed", "ignore_eos")
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -54,6 +56,8 @@ class SamplingParams:
             bad("max_tokens", "an integer ≥ 1")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
             bad("seed", "a non-negative integer or null")
+        if not isinstance(self.ignore_eos, bool):
+            bad("ignore_eos", "true or false")
         ids = tuple(self.stop_token_ids)
         if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
             bad("stop_token_ids", "a list of non-negative integers")

@@ -169,7 +169,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     try:
         options = CaptionOptions(
             prompts=parse_prompts(args.prompt, args.prompts), max_tokens=args.max_tokens, temperature=args.temperature,
-            top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), max_in_flight=args.max_in_flight,
+            top_p=args.top_p, top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos, stop=tuple(args.stop), max_in_flight=args.max_in_flight,
             tenant=args.tenant, timeout_s=args.timeout, limit=args.limit, max_failures=args.max_failures,
         )
         target = Target(args.input, args.out, args.out_format or guess_format(args.out),
@@ -278,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--top-k", type=int, default=None)
     cap.add_argument("--seed", type=int, default=None)
     cap.add_argument("--stop", nargs="*", default=[], help="stop strings")
+    cap.add_argument("--ignore-eos", action="store_true", help="every caption runs to --max-tokens (benchmarks)")
     cap.add_argument("--tenant", default="public", help="tenant the containers and jobs belong to")
     cap.add_argument("--timeout", type=float, default=600.0, help="seconds one image may take before it is failed")
     cap.add_argument("--run-id", default=None, help="share the run with every client given the same id (same Redis): "

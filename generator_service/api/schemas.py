@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from generator_service.sampling import SAMPLING_FIELDS
 from shared.web.schemas import JobFields
 
 
@@ -29,11 +30,12 @@ class SamplingFields(BaseModel):
     top_k: int = Field(0, ge=0, description="0 disables top-k")
     repetition_penalty: float = Field(1.0, gt=0, le=100)
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Same seed, same text")
+    ignore_eos: bool = Field(False, description="Generate past end-of-sequence up to max_tokens (benchmarks, as vLLM's)")
     stop: Text | list[Text] | None = Field(None, description="Stop strings (not included in the text)")
     stream: bool = Field(False, description="Server-Sent Events of text pieces")
 
     def sampling(self) -> dict:
-        return {k: getattr(self, k) for k in ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")}
+        return {k: getattr(self, k) for k in SAMPLING_FIELDS}
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

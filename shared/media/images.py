@@ -33,9 +33,10 @@ def decode_image(data: bytes, *, max_pixels: int, allowed_formats: tuple[str, ..
     formats = tuple(f.upper() for f in allowed_formats)
 
     # Pillow warns (DecompressionBombWarning) above Image.MAX_IMAGE_PIXELS and raises above twice that;
-    # a warning is not a refusal, so it becomes an error here, while the header is read. (catch_warnings
-    # swaps a process-global filter list; under threads the worst case is the "error" filter for this one
-    # category outliving the block, which is the behaviour we want anyway.)
+    # a warning is not a refusal, so it becomes an error here, while the header is read. catch_warnings
+    # swaps a process-global filter list, so under threads another decode can restore the filters
+    # mid-open (and a warning already shown once is not shown again): the size is checked against
+    # Pillow's limit explicitly too.
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -50,6 +51,9 @@ def decode_image(data: bytes, *, max_pixels: int, allowed_formats: tuple[str, ..
         width, height = img.size
         if width <= 0 or height <= 0:
             raise InvalidInput(f"image has 0 pixels ({width}×{height})")
+        if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+            raise TooLarge(f"image is {width}×{height} = {width * height} pixels, over Pillow's "
+                           f"decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels")
         # Our own limit, checked from the header before decoding a single pixel.
         if width * height > max_pixels:
             raise TooLarge(f"image is {width}×{height} = {width * height} pixels, over the limit of {max_pixels}")

@@ -19,8 +19,9 @@ from tests.support.services import api_server
 
 KEY_A, KEY_B = "cancel-key-a", "cancel-key-b"
 A, B = {"Authorization": f"Bearer {KEY_A}"}, {"Authorization": f"Bearer {KEY_B}"}
-# Long enough that a generation left alone runs for a while (checked by each test, not assumed).
-LONG = {"prompt": "USER: tell me a long story ASSISTANT:", "max_tokens": 400, "temperature": 1.0, "seed": 7}
+# A generation left alone runs 1,500 tokens (EOS ignored): over a second on the tiny model, where the same
+# request ending at its first EOS took 0.18 s and a cancel sent after the first event once came too late.
+LONG = {"prompt": "USER: tell me a long story ASSISTANT:", "max_tokens": 1500, "ignore_eos": True, "temperature": 1.0, "seed": 7}
 
 
 @pytest.fixture
@@ -60,7 +61,7 @@ def _end_event(store, job_id: str, timeout_s: float = 60) -> dict:
 
 def _uncancelled_tokens(url: str) -> int:
     done = httpx.post(f"{url}/v1/generate", params={"wait": 120}, json=LONG, headers=A, timeout=130).json()
-    assert done["status"] == "succeeded", done
+    assert done["status"] == "succeeded" and done["finish_reason"] == "length", done
     return done["usage"]["completion_tokens"]
 
 

@@ -91,6 +91,14 @@ def test_pillow_decompression_bomb_is_an_error_whatever_our_limit(side):
         decode_image(png_with_header(side, side), max_pixels=10**12)
 
 
+def test_decompression_bomb_is_refused_when_another_thread_restored_the_warning_filters(monkeypatch):
+    # catch_warnings is process-global: a concurrent decode leaving its block can drop our "error" filter
+    # mid-open (seen in CI as a bomb refused only by our own, lower limit). Stand-in: the filter never set.
+    monkeypatch.setattr("warnings.simplefilter", lambda *args, **kwargs: None)
+    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(TooLarge, match="decompression-bomb"):
+        decode_image(png_with_header(10_000, 10_000), max_pixels=10**12)
+
+
 def test_format_outside_the_allow_list():
     with pytest.raises(InvalidInput, match="format PCX not allowed; allowed: JPEG, PNG, WEBP, GIF, BMP, TIFF"):
         decode_image(encode(Image.fromarray(noise(8, 8)), "PCX"), max_pixels=LIMIT)

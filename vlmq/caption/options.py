@@ -43,6 +43,7 @@ class CaptionOptions:
     top_p: float | None = None
     top_k: int | None = None
     seed: int | None = None
+    ignore_eos: bool = False
     stop: tuple[str, ...] = ()
     max_in_flight: int = 32
     tenant: str = "public"
@@ -56,5 +57,7 @@ class CaptionOptions:
         for name in ("top_p", "top_k", "seed"):
             if getattr(self, name) is not None:
                 sampling[name] = getattr(self, name)
+        if self.ignore_eos:
+            sampling["ignore_eos"] = True
         content = [{"type": "image"}, {"type": "text", "text": prompt}]
         return {"messages": [{"role": "user", "content": content}], "sampling": sampling, "stop": list(self.stop)}
