@@ -85,15 +85,16 @@ def layer_pair(config: DecoderConfig, mode, seed: int = 0) -> tuple[DecoderLayer
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 # Past 128 positions a head's keys are attended in chunks and merged; a row shorter than the
-# longest (or a sliding window) leaves whole chunks masked.
-@pytest.mark.parametrize("positions", [[11], [7, 7, 7], [3, 12, 0, 9, 15, 1, 6, 12], [300], [5, 300, 170]],
-                         ids=["batch1", "batch3_same", "batch8_mixed", "batch1_long", "batch3_long_mixed"])
+# longest (or a sliding window) leaves whole chunks masked. Past 8 rows the products are torch's GEMM.
+@pytest.mark.parametrize("positions", [[11], [7, 7, 7], [3, 12, 0, 9, 15, 1, 6, 12], [300], [5, 300, 170],
+                                       [3, 12, 0, 9, 15, 1, 6, 12, 200, 5, 17, 299]],
+                         ids=["batch1", "batch3_same", "batch8_mixed", "batch1_long", "batch3_long_mixed", "batch12_gemm"])
 def test_decode_layer_matches_the_torch_layer(ops, isa, mode, name, positions):
     config = CONFIGS[name]
     fused, reference = layer_pair(config, mode)
     assert fused.fused_decode is not None and reference.fused_decode is None
     g = torch.Generator().manual_seed(1)
-    caches = [KVCache(config, 8, 320, torch.float32, "cpu") for _ in range(2)]
+    caches = [KVCache(config, max(8, len(positions)), 320, torch.float32, "cpu") for _ in range(2)]
     for cache in caches:  # the same earlier keys and values in both
         cache.k.copy_(torch.randn(cache.k.shape, generator=g.manual_seed(2)))
         cache.v.copy_(torch.randn(cache.v.shape, generator=g.manual_seed(3)))

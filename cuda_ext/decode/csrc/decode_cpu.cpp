@@ -12,7 +12,10 @@
 // rows see different prefixes.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -67,6 +70,31 @@ void parallel_rows(int64_t m, int64_t row_bytes, const Body& body) {
 void matvec_parallel(const MatvecArgs& args, int64_t m) {
   const DecodeKernels& k = kernels();
   parallel_rows(m, args.k * static_cast<int64_t>(sizeof(float)), [&](int64_t m0, int64_t m1) { k.matvec(args, m0, m1); });
+}
+
+// Above this many tokens a decode step's products go to torch's GEMM (MKL / oneDNN): the matvec
+// kernels make 8 tokens per pass over a weight row, and at 16 and 32 tokens the blocked GEMM took
+// about half their time (bench/generate.py's aggregate decode rows; cuda_ext.decode.ops.MATVEC_MAX_ROWS).
+constexpr int64_t kMatvecMaxRows = 8;
+
+// y = x wᵀ (+ bias) (+ residual) for the M rows of w, as `matvec_parallel`, for any number of tokens.
+void product(const MatvecArgs& a, int64_t m) {
+  if (a.rows <= kMatvecMaxRows) return matvec_parallel(a, m);
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor x = at::from_blob(const_cast<float*>(a.x), {a.rows, a.k}, f32);
+  const at::Tensor w = at::from_blob(const_cast<float*>(a.w), {m, a.k}, f32);
+  at::Tensor y = at::from_blob(a.y, {a.rows, m}, {a.ld, 1}, f32);
+  if (a.residual == nullptr && a.bias == nullptr) {
+    at::mm_out(y, x, w.t());
+    return;
+  }
+  if (a.residual == nullptr) {
+    y.zero_();
+  } else if (a.residual != a.y) {
+    y.copy_(at::from_blob(const_cast<float*>(a.residual), {a.rows, m}, {a.ld, 1}, f32));
+  }
+  if (a.bias != nullptr) y.add_(at::from_blob(const_cast<float*>(a.bias), {m}, f32));
+  y.addmm_(x, w.t());
 }
 
 // y[n] = x[n] / rms(x[n]) · w, as F.rms_norm (the sum of squares in double: no order to match).
@@ -298,7 +326,7 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
   const ActMul act_mul = act_mul_kernel(k, act);  // an unknown act fails here, before the cache is written
 
   rms_norm(x.data_ptr<float>(), input_norm.data_ptr<float>(), rows, d, eps, h);
-  matvec_parallel({wqkv.data_ptr<float>(), d, h, rows, bqkv ? bqkv->data_ptr<float>() : nullptr, nullptr, qkv, qkv_size},
+  product({wqkv.data_ptr<float>(), d, h, rows, bqkv ? bqkv->data_ptr<float>() : nullptr, nullptr, qkv, qkv_size},
                   qkv_size);
 
   // QK-norm if any, RoPE on Q and K (adjacent pairs rotate as complex numbers), then K and V into the cache.
@@ -329,28 +357,36 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
                hd, kv_len, scores, chunk_out, attn);
   const float* x_data = x.data_ptr<float>();
   if (attn_out_norm) {  // mid = x + norm(o(attention)), through h (free until the MLP's input norm)
-    matvec_parallel({wo.data_ptr<float>(), q_size, attn, rows, nullptr, nullptr, h, d}, d);
+    product({wo.data_ptr<float>(), q_size, attn, rows, nullptr, nullptr, h, d}, d);
     add_norm(x_data, h, attn_out_norm->data_ptr<float>(), rows, d, eps, mid);
   } else {
-    matvec_parallel({wo.data_ptr<float>(), q_size, attn, rows, nullptr, x_data, mid, d}, d);
+    product({wo.data_ptr<float>(), q_size, attn, rows, nullptr, x_data, mid, d}, d);
   }
 
   rms_norm(mid, post_norm.data_ptr<float>(), rows, d, eps, h);
   // Each thread computes its gate rows and the matching up rows, then their product: no pass in between.
   const MatvecArgs gate_up_args{w_gate_up.data_ptr<float>(), d, h, rows, nullptr, nullptr, gate_up, 2 * inter};
-  parallel_rows(inter, 2 * d * static_cast<int64_t>(sizeof(float)), [&](int64_t m0, int64_t m1) {  // a gate row and an up row
-    k.matvec(gate_up_args, m0, m1);
-    k.matvec(gate_up_args, inter + m0, inter + m1);
+  const auto gated = [&](int64_t m0, int64_t m1) {
     for (int64_t n = 0; n < rows; ++n) {
       const float* gn = gate_up + n * 2 * inter;
       act_mul(gn + m0, gn + inter + m0, hidden + n * inter + m0, m1 - m0);
     }
-  });
+  };
+  if (rows > kMatvecMaxRows) {
+    product(gate_up_args, 2 * inter);
+    gated(0, inter);
+  } else {
+    parallel_rows(inter, 2 * d * static_cast<int64_t>(sizeof(float)), [&](int64_t m0, int64_t m1) {  // a gate row and an up row
+      k.matvec(gate_up_args, m0, m1);
+      k.matvec(gate_up_args, inter + m0, inter + m1);
+      gated(m0, m1);
+    });
+  }
   if (mlp_out_norm) {  // out = mid + norm(down(…)), through h
-    matvec_parallel({w_down.data_ptr<float>(), inter, hidden, rows, nullptr, nullptr, h, d}, d);
+    product({w_down.data_ptr<float>(), inter, hidden, rows, nullptr, nullptr, h, d}, d);
     add_norm(mid, h, mlp_out_norm->data_ptr<float>(), rows, d, eps, out.data_ptr<float>());
   } else {
-    matvec_parallel({w_down.data_ptr<float>(), inter, hidden, rows, nullptr, mid, out.data_ptr<float>(), d}, d);
+    product({w_down.data_ptr<float>(), inter, hidden, rows, nullptr, mid, out.data_ptr<float>(), d}, d);
   }
   return out;
 }
