@@ -339,15 +339,41 @@ class Engine:
             self.stats.prefix_hit_tokens += seq.cached_tokens
 
     def _plan_chunks(self) -> list[tuple[_Sequence, int, int]]:
-        """This step's prefill chunks (sequence, first position, end): the admitted prompts in order, up to the budget."""
+        """This step's prefill chunks (sequence, first position, end): the admitted prompts in order, up to the budget.
+
+        A prompt whose next block an earlier prompt is computing right now (two questions about one image,
+        arriving together) waits for it, then takes it from the prefix cache, instead of computing it twice.
+        """
         budget, chunks = self.prefill_chunk_tokens or self.kv_tokens, []
+        computing: set[bytes] = set()  # hashes of the blocks earlier prompts are computing
         for seq in [s for s in self._running if s.computed < len(s.prompt_ids)]:
+            if self.pool.prefix_cache and self._waits_for_shared_prefix(seq, computing):
+                continue
             if budget <= 0:
                 break
             end = self._chunk_end(seq, budget)
             budget -= end - seq.computed
             chunks.append((seq, seq.computed, end))
         return chunks
+
+    def _waits_for_shared_prefix(self, seq: _Sequence, computing: set[bytes]) -> bool:
+        """Take the blocks of `seq`'s prompt that other sequences cached since it was admitted; True when its
+        next block is in `computing` (it waits a step); else add the blocks it has yet to compute to `computing`."""
+        bs = self.block_tokens
+        limit = (len(seq.prompt_ids) - 1) // bs  # as at admission: the prompt's last token is always computed
+        if seq.computed % bs == 0 and len(seq.blocks) * bs == seq.computed:  # at a block boundary, none grown ahead
+            found = self.pool.lookup(seq.hashes[seq.computed // bs : limit])
+            if found:
+                self.pool.share(found)
+                seq.blocks += found
+                seq.promised -= len(found)
+                seq.computed += len(found) * bs
+                seq.cached_tokens += len(found) * bs
+                self.stats.prefix_hit_tokens += len(found) * bs
+            if seq.computed // bs < limit and seq.hashes[seq.computed // bs] in computing:
+                return True
+        computing.update(seq.hashes[seq.computed // bs : limit])
+        return False
 
     def _prefill(self, seq: _Sequence, start: int, end: int) -> int:
         """Prefill positions start … end-1 of `seq`'s prompt alone; returns the tokens made (1 when the prompt is done)."""

@@ -94,6 +94,13 @@ class BlockPool:
         self.reserved += new_blocks
         return True
 
+    def share(self, cached: Sequence[int]) -> None:
+        """Take a reference on `cached` blocks in place of as many promised ones (a sequence found them after admission)."""
+        assert self.reserved >= len(cached), "share() of more blocks than were promised"
+        for b in cached:
+            self._take(b)
+        self.reserved -= len(cached)
+
     def allocate(self) -> int:
         """A block for a sequence that was promised one: a free one, else the least recently used cached one."""
         assert self.reserved > 0, "allocate() without a promised block"

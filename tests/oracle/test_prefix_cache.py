@@ -181,6 +181,23 @@ def test_concurrent_requests_with_a_shared_image_prefix_and_chunks_mixed_with_de
     assert [r.token_ids for r in results] == [run(s, plain, p).token_ids for p in prompts]
 
 
+@pytest.mark.parametrize("chunk", [0, 5], ids=["whole-prompts", "chunks-of-5"])
+def test_questions_about_one_image_arriving_together_compute_it_once(s, chunk):
+    """Three questions submitted at once: the first computes the shared blocks, the others wait for them."""
+    prompts = [chat_ids(s, [user(q)]) for q in ("Describe the picture.", "What is in the corner?", "Name a colour.")]
+    cached = engine(s, prefix_cache=True, chunk=chunk, block_tokens=4)
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    handles = [cached.submit(GenerationRequest(p, params, [s.container])) for p in prompts]
+    cached.run_until_idle()
+    results = [h.result() for h in handles]
+    hits = [min(common_prefix(prompts[0], p), len(p) - 1) // 4 * 4 for p in prompts[1:]]
+    assert [r.usage.cached_tokens for r in results] == [0, *hits]
+    assert min(hits) >= s.container.num_tokens
+    plain = engine(s, prefix_cache=False, chunk=0)
+    assert [r.token_ids for r in results] == [run(s, plain, p).token_ids for p in prompts]
+    assert results[1].token_ids == transformers_greedy(s, prompts[1])
+
+
 def test_prefill_after_a_cached_prefix_ending_inside_the_image_matches_transformers_logits(s):
     """The model half of a mid-image hit: blocks of one prompt, computed whole, reused by another whose prefill starts
     inside the image (Gemma 3: its remaining image tokens still see the whole image, the cached ones saw it all)."""

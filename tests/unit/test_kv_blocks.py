@@ -139,3 +139,20 @@ def test_hits_and_lookups_are_counted(model):
     assert (engine.stats.prefix_hit_tokens, engine.stats.prefix_lookup_tokens) == (24, 81)
     assert second.result().token_ids == first.result().token_ids
     assert engine.stats.ttft.counts[-1] == 3 and engine.stats.itl.counts[-1] == 3
+
+
+@pytest.mark.parametrize("chunk", [0, 12], ids=["whole-prompts", "chunks-of-12"])
+def test_prompts_arriving_together_compute_a_shared_prefix_once(model, chunk):
+    # Two questions about one image, submitted at once: the second waits for the blocks the first is computing.
+    shared = list(range(3, 43))  # 40 tokens: 5 blocks of 8
+    prompts = [shared + list(range(100, 108)), shared + list(range(200, 208))]
+    engine = Engine(model, max_batch=4, max_seq_len=128, block_tokens=8, prefill_chunk_tokens=chunk)
+    handles = [engine.submit(GenerationRequest(p, params(6))) for p in prompts]
+    engine.run_until_idle()
+    assert [h.result().usage.cached_tokens for h in handles] == [0, 40]
+    assert engine.stats.prefix_hit_tokens == 40
+    alone = Engine(model, max_batch=4, max_seq_len=128, block_tokens=8, prefix_cache=False)
+    expected = [alone.submit(GenerationRequest(p, params(6))) for p in prompts]
+    alone.run_until_idle()
+    assert [h.result().token_ids for h in handles] == [h.result().token_ids for h in expected]
+    assert engine.pool.used == 0 and engine.pool.reserved == 0
