@@ -45,6 +45,10 @@ from shared.store.token_ids import EMBEDDING_INDEX_BASE
 log = logging.getLogger(__name__)
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED, FINISH_ERROR = "stop", "length", "cancelled", "error"
+# The smallest prefill chunk while sequences decode, whatever the step costs say: a long prompt still advances.
+MIN_CHUNK_TOKENS = 8
+# Weight of the newest step in the engine's moving averages of step costs.
+STEP_COST_WEIGHT = 0.2
 
 
 @dataclass
@@ -161,20 +165,22 @@ class Engine:
     kv_cache_tokens: the pool, in positions of `block_tokens` each block (default: max_batch × max_seq_len,
     the memory of an unpaged cache); a request waits until the pool can promise its prompt and
     answer. prefix_cache: reuse the blocks of prompt prefixes computed before. prefill_chunk_tokens:
-    prompt tokens prefilled per step (0: whole prompts). Left out, these three are the settings'
-    (VLMQ_KV_BLOCK_TOKENS, VLMQ_PREFIX_CACHE, VLMQ_PREFILL_CHUNK_TOKENS), so a whole test run can
-    switch them.
+    prompt tokens prefilled per step (0: whole prompts). max_decode_slowdown: while sequences decode, the
+    chunks are cut so that a step takes at most this many times a decode-only step, by step costs the engine
+    measures as it runs (0: no cut). Left out, these four are the settings' (VLMQ_KV_BLOCK_TOKENS,
+    VLMQ_PREFIX_CACHE, VLMQ_PREFILL_CHUNK_TOKENS, VLMQ_MAX_DECODE_SLOWDOWN), so a whole test run can switch them.
     """
 
     def __init__(
         self, model, max_batch: int = 8, max_seq_len: int = 2048, eos_token_ids: Sequence[int] = (),
         kv_cache_tokens: int | None = None, block_tokens: int | None = None, prefix_cache: bool | None = None,
-        prefill_chunk_tokens: int | None = None,
+        prefill_chunk_tokens: int | None = None, max_decode_slowdown: float | None = None,
     ):
         settings = get_settings()
         block_tokens = settings.kv_block_tokens if block_tokens is None else block_tokens
         prefix_cache = settings.prefix_cache == "on" if prefix_cache is None else prefix_cache
         prefill_chunk_tokens = settings.prefill_chunk_tokens if prefill_chunk_tokens is None else prefill_chunk_tokens
+        max_decode_slowdown = settings.max_decode_slowdown if max_decode_slowdown is None else max_decode_slowdown
         if max_batch < 1 or max_seq_len < 2 or block_tokens < 1 or prefill_chunk_tokens < 0:
             raise ValueError(f"need max_batch ≥ 1, max_seq_len ≥ 2, block_tokens ≥ 1, prefill_chunk_tokens ≥ 0, got "
                              f"{max_batch}, {max_seq_len}, {block_tokens}, {prefill_chunk_tokens}")
@@ -188,6 +194,9 @@ class Engine:
         self._limit = "context" if context <= self.kv_tokens else "KV cache"
         self.eos_token_ids = tuple(eos_token_ids)
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.max_decode_slowdown = max_decode_slowdown
+        self._decode_step_s: float | None = None  # moving average: a step that only decodes
+        self._chunk_token_s: float | None = None  # moving average: what a prompt token adds to a step that decodes
         self.cache = model.new_cache(num_blocks, block_tokens)
         self.pool = BlockPool(num_blocks, prefix_cache)
         self.stats = EngineStats()
@@ -285,8 +294,10 @@ class Engine:
             if seq.handle.cancelled:
                 self._finish(seq, FINISH_CANCELLED)
         self._admit()
-        chunks = self._plan_chunks()
+        started = time.perf_counter()
         decoding = [seq for seq in self._running if seq.output]
+        chunks = self._plan_chunks(self._prefill_budget(bool(decoding)))
+        prompt_tokens = sum(end - start for _, start, end in chunks)
         made, mixed = 0, bool(decoding and chunks)
         if mixed:
             # The streams' next tokens and the first chunk in one forward: every weight read once for both, so a
@@ -298,7 +309,29 @@ class Engine:
             decoding = [seq for seq in self._running if seq.output]
         if decoding and not mixed:
             made += self._decode(decoding)
+        if decoding and (mixed or not chunks):
+            self._learn_step_cost(time.perf_counter() - started, prompt_tokens)
         return made
+
+    def _prefill_budget(self, decoding: bool) -> int:
+        """Prompt tokens this step may prefill: the chunk size, cut while sequences decode so that the step stays
+        within `max_decode_slowdown` of a decode-only step (their inter-token latency) by the costs measured so far."""
+        if not self.prefill_chunk_tokens:
+            return self.kv_tokens  # whole prompts: no chunks to cut
+        budget = self.prefill_chunk_tokens
+        if not decoding or not self.max_decode_slowdown:
+            return budget
+        if self._decode_step_s is None or self._chunk_token_s is None:
+            return min(budget, MIN_CHUNK_TOKENS)  # the first mixed steps measure what a prompt token costs
+        affordable = (self.max_decode_slowdown - 1) * self._decode_step_s / self._chunk_token_s
+        return min(budget, max(MIN_CHUNK_TOKENS, int(affordable)))
+
+    def _learn_step_cost(self, seconds: float, prompt_tokens: int) -> None:
+        """Fold a step that decoded (with `prompt_tokens` of prefill, or none) into the moving averages."""
+        if not prompt_tokens:
+            self._decode_step_s = _moving_average(self._decode_step_s, seconds)
+        elif self._decode_step_s is not None:
+            self._chunk_token_s = _moving_average(self._chunk_token_s, max(seconds - self._decode_step_s, 0.0) / prompt_tokens)
 
     def run_until_idle(self) -> None:
         while self.has_work():
@@ -338,13 +371,13 @@ class Engine:
             self.stats.prefix_lookup_tokens += prompt_len
             self.stats.prefix_hit_tokens += seq.cached_tokens
 
-    def _plan_chunks(self) -> list[tuple[_Sequence, int, int]]:
+    def _plan_chunks(self, budget: int) -> list[tuple[_Sequence, int, int]]:
         """This step's prefill chunks (sequence, first position, end): the admitted prompts in order, up to the budget.
 
         A prompt whose next block an earlier prompt is computing right now (two questions about one image,
         arriving together) waits for it, then takes it from the prefix cache, instead of computing it twice.
         """
-        budget, chunks = self.prefill_chunk_tokens or self.kv_tokens, []
+        chunks = []
         computing: set[bytes] = set()  # hashes of the blocks earlier prompts are computing
         for seq in [s for s in self._running if s.computed < len(s.prompt_ids)]:
             if self.pool.prefix_cache and self._waits_for_shared_prefix(seq, computing):
@@ -510,6 +543,10 @@ class Engine:
                 seq.request.on_finish(result)
             except Exception:  # noqa: BLE001
                 log.exception("on_finish of request %s failed", seq.handle.request_id)
+
+
+def _moving_average(average: float | None, value: float) -> float:
+    return value if average is None else average + STEP_COST_WEIGHT * (value - average)
 
 
 def _unique_containers(containers: Sequence[Any]) -> list[Any]:

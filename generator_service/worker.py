@@ -26,7 +26,8 @@ def build_pipeline(settings: Settings, model_path: str, device: str) -> Generate
     tokenizer = Tokenizer.from_checkpoint(checkpoint)
     engine = Engine(model, max_batch=settings.generate_max_batch, max_seq_len=settings.generate_max_seq_len, eos_token_ids=tokenizer.eos_token_ids,
                     kv_cache_tokens=settings.kv_cache_tokens, block_tokens=settings.kv_block_tokens,
-                    prefix_cache=settings.prefix_cache == "on", prefill_chunk_tokens=settings.prefill_chunk_tokens)
+                    prefix_cache=settings.prefix_cache == "on", prefill_chunk_tokens=settings.prefill_chunk_tokens,
+                    max_decode_slowdown=settings.max_decode_slowdown)
     threading.Thread(target=engine.run_forever, args=(threading.Event(),), name="vlmq-engine", daemon=True).start()
     client = connect(settings.effective_store_url)
     publish_engine_stats(engine, WorkerStats(client, settings.key_prefix, "generate"), threading.Event())

@@ -87,6 +87,12 @@ class Settings(BaseSettings):
     prefill_chunk_tokens: int = Field(
         512, ge=0, description="Prompt tokens prefilled per engine step, mixed with the running decodes; 0: whole prompts"
     )
+    # Off by default: on bench-small (bench/generate.py) a limit of 2 made 8 arriving Pixtral prompts wait ten
+    # times as long for their first tokens, since a mixed step costs ~1.7× a decode step before any prompt token.
+    max_decode_slowdown: float = Field(
+        0.0, ge=0, description="While sequences decode, prefill chunks are cut so that a step takes at most this many "
+        "times a step that only decodes (the engine measures both); 0: no limit, VLMQ_PREFILL_CHUNK_TOKENS alone"
+    )
     # Switches between a compiled kernel and its torch path (cuda_ext, the vision towers), read once per process.
     packed_weights: Literal["auto", "on", "off"] = Field(
         "auto", description="Vision towers' float32 CPU linears on MKL-packed weights: auto (where that beat oneDNN, "

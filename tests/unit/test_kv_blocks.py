@@ -156,3 +156,29 @@ def test_prompts_arriving_together_compute_a_shared_prefix_once(model, chunk):
     alone.run_until_idle()
     assert [h.result().token_ids for h in handles] == [h.result().token_ids for h in expected]
     assert engine.pool.used == 0 and engine.pool.reserved == 0
+
+
+@pytest.mark.parametrize("slowdown,first_mixed_chunk", [(0.0, 40), (2.0, 8)], ids=["no-limit", "limit"])
+def test_a_decode_slowdown_limit_cuts_the_chunks_mixed_with_decoding(model, monkeypatch, slowdown, first_mixed_chunk):
+    engine = Engine(model, max_batch=4, max_seq_len=256, block_tokens=8, prefix_cache=False, prefill_chunk_tokens=40,
+                    max_decode_slowdown=slowdown)
+    chunks = []
+    mixed = engine.model.decode_and_prefill
+    monkeypatch.setattr(engine.model, "decode_and_prefill", lambda *args: chunks.append(len(args[5])) or mixed(*args))
+    stream = engine.submit(GenerationRequest(list(range(3, 13)), params(60)))
+    engine.step()  # the stream's prompt and first token: it decodes from now on
+    engine.submit(GenerationRequest(list(range(3, 123)), params(2)))  # 120 tokens arriving
+    engine.run_until_idle()
+    # Before any measurement the limit allows the least chunk; after, what the measured costs allow (≤ the size).
+    assert chunks[0] == first_mixed_chunk and max(chunks) <= 40
+    assert len(stream.result().token_ids) == 60
+
+
+def test_the_chunk_budget_follows_the_measured_step_costs(model):
+    engine = Engine(model, max_batch=4, max_seq_len=256, prefill_chunk_tokens=512, max_decode_slowdown=2.0)
+    assert engine._prefill_budget(decoding=False) == 512
+    engine._learn_step_cost(0.040, 0)  # a decode-only step: 40 ms
+    engine._learn_step_cost(0.100, 30)  # a step with 30 prompt tokens: 2 ms each
+    assert engine._prefill_budget(decoding=True) == 20  # (2 - 1) × 40 ms ÷ 2 ms
+    engine.max_decode_slowdown = 0.0
+    assert engine._prefill_budget(decoding=True) == 512
