@@ -72,9 +72,9 @@ class Settings(BaseSettings):
     )
     embed_max_batch: int = Field(8, gt=0, description="Images per batched vision forward")
     embed_max_wait_ms: int = Field(20, ge=0, description="How long the embedder waits to fill a batch")
-    # 32: the paged pool, not this, bounds what runs together (32 short chats fit today's 8 × 4096 positions), and
-    # past 8 sequences a CPU decode step's products are a GEMM (bench/generate.py's aggregate rows).
-    generate_max_batch: int = Field(32, gt=0, description="Requests one generator worker runs together, at most "
+    # 8 on a 2-core CPU beat 32 under bench/serve.py's load (2026-12-06: 1.43× vs 1.12× the features-off throughput,
+    # TTFT p50 1.9 s vs 3.0 s): more admitted prompts make every step longer. Raise it where decoding dominates.
+    generate_max_batch: int = Field(8, gt=0, description="Requests one generator worker runs together, at most "
                                     "(VLMQ_KV_CACHE_TOKENS bounds them too)")
     generate_max_seq_len: int = Field(
         4096, ge=2, description="Positions per request in a generator worker's KV cache (prompt + new tokens), at most the model's context"

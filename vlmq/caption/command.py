@@ -36,8 +36,8 @@ from vlmq.caption.run import CaptionRun, Wakeups
 from vlmq.stack import LocalStack, private_log_dir
 
 
-# Most generate requests a private stack's worker runs together (VLMQ_GENERATE_MAX_BATCH's default; fewer when the
-# run keeps fewer in flight).
+# Most generate requests a private stack's worker runs together (VLMQ_GENERATE_MAX_BATCH's default is 8, for a
+# worker that many clients share); bench/caption.py measures the difference.
 PRIVATE_GENERATE_BATCH = 32
 
 
