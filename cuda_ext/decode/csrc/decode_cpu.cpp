@@ -84,16 +84,17 @@ void product(const MatvecArgs& a, int64_t m) {
   const at::Tensor x = at::from_blob(const_cast<float*>(a.x), {a.rows, a.k}, f32);
   const at::Tensor w = at::from_blob(const_cast<float*>(a.w), {m, a.k}, f32);
   at::Tensor y = at::from_blob(a.y, {a.rows, m}, {a.ld, 1}, f32);
-  if (a.residual == nullptr && a.bias == nullptr) {
-    at::mm_out(y, x, w.t());
+  const auto bias = [&] { return at::from_blob(const_cast<float*>(a.bias), {m}, f32); };
+  if (a.residual == nullptr) {
+    if (a.bias == nullptr) {
+      at::mm_out(y, x, w.t());
+    } else {
+      at::addmm_out(y, bias(), x, w.t());
+    }
     return;
   }
-  if (a.residual == nullptr) {
-    y.zero_();
-  } else if (a.residual != a.y) {
-    y.copy_(at::from_blob(const_cast<float*>(a.residual), {a.rows, m}, {a.ld, 1}, f32));
-  }
-  if (a.bias != nullptr) y.add_(at::from_blob(const_cast<float*>(a.bias), {m}, f32));
+  if (a.residual != a.y) y.copy_(at::from_blob(const_cast<float*>(a.residual), {a.rows, m}, {a.ld, 1}, f32));
+  if (a.bias != nullptr) y.add_(bias());
   y.addmm_(x, w.t());
 }
 
