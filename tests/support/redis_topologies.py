@@ -11,6 +11,7 @@ import random
 import socket
 import time
 from contextlib import ExitStack
+from typing import Self
 
 import redis
 
@@ -48,19 +49,50 @@ def _client(server: EmbeddedRedis) -> redis.Redis:
     return redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=2.0, decode_responses=True)
 
 
-class LocalCluster:
+def _wait_for_replicas_in_sync(replicas: list[redis.Redis]) -> None:
+    _wait_for("every replica in sync", lambda: all(r.info("replication").get("master_link_status") == "up" for r in replicas))
+
+
+class _Deployment:
+    """Servers started together and stopped together, also when one of them or the wiring fails on the way up."""
+
+    def __init__(self):
+        self._stack = ExitStack()
+
+    def _servers(self) -> list[EmbeddedRedis]:
+        raise NotImplementedError
+
+    def _wire(self) -> None:
+        """Connect the started servers into the deployment and wait until it is ready."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            for server in self._servers():
+                self._stack.enter_context(server)
+            self._wire()
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+
+class LocalCluster(_Deployment):
     """``masters`` primaries splitting the 16384 slots evenly, each with ``replicas`` replicas.
 
     A killed master's replica takes over after ``NODE_TIMEOUT_MS`` (the cluster's own failover).
     """
 
     def __init__(self, masters: int = 3, replicas: int = 0):
+        super().__init__()
         config = ["cluster-enabled yes", "cluster-config-file nodes.conf", f"cluster-node-timeout {NODE_TIMEOUT_MS}",
                   # Any replica may take over, however long since it last heard from its master.
                   "cluster-replica-validity-factor 0"]
         self.masters = [EmbeddedRedis(_cluster_port(), config=config) for _ in range(masters)]
         self.replicas = [EmbeddedRedis(_cluster_port(), config=config) for _ in range(masters * replicas)]
-        self._stack = ExitStack()
 
     @property
     def nodes(self) -> list[EmbeddedRedis]:
@@ -71,20 +103,10 @@ class LocalCluster:
         """vlmq's cluster URL: every master as a startup node."""
         return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.masters)
 
-    def __enter__(self) -> LocalCluster:
-        try:
-            for node in self.nodes:
-                self._stack.enter_context(node)
-            self._form()
-        except BaseException:
-            self._stack.close()
-            raise
-        return self
+    def _servers(self) -> list[EmbeddedRedis]:
+        return self.nodes
 
-    def __exit__(self, *exc) -> None:
-        self._stack.close()
-
-    def _form(self) -> None:
+    def _wire(self) -> None:
         clients = [self._stack.enter_context(_client(node)) for node in self.nodes]
         per_master = SLOTS // len(self.masters)
         for index, client in enumerate(clients[: len(self.masters)]):
@@ -99,12 +121,10 @@ class LocalCluster:
             client.execute_command("CLUSTER REPLICATE", ids[index % len(self.masters)])
         _wait_for("cluster_state:ok on every node",
                   lambda: all(client.execute_command("CLUSTER INFO")["cluster_state"] == "ok" for client in clients))
-        _wait_for("every replica in sync",
-                  lambda: all(client.info("replication").get("master_link_status") == "up"
-                              for client in clients[len(self.masters):]))
+        _wait_for_replicas_in_sync(clients[len(self.masters):])
 
 
-class LocalSentinel:
+class LocalSentinel(_Deployment):
     """A master with ``replicas`` replicas and three Sentinels watching it as ``master_name``.
 
     ``url`` is vlmq's (and Celery's) Sentinel URL for it. A killed master is replaced by a
@@ -114,6 +134,7 @@ class LocalSentinel:
     master_name = "vlmq"
 
     def __init__(self, replicas: int = 1, sentinels: int = 3):
+        super().__init__()
         # Sentinel reconfigures the servers with REPLICAOF and CONFIG REWRITE: those must stay.
         kept = tuple(c for c in DISABLED_COMMANDS if c not in ("CONFIG", "SLAVEOF", "REPLICAOF"))
         self.master = EmbeddedRedis(appendonly=True, disabled_commands=kept)
@@ -124,7 +145,6 @@ class LocalSentinel:
                  f"sentinel down-after-milliseconds {self.master_name} {NODE_TIMEOUT_MS}",
                  f"sentinel failover-timeout {self.master_name} 5000"]
         self.sentinels = [EmbeddedRedis(config=watch, disabled_commands=(), sentinel=True) for _ in range(sentinels)]
-        self._stack = ExitStack()
 
     def url(self, db: int = 0) -> str:
         """vlmq's Sentinel URL: Celery's ``sentinel://…;sentinel://…`` form, the database and master's name on the first entry."""
@@ -138,20 +158,13 @@ class LocalSentinel:
     def server_on(self, port: int) -> EmbeddedRedis:
         return next(server for server in [self.master, *self.replicas] if server.port == port)
 
-    def __enter__(self) -> LocalSentinel:
-        try:
-            for server in [self.master, *self.replicas, *self.sentinels]:
-                self._stack.enter_context(server)
-            replicas = [self._stack.enter_context(_client(r)) for r in self.replicas]
-            sentinels = [self._stack.enter_context(_client(s)) for s in self.sentinels]
-            _wait_for("replicas in sync", lambda: all(r.info("replication").get("master_link_status") == "up" for r in replicas))
-            _wait_for("every Sentinel seeing the other Sentinels and the replicas", lambda: all(
-                (master := s.sentinel_master(self.master_name))["num-other-sentinels"] == len(sentinels) - 1
-                and master["num-slaves"] == len(replicas) for s in sentinels))
-        except BaseException:
-            self._stack.close()
-            raise
-        return self
+    def _servers(self) -> list[EmbeddedRedis]:
+        return [self.master, *self.replicas, *self.sentinels]
 
-    def __exit__(self, *exc) -> None:
-        self._stack.close()
+    def _wire(self) -> None:
+        replicas = [self._stack.enter_context(_client(r)) for r in self.replicas]
+        sentinels = [self._stack.enter_context(_client(s)) for s in self.sentinels]
+        _wait_for_replicas_in_sync(replicas)
+        _wait_for("every Sentinel seeing the other Sentinels and the replicas", lambda: all(
+            (master := s.sentinel_master(self.master_name))["num-other-sentinels"] == len(sentinels) - 1
+            and master["num-slaves"] == len(replicas) for s in sentinels))
