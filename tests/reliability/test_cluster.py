@@ -25,9 +25,8 @@ from tests.support.images import png_bytes
 from tests.support.redis_topologies import LocalCluster
 from tests.support.reliability import (
     chains_outcome,
-    count_finished,
-    submit_chain,
     submit_through_failover,
+    submit_until_some_finish,
 )
 from tests.support.services import api_server, worker_processes
 
@@ -87,10 +86,7 @@ def test_a_master_killed_mid_run_loses_no_job(cluster_stack):
     jobs = JobStore(client, settings.key_prefix, settings.job_ttl_s)
     celery = create_celery_app(settings)
     started = time.monotonic()
-    chains = [submit_chain(celery, jobs, png_bytes(5000 + i, size=(40, 32))) for i in range(JOBS // 4)]
-    while (done_before := count_finished(client, settings.key_prefix, [c.generate_id for c in chains])) < 10:
-        assert time.monotonic() - started < 60, "no progress before the kill"
-        time.sleep(0.02)
+    chains, done_before = submit_until_some_finish(celery, jobs, client, settings.key_prefix, 5000, JOBS // 4, 10, timeout_s=60)
     victim = cluster.masters[0]
     victim.kill()
     killed_at = time.monotonic()

@@ -28,9 +28,8 @@ from shared.store.redis_conn import connect
 from tests.support.images import png_bytes
 from tests.support.reliability import (
     chains_outcome,
-    count_finished,
     embed_then_generate,
-    submit_chain,
+    submit_until_some_finish,
 )
 from tests.support.services import (
     REPO,
@@ -63,12 +62,7 @@ def test_a_run_survives_a_redis_restart(aof_stack):
     jobs = JobStore(client, settings.key_prefix, settings.job_ttl_s)
     celery = create_celery_app(settings)
     started = time.monotonic()
-    chains = [submit_chain(celery, jobs, png_bytes(2000 + i, size=(40, 32))) for i in range(40)]
-    generate_ids = [c.generate_id for c in chains]
-    while count_finished(client, settings.key_prefix, generate_ids) < 5:
-        assert time.monotonic() - started < 30, "no progress before the restart"
-        time.sleep(0.01)
-    done_before = count_finished(client, settings.key_prefix, generate_ids)
+    chains, done_before = submit_until_some_finish(celery, jobs, client, settings.key_prefix, 2000, 40, 5, timeout_s=30)
     server.restart()  # SIGTERM (AOF flushed), then a new process on the same port and folder
     restarted_at = time.monotonic()
 

@@ -16,14 +16,12 @@ from shared.config.settings import Settings
 from shared.queue.celery_app import create_celery_app
 from shared.store.jobs import JobStore
 from shared.store.redis_conn import connect
-from tests.support.images import png_bytes
 from tests.support.redis_topologies import LocalSentinel
 from tests.support.reliability import (
     chains_outcome,
-    count_finished,
     embed_then_generate,
-    submit_chain,
     submit_through_failover,
+    submit_until_some_finish,
 )
 from tests.support.services import api_server, worker_processes
 
@@ -48,10 +46,7 @@ def test_a_master_failover_mid_run_loses_no_job(sentinel_stack):
     jobs = JobStore(client, settings.key_prefix, settings.job_ttl_s)
     celery = create_celery_app(settings)
     started = time.monotonic()
-    chains = [submit_chain(celery, jobs, png_bytes(6100 + i, size=(40, 32))) for i in range(JOBS // 4)]
-    while (done_before := count_finished(client, settings.key_prefix, [c.generate_id for c in chains])) < 10:
-        assert time.monotonic() - started < 60, "no progress before the failover"
-        time.sleep(0.02)
+    chains, done_before = submit_until_some_finish(celery, jobs, client, settings.key_prefix, 6100, JOBS // 4, 10, timeout_s=60)
     old_master = group.current_master_port()
     group.server_on(old_master).kill()
     killed_at = time.monotonic()

@@ -107,13 +107,31 @@ class FaultFigures:
         print(f"\n[{self.name}] " + json.dumps({**figures, **self.extra}), flush=True)
 
 
+def small_image(seed: int) -> bytes:
+    """The 40 × 32 PNG each fault test's chain embeds (one per seed)."""
+    return png_bytes(seed, size=(40, 32))
+
+
+def submit_until_some_finish(celery: Celery, jobs: JobStore, client: redis.Redis, prefix: str, first_seed: int, count: int,
+                             finished: int, timeout_s: float) -> tuple[list[Chain], int]:
+    """Submit `count` chains (images from `first_seed` on) and wait until at least `finished` of them are done, as a
+    fault test does before its fault; the chains and how many were done. No progress within `timeout_s` fails the test."""
+    started = time.monotonic()
+    chains = [submit_chain(celery, jobs, small_image(first_seed + i)) for i in range(count)]
+    generate_ids = [c.generate_id for c in chains]
+    while (done := count_finished(client, prefix, generate_ids)) < finished:
+        assert time.monotonic() - started < timeout_s, f"fewer than {finished} chains finished within {timeout_s} s"
+        time.sleep(0.02)
+    return chains, done
+
+
 def submit_through_failover(celery: Celery, jobs: JobStore, chains: list[Chain], total: int, first_seed: int) -> int:
     """Submit chains until there are `total`, sending again each one the store refused while no master was
     known (what a client does with an API's 503); returns how many were refused."""
     refused = 0
     while len(chains) < total:
         try:
-            chains.append(submit_chain(celery, jobs, png_bytes(first_seed + len(chains), size=(40, 32))))
+            chains.append(submit_chain(celery, jobs, small_image(first_seed + len(chains))))
         except StoreUnavailable:
             refused += 1
     return refused
