@@ -37,6 +37,7 @@ from tests.support.services import (
     free_port,
     service_env,
     worker_processes,
+    workers_and_apis,
 )
 from vlmq.redis_server import EmbeddedRedis
 
@@ -51,8 +52,7 @@ def aof_stack(demo_model):
     with EmbeddedRedis(appendonly=True) as server:
         settings = Settings(broker_url=server.url, key_prefix="restart:", visibility_timeout_s=VISIBILITY_TIMEOUT_S,
                             max_new_tokens=8)
-        with worker_processes(["embed", "generate"], demo_model, settings, "--concurrency", "4"), \
-                api_server(create_embed_app(settings)) as embed_url, api_server(create_generate_app(settings)) as generate_url:
+        with workers_and_apis(demo_model, settings) as (embed_url, generate_url):
             yield {"server": server, "settings": settings, "embed": embed_url, "generate": generate_url}
 
 

@@ -10,8 +10,6 @@ import time
 
 import pytest
 
-from embedder_service.api.app import create_app as create_embed_app
-from generator_service.api.app import create_app as create_generate_app
 from shared.config.settings import Settings
 from shared.queue.celery_app import create_celery_app
 from shared.store.jobs import JobStore
@@ -23,7 +21,7 @@ from tests.support.reliability import (
     submit_through_failover,
     submit_until_some_finish,
 )
-from tests.support.services import api_server, worker_processes
+from tests.support.services import workers_and_apis
 
 JOBS = 100
 VISIBILITY_TIMEOUT_S = 5
@@ -34,8 +32,7 @@ def sentinel_stack(demo_model):
     with LocalSentinel(replicas=1) as group:
         settings = Settings(broker_url=group.url(), key_prefix="sentinel:", max_new_tokens=8,
                             visibility_timeout_s=VISIBILITY_TIMEOUT_S)
-        with worker_processes(["embed", "generate"], demo_model, settings, "--concurrency", "4"), \
-                api_server(create_embed_app(settings)) as embed_url, api_server(create_generate_app(settings)) as generate_url:
+        with workers_and_apis(demo_model, settings) as (embed_url, generate_url):
             yield {"group": group, "settings": settings, "embed": embed_url, "generate": generate_url}
 
 

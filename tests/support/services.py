@@ -15,6 +15,8 @@ from typing import Iterator
 import httpx
 import uvicorn
 
+from embedder_service.api.app import create_app as create_embed_app
+from generator_service.api.app import create_app as create_generate_app
 from shared.config.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -105,6 +107,15 @@ def worker_processes(kinds: list[str], model: Path, settings: Settings, *extra_a
                 proc.kill()
                 proc.wait()
         client.close()
+
+
+@contextmanager
+def workers_and_apis(model: Path, settings: Settings) -> Iterator[tuple[str, str]]:
+    """An embed and a generate worker (4 threads each) and both APIs on `settings`, as the fault tests run
+    them: yields (embed API URL, generate API URL)."""
+    with worker_processes(["embed", "generate"], model, settings, "--concurrency", "4"), \
+            api_server(create_embed_app(settings)) as embed_url, api_server(create_generate_app(settings)) as generate_url:
+        yield embed_url, generate_url
 
 
 def wait_job(base_url: str, job_id: str, timeout_s: float = 60, headers: dict | None = None) -> dict:
