@@ -12,8 +12,9 @@ which is what the timing needs.
 Four ways to caption the same N images (default 32), greedy, 16 new tokens each:
 
   queued        `python -m vlmq caption DIR --model CKPT ...` with no broker
-                configured: it starts its private stack (embedded Redis, one embed
-                worker process, one generate worker process), sends one
+                configured: it starts its private stack (embedded Redis, one worker
+                process serving the embed and generate queues, its vision tower and
+                LM taking turns on the cores: `vlmq worker all`), sends one
                 `embed | generate` chain per image (at most 32 in flight), and
                 writes out.jsonl. The figure is the command's own images/s, from
                 the first enqueue to the last line written: it covers queue, store,
@@ -38,18 +39,15 @@ EOS: ignored on every side (`--ignore-eos` / `"ignore_eos": true` for vlmq), so 
 caption is exactly the number of new tokens; each row reports the completion tokens
 it produced, which shows it.
 
-Threads, on this 2-core machine: each worker process runs with
-OMP_NUM_THREADS=1 (two processes, one core each: torch threads beyond the
-cores only contend), and the direct and transformers runs use 2 threads (one
-process gets both cores). Every contender thus has the whole machine. With more
-cores, raise `--worker-threads` to cores ÷ 2 and `--direct-threads` to the core count.
+Threads: every contender runs `--threads` torch threads (default 2, this machine's
+cores; OMP_NUM_THREADS for the private stack's worker), so each has the whole machine.
 
 Prints JSON lines (bench/common.py): the direct and transformers figures, then the
 queued one against each, then the two-prompt captions/s against the one-prompt run.
 
 Each contender runs once per round (`--rounds`, default 2), in turn; the best round of each is kept.
 
-Usage: python bench/caption.py [--images 32] [--new-tokens 16] [--worker-threads 1] [--direct-threads 2] [--rounds 2] [--quick]
+Usage: python bench/caption.py [--images 32] [--new-tokens 16] [--threads 2] [--rounds 2] [--quick]
 """
 
 from __future__ import annotations
@@ -110,10 +108,10 @@ class QueuedRun:
     lines: list[dict]
 
 
-def run_queued(checkpoint: Path, images: Path, out: Path, new_tokens: int, worker_threads: int, prompts: list[str]) -> QueuedRun:
+def run_queued(checkpoint: Path, images: Path, out: Path, new_tokens: int, threads: int, prompts: list[str]) -> QueuedRun:
     """`vlmq caption` with its private stack, one `--prompt` per entry of `prompts`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLMQ_")}  # no broker: the private stack
-    env.update(OMP_NUM_THREADS=str(worker_threads), PYTHONPATH=str(REPO))
+    env.update(OMP_NUM_THREADS=str(threads), PYTHONPATH=str(REPO))
     command = [sys.executable, "-m", "vlmq", "caption", str(images), "--model", str(checkpoint), "--out", str(out),
                "--max-tokens", str(new_tokens), "--ignore-eos", "--temperature", "0", "--max-in-flight", "32", "--no-progress"]
     for prompt in prompts:
@@ -195,8 +193,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--worker-threads", type=int, default=1, help="torch threads of each worker process")
-    parser.add_argument("--direct-threads", type=int, default=2, help="torch threads of the one-process runs")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of every contender")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of every contender; the best of each is kept")
     args = parse_args(parser, quick={"images": 4, "new_tokens": 4, "rounds": 1})
 
@@ -213,9 +210,9 @@ def main() -> None:
         checkpoint = tmp / "bench-small"
         write_bench_small(checkpoint, "llava")
         paths = write_images(tmp / "images", args.images)
-        queued_run = partial(run_queued, checkpoint, tmp / "images", new_tokens=args.new_tokens, worker_threads=args.worker_threads)
-        transformers_run = transformers_runner(checkpoint, args.new_tokens, args.direct_threads)
-        with direct_runner(checkpoint, args.new_tokens, args.direct_threads) as direct_run:
+        queued_run = partial(run_queued, checkpoint, tmp / "images", new_tokens=args.new_tokens, threads=args.threads)
+        transformers_run = transformers_runner(checkpoint, args.new_tokens, args.threads)
+        with direct_runner(checkpoint, args.new_tokens, args.threads) as direct_run:
             for index in range(args.rounds):
                 one = queued_run(tmp / f"one{index}.jsonl", prompts=[PROMPT])
                 keep("queued", one.images_per_s, one)
@@ -230,16 +227,16 @@ def main() -> None:
     sizes = {"images": args.images, "new_tokens": args.new_tokens}
     same = sum(direct_captions.get(line["path"]) == line.get("caption") for line in queued.lines)
     same_hf = sum(reference_captions.get(line["path"]) == line.get("caption") for line in queued.lines)
-    emit(BENCH, "images_per_s_direct", direct, "images/s", **sizes, threads=args.direct_threads)
-    emit(BENCH, "images_per_s_transformers", reference, "images/s", **sizes, batch=8, threads=args.direct_threads,
+    emit(BENCH, "images_per_s_direct", direct, "images/s", **sizes, threads=args.threads)
+    emit(BENCH, "images_per_s_transformers", reference, "images/s", **sizes, batch=8, threads=args.threads,
          completion_tokens=reference_tokens)
     compare(BENCH, "images_per_s_queued", queued.images_per_s, direct, "images/s", ">= 0.9", **sizes,
-            worker_threads=args.worker_threads, startup_s=queued.startup_s, captions_equal_to_direct=f"{same}/{len(queued.lines)}")
+            threads=args.threads, startup_s=queued.startup_s, captions_equal_to_direct=f"{same}/{len(queued.lines)}")
     compare(BENCH, "images_per_s_queued_vs_transformers", queued.images_per_s, reference, "images/s", ">= 1.5", **sizes,
-            worker_threads=args.worker_threads, completion_tokens=queued.completion_tokens,
+            threads=args.threads, completion_tokens=queued.completion_tokens,
             captions_equal_to_transformers=f"{same_hf}/{len(queued.lines)}")
     compare(BENCH, "captions_per_s_two_prompts", two.captions_per_s, queued.captions_per_s, "captions/s", ">= 1.3", **sizes,
-            worker_threads=args.worker_threads, completion_tokens=two.completion_tokens)
+            threads=args.threads, completion_tokens=two.completion_tokens)
 
 
 if __name__ == "__main__":

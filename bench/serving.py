@@ -193,7 +193,7 @@ def bench_cheap_checks(model: Path, rounds: int) -> None:
         other_user = f"USER: <image:{container}> what is this? ASSISTANT:"
         hostile = {"2,000,000 aliases": {"prompt": "e" * 2_000_000, "images": {"e": container}},
                    "4 MB prompt": {"prompt": "word " * 800_000}}
-        worker = next(child.process.pid for child in stack.children if child.worker_kind == "generate")
+        worker = next(child.process.pid for child in stack.children if child.worker_kinds == ("generate",))
         _generate_seconds(http, other_user)  # warm
         before = [_generate_seconds(http, other_user) for _ in range(rounds)]
         rss_before = _rss_mb(worker)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import redis
@@ -25,8 +26,12 @@ from shared.store.token_ids import allocate_token_ids
 
 
 class EmbedPipeline:
-    def __init__(self, model: torch.nn.Module, store: ContainerStore, client: redis.Redis, settings: Settings):
+    def __init__(self, model: torch.nn.Module, store: ContainerStore, client: redis.Redis, settings: Settings,
+                 turns: AbstractContextManager = nullcontext()):
+        """turns: held around each vision forward (a `shared.modeling.turns.Turns` where another model shares
+        the process and its cores)."""
         self.model = model
+        self.turns = turns
         self.preprocessor = model.preprocessor
         self.store = store
         self.client = client
@@ -40,7 +45,8 @@ class EmbedPipeline:
     @torch.inference_mode()
     def _forward(self, pixels: list[Any]) -> list[torch.Tensor]:
         # B preprocessed images (what model.preprocessor returns; sizes may differ) → B × [N_i, D] on the CPU, in the model's dtype
-        return [rows.to("cpu") for rows in self.model.embed_batch(pixels)]
+        with self.turns:
+            return [rows.to("cpu") for rows in self.model.embed_batch(pixels)]
 
     def embed(self, data: bytes, tenant: str) -> EmbeddingContainer:
         """One image's container; raises InvalidInput/TooLarge for a bad image (nothing else is affected)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 
 from embedder_service.pipeline import EmbedPipeline
@@ -22,11 +24,13 @@ def load_vision_model(model_path: str, device: str, dtype_name: str) -> torch.nn
     return model_class.from_checkpoint(checkpoint, device=device, dtype=resolve_dtype(dtype_name, device)).eval()
 
 
-def build_pipeline(settings: Settings, model_path: str, device: str) -> EmbedPipeline:
+def build_pipeline(settings: Settings, model_path: str, device: str,
+                   turns: AbstractContextManager = nullcontext()) -> EmbedPipeline:
+    """turns: see `EmbedPipeline`."""
     client = connect(settings.effective_store_url)
     model = load_vision_model(model_path, device, settings.dtype)
     store = ContainerStore(client, settings.key_prefix, settings.container_ttl_s, settings.max_container_bytes)
-    pipeline = EmbedPipeline(model, store, client, settings)
+    pipeline = EmbedPipeline(model, store, client, settings, turns)
     stats = WorkerStats(client, settings.key_prefix, "embed")
     pipeline.batcher.on_batch = lambda size, seconds: stats.observe("batch_size", size)
     return pipeline

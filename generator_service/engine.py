@@ -28,6 +28,7 @@ import queue
 import threading
 import time
 from collections import deque
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -337,15 +338,18 @@ class Engine:
         while self.has_work():
             self.step()
 
-    def run_forever(self, stop: threading.Event, idle_wait_s: float = 0.1) -> None:
-        """Step while there is work; sleep until a submission when there is none.
+    def run_forever(self, stop: threading.Event, idle_wait_s: float = 0.1,
+                    turns: AbstractContextManager = nullcontext()) -> None:
+        """Step while there is work; sleep until a submission when there is none. Each step runs inside `turns`
+        (a `shared.modeling.turns.Turns` where another model shares the process and its cores).
 
         When `stop` is set, every request not finished yet ends "cancelled", so no
         caller waits forever on a handle.
         """
         while not stop.is_set():
             if self.has_work():
-                self.step()
+                with turns:
+                    self.step()
             else:
                 self._wakeup.wait(idle_wait_s)
                 self._wakeup.clear()

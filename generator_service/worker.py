@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from contextlib import AbstractContextManager, nullcontext
 
 from generator_service.engine import Engine
 from generator_service.engine_metrics import publish_engine_stats
@@ -19,7 +20,9 @@ from shared.store.containers import ContainerStore
 from shared.store.redis_conn import connect
 
 
-def build_pipeline(settings: Settings, model_path: str, device: str) -> GeneratePipeline:
+def build_pipeline(settings: Settings, model_path: str, device: str,
+                   turns: AbstractContextManager = nullcontext()) -> GeneratePipeline:
+    """turns: held around each engine step (see `Engine.run_forever`)."""
     checkpoint = Checkpoint(model_path)
     family = family_for(checkpoint.config)
     model = family.load_language_class().from_checkpoint(checkpoint, device=device, dtype=resolve_dtype(settings.dtype, device))
@@ -28,7 +31,8 @@ def build_pipeline(settings: Settings, model_path: str, device: str) -> Generate
                     kv_cache_tokens=settings.kv_cache_tokens, block_tokens=settings.kv_block_tokens,
                     prefix_cache=settings.prefix_cache == "on", prefill_chunk_tokens=settings.prefill_chunk_tokens,
                     max_decode_slowdown=settings.max_decode_slowdown)
-    threading.Thread(target=engine.run_forever, args=(threading.Event(),), name="vlmq-engine", daemon=True).start()
+    threading.Thread(target=engine.run_forever, args=(threading.Event(),), kwargs={"turns": turns}, name="vlmq-engine",
+                     daemon=True).start()
     client = connect(settings.effective_store_url)
     publish_engine_stats(engine, WorkerStats(client, settings.key_prefix, "generate"), threading.Event())
     store = ContainerStore(client, settings.key_prefix, settings.container_ttl_s, settings.max_container_bytes)

@@ -84,8 +84,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = get_settings()
     if args.kind == "embed":
         from embedder_service.worker import run
-    else:
+    elif args.kind == "generate":
         from generator_service.worker import run
+    else:
+        from vlmq.combined_worker import run
     run(settings, args.model, args.device[0], args.concurrency)
     return 0
 
@@ -226,8 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    worker = sub.add_parser("worker", help="serve the embed or generate queue (one process per device)")
-    worker.add_argument("kind", choices=WORKER_KINDS)
+    worker = sub.add_parser("worker", help="serve the embed or generate queue, or both (`all`: one process whose "
+                            "models take turns on the cores); one process per device")
+    worker.add_argument("kind", choices=(*WORKER_KINDS, "all"))
     worker.add_argument("--model", required=True, type=resolve_model_path, help=MODEL_HELP)
     worker.add_argument("--device", type=_split_devices, default=None, help="cpu, cuda:N or a comma-separated list (default: VLMQ_DEVICE)")
     worker.add_argument("--concurrency", type=int, default=None, help="jobs held at once (default: the batch size)")
@@ -287,8 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "unique among running clients")
     cap.add_argument("--claim-timeout", type=float, default=120.0, help="seconds before a silent client's inputs "
                      "pass to another")
-    cap.add_argument("--embed-workers", type=_positive_int, default=1, help="private stack only")
-    cap.add_argument("--generate-workers", type=_positive_int, default=1, help="private stack only")
+    cap.add_argument("--embed-workers", type=_positive_int, default=None, help="private stack only: run this many "
+                     "embed worker processes (default: one `vlmq worker all` process serving both queues)")
+    cap.add_argument("--generate-workers", type=_positive_int, default=None, help="private stack only: run this many "
+                     "generate worker processes (default: see --embed-workers)")
     cap.add_argument("--worker-timeout", type=float, default=30.0, help="running stack: seconds to wait for workers to report in")
     cap.add_argument("--no-progress", action="store_true", help="no progress bar")
     cap.set_defaults(func=cmd_caption)

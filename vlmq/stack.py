@@ -47,7 +47,7 @@ class Child:
 
     name: str
     process: subprocess.Popen
-    worker_kind: str | None = None  # ready once a heartbeat with its pid is seen
+    worker_kinds: tuple[str, ...] = ()  # ready once a heartbeat with its pid is seen for each
     health_url: str | None = None  # ready once this answers 200
     log_path: Path | None = None
 
@@ -74,7 +74,8 @@ class ApiPorts:
 
 
 class LocalStack:
-    """Redis + ``embed_workers`` embed workers + ``generate_workers`` generate workers (+ both APIs).
+    """Redis + ``embed_workers`` embed workers + ``generate_workers`` generate workers + ``combined_workers``
+    workers of both queues in one process (`vlmq worker all`) (+ both APIs).
 
     ``broker_url``: use that Redis instead of starting one; else the embedded one gets a
     random password, which reaches the children through their environment only.
@@ -90,6 +91,7 @@ class LocalStack:
         *,
         embed_workers: int = 1,
         generate_workers: int = 1,
+        combined_workers: int = 0,
         device: str = "cpu",
         apis: ApiPorts | None = None,
         broker_url: str | None = None,
@@ -98,7 +100,7 @@ class LocalStack:
         ready_timeout_s: float = READY_TIMEOUT_S,
     ):
         self.model = str(Path(model).resolve())
-        self.embed_workers, self.generate_workers = embed_workers, generate_workers
+        self.worker_counts = {"embed": embed_workers, "generate": generate_workers, "all": combined_workers}
         self.device = device
         self.apis = apis
         self._broker_url = broker_url
@@ -120,13 +122,12 @@ class LocalStack:
             # Explicit values beat the environment; everything else (key prefix, limits) comes from it.
             store = os.environ.get("VLMQ_STORE_URL") if self._broker_url else broker
             self.settings = Settings(broker_url=broker, store_url=store or broker)
-            workers = [(kind, index) for kind, count in (("embed", self.embed_workers), ("generate", self.generate_workers))
-                       for index in range(count)]
+            workers = [(kind, index) for kind, count in self.worker_counts.items() for index in range(count)]
             # On the CPU each worker gets cores of its own (see `divide_cores`).
             shares = divide_cores(available_cores(), len(workers)) if self.device == "cpu" else [None] * len(workers)
             for (kind, index), cores in zip(workers, shares):
                 self._spawn(f"{kind}-worker-{index}", ["worker", kind, "--model", self.model, "--device", self.device],
-                            worker_kind=kind, cores=cores)
+                            worker_kinds=("embed", "generate") if kind == "all" else (kind,), cores=cores)
             if self.apis is not None:
                 for kind in ("embed", "generate"):
                     port = self.apis.embed_port if kind == "embed" else self.apis.generate_port
@@ -181,7 +182,7 @@ class LocalStack:
         env.update(VLMQ_BROKER_URL=self.settings.broker_url, VLMQ_STORE_URL=self.settings.effective_store_url)
         return env
 
-    def _spawn(self, name: str, cli_args: list[str], *, worker_kind: str | None = None, health_url: str | None = None,
+    def _spawn(self, name: str, cli_args: list[str], *, worker_kinds: tuple[str, ...] = (), health_url: str | None = None,
                cores: list[int] | None = None) -> None:
         """cores: the CPUs the child may run on (and as many torch/OpenMP threads); None: all, torch's default threads."""
         env = self._child_env()
@@ -202,7 +203,7 @@ class LocalStack:
         finally:
             if output is not None:
                 output.close()  # the child holds its own descriptor
-        self.children.append(Child(name, process, worker_kind, health_url, log_path))
+        self.children.append(Child(name, process, worker_kinds, health_url, log_path))
 
     def _wait_until_ready(self) -> None:
         client = connect(self.settings.effective_store_url)
@@ -222,9 +223,10 @@ class LocalStack:
             client.close()
 
     def _is_ready(self, child: Child, client, http: httpx.Client) -> bool:
-        if child.worker_kind is not None:
+        if child.worker_kinds:
             suffix = f"-{child.process.pid}"
-            return any(w["id"].endswith(suffix) for w in live_workers(client, self.settings.key_prefix, child.worker_kind))
+            return all(any(w["id"].endswith(suffix) for w in live_workers(client, self.settings.key_prefix, kind))
+                       for kind in child.worker_kinds)
         try:
             return http.get(child.health_url).status_code == 200
         except httpx.HTTPError:

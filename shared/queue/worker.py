@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import redis
 from celery import Celery
@@ -33,23 +34,28 @@ def check_credentials(url: str) -> None:
         client.close()
 
 
-def run_celery_worker(app: Celery, queue: str, *, concurrency: int, device: str, model_path: str, loglevel: str = "INFO") -> None:
-    """Serve `queue` with `concurrency` threads until SIGTERM/SIGINT (warm shutdown: running jobs finish).
+def run_celery_worker(app: Celery, queues: str | Sequence[str], *, concurrency: int, device: str, model_path: str,
+                      loglevel: str = "INFO") -> None:
+    """Serve `queues` (one name or several) with `concurrency` threads until SIGTERM/SIGINT (warm shutdown:
+    running jobs finish).
 
     Threads, not processes: the model is loaded once in this process and the
     threads share it; batching across concurrent jobs happens inside the process.
     """
+    queues = [queues] if isinstance(queues, str) else list(queues)
     settings = app.vlmq_settings
     for url in dict.fromkeys([settings.broker_url, settings.effective_store_url]):
         check_credentials(url)
     info = {"device": device, "model": model_path}
-    heartbeat = WorkerHeartbeat(connect(settings.effective_store_url), settings.key_prefix, queue, info).start()
-    name = f"{queue}-{device.replace(':', '')}-{os.getpid()}@%h"  # unique per process; %h is the host
+    heartbeats = [WorkerHeartbeat(connect(settings.effective_store_url), settings.key_prefix, queue, info).start()
+                  for queue in queues]
+    name = f"{'+'.join(queues)}-{device.replace(':', '')}-{os.getpid()}@%h"  # unique per process; %h is the host
     try:
         app.worker_main([
-            "worker", "--queues", queue, "--pool", "threads", "--concurrency", str(concurrency),
+            "worker", "--queues", ",".join(queues), "--pool", "threads", "--concurrency", str(concurrency),
             "--hostname", name, "--without-gossip", "--without-mingle", "--without-heartbeat",
             "--loglevel", loglevel,
         ])
     finally:
-        heartbeat.stop()
+        for heartbeat in heartbeats:
+            heartbeat.stop()

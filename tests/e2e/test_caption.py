@@ -153,18 +153,25 @@ def test_unreachable_redis_is_a_one_line_error(tmp_path):
     assert "unreachable" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_a_private_stack_captions_and_leaves_no_process_behind(model, tmp_path):
+@pytest.mark.parametrize("worker_args, workers", [
+    ([], ["worker all"]),  # the default: one process serving both queues
+    (["--generate-workers", "1"], ["worker embed", "worker generate"]),
+])
+def test_a_private_stack_captions_and_leaves_no_process_behind(model, tmp_path, worker_args, workers):
     images = write_images(tmp_path / "images", range(300, 303))
     out = tmp_path / "out.jsonl"
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLMQ_")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    process = subprocess.Popen(caption_command(tmp_path / "images", out, "--model", str(model)), env=env, cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(caption_command(tmp_path / "images", out, "--model", str(model), *worker_args), env=env,
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     parent = psutil.Process(process.pid)
     seen: dict[int, psutil.Process] = {}
+    commands: dict[int, str] = {}
     while process.poll() is None:  # remember every descendant: Redis and the workers
         try:
-            seen.update({child.pid: child for child in parent.children(recursive=True)})
+            for child in parent.children(recursive=True):
+                seen[child.pid] = child
+                commands.setdefault(child.pid, " ".join(child.cmdline()))
         except psutil.NoSuchProcess:
             break
         time.sleep(0.1)
@@ -172,9 +179,11 @@ def test_a_private_stack_captions_and_leaves_no_process_behind(model, tmp_path):
     assert process.returncode == 0, stderr
     assert "done 3, failed 0" in stdout
     assert sorted(line["path"] for line in read_lines(out)) == sorted(str(path) for path in images)
-    commands = " ".join(" ".join(child.cmdline()) for child in seen.values() if child.is_running())
-    assert len(seen) >= 3, "expected Redis and two workers among the descendants"
-    assert not [child for child in seen.values() if child.is_running()], commands
+    assert sorted(kind for kind in ("worker all", "worker embed", "worker generate")
+                  if any(f"vlmq {kind} " in command for command in commands.values())) == workers
+    assert any("redis-server" in command for command in commands.values())
+    left = [commands[pid] for pid, child in seen.items() if child.is_running()]
+    assert not left, left
 
 
 def discovered(spec: str) -> list[str]:

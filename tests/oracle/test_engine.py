@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from generator_service.sampling import (
 from generator_service.stops import StopMatcher
 from generator_service.tokenizer import Tokenizer
 from shared.config.errors import InvalidInput, ModelMismatch
+from shared.modeling.turns import Turns
 from shared.store.container import EmbeddingContainer
 from shared.store.token_ids import EMBEDDING_INDEX_BASE as BASE
 from tests.support.tiny_models import build_tiny_llava, load_reference
@@ -313,3 +315,21 @@ def test_processors_match_transformers():
         assert torch.equal(apply_top_k(logits[0], k), TopKLogitsWarper(k)(history, logits.clone())[0])
     for p in (0.1, 0.5, 0.9, 0.999):
         assert torch.equal(apply_top_p(logits[0], p), TopPLogitsWarper(p)(history, logits.clone())[0])
+
+
+def test_the_loop_steps_only_while_it_holds_its_turn(setup):
+    # `vlmq worker all`: the engine and the vision batches share the cores by taking turns.
+    _, model, tok, _, _ = setup
+    engine = engine_for(model, tok)
+    turns, stop = Turns(), threading.Event()
+    loop = threading.Thread(target=engine.run_forever, args=(stop,), kwargs={"turns": turns}, daemon=True)
+    loop.start()
+    try:
+        with turns:  # a vision batch runs
+            handle = engine.submit(GenerationRequest(tok.encode("a dog"), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)))
+            time.sleep(0.3)
+            assert not handle.done() and engine.num_running == 0
+        assert len(handle.result(timeout=60).token_ids) == 4
+    finally:
+        stop.set()
+        loop.join(timeout=10)

@@ -50,9 +50,23 @@ class StackChoice:
     """Where the workers come from: a running stack (``VLMQ_BROKER_URL`` set) or a private one started here."""
 
     model: str | None
-    embed_workers: int = 1
-    generate_workers: int = 1
+    embed_workers: int | None = None  # None for both: one process serving both queues (`vlmq worker all`)
+    generate_workers: int | None = None
     worker_timeout_s: float = 30.0  # how long to wait for a running stack's workers to report in
+
+    def worker_counts(self) -> dict[str, int]:
+        """The private stack's workers, as `LocalStack`'s keyword arguments."""
+        if self.embed_workers is None and self.generate_workers is None:
+            # One process: vision tower and LM take turns on every core, where two processes would split the
+            # cores evenly between uneven work (bench/caption.py measures it).
+            return {"embed_workers": 0, "generate_workers": 0, "combined_workers": 1}
+        return {"embed_workers": self.embed_workers or 1, "generate_workers": self.generate_workers or 1}
+
+    def describe(self) -> str:
+        counts = self.worker_counts()
+        if counts.get("combined_workers"):
+            return "one worker serving both queues"
+        return f"{counts['embed_workers']} embed and {counts['generate_workers']} generate workers"
 
 
 @dataclass(frozen=True)
@@ -126,10 +140,8 @@ def _with_private_stack(stack: StackChoice, work: _Work) -> Summary:
     in_flight = work.options.max_in_flight * len(work.options.prompts)
     os.environ.setdefault("VLMQ_GENERATE_MAX_BATCH", str(min(in_flight, PRIVATE_GENERATE_BATCH)))
     log_dir = private_log_dir()
-    print(f"starting a private stack: {stack.embed_workers} embed and {stack.generate_workers} generate workers "
-          f"(logs in {log_dir})", file=sys.stderr, flush=True)
-    with LocalStack(stack.model, embed_workers=stack.embed_workers, generate_workers=stack.generate_workers,
-                    log_dir=log_dir) as local:
+    print(f"starting a private stack: {stack.describe()} (logs in {log_dir})", file=sys.stderr, flush=True)
+    with LocalStack(stack.model, **stack.worker_counts(), log_dir=log_dir) as local:
         client = _reachable_store(local.settings.effective_store_url)
         try:
             summary = work.run(local.settings, client, check_alive=local.check_alive)
