@@ -16,7 +16,9 @@ tokens ÷ the time from the first arrival to the last answer; target ≥ 1.5×),
 ≤ 0.5×) and p99, ITL p50 and p99, and the share of looked-up prompt tokens found in the prefix
 cache (from /metrics). The machine's other load changes every figure: compare the ratios.
 
-Usage: python bench/serve.py [--family llava|pixtral] [--rate 2] [--requests 32] [--max-tokens 16] [--quick]
+`--one-worker`: the stack as `vlmq up --one-worker` starts it (one process serving both queues).
+
+Usage: python bench/serve.py [--family llava|pixtral] [--rate 2] [--requests 32] [--max-tokens 16] [--one-worker] [--quick]
 """
 
 from __future__ import annotations
@@ -100,12 +102,12 @@ def _metric(base: str, name: str) -> float:
     return 0.0
 
 
-def run(model: Path, config: dict[str, str], plan, image_bytes: list[bytes], max_tokens: int) -> dict:
+def run(model: Path, config: dict[str, str], plan, image_bytes: list[bytes], max_tokens: int, workers: dict[str, int]) -> dict:
     saved = {key: os.environ.get(key) for key in config}
     os.environ.update(config)  # the stack's children inherit the environment
     try:
         ports = ApiPorts(embed_port=_free_port(), generate_port=_free_port())
-        with LocalStack(model, apis=ports, log_dir=private_log_dir()):
+        with LocalStack(model, **workers, apis=ports, log_dir=private_log_dir()):
             embed, generate = ports.url("embed"), ports.url("generate")
             containers = []
             for data in image_bytes:
@@ -152,6 +154,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--repeat-share", type=float, default=0.5)
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--one-worker", action="store_true", help="the stack as `vlmq up --one-worker` starts it")
     args = parse_args(parser, quick={"requests": 8, "max_tokens": 8})
     plan = _plan(args.requests, args.rate, args.repeat_share)
     size = (512, 384) if args.family == "pixtral" else (224, 224)
@@ -159,9 +162,11 @@ def main() -> None:
     bench = f"serve/bench-small/{args.family}"
     with tempfile.TemporaryDirectory() as tmp:
         write_bench_small(Path(tmp), args.family)
-        results = {name: run(Path(tmp), config, plan, image_bytes, args.max_tokens) for name, config in CONFIGS.items()}
+        workers = {"embed_workers": 0, "generate_workers": 0, "combined_workers": 1} if args.one_worker else {}
+        results = {name: run(Path(tmp), config, plan, image_bytes, args.max_tokens, workers) for name, config in CONFIGS.items()}
     on, off = results["on"], results["off"]
     context = dict(requests=args.requests, rate_per_s=args.rate, repeat_share=args.repeat_share, max_tokens=args.max_tokens,
+                   workers="one worker serving both queues" if args.one_worker else "an embed and a generate worker",
                    note="on: prefix cache + 512-token chunks; off: neither")
     compare(bench, "throughput", on["throughput"], off["throughput"], "tokens/s", ">= 1.5", **context)
     compare(bench, "ttft_p50", on["ttft_p50"] * 1e3, off["ttft_p50"] * 1e3, "ms", "<= 0.5")

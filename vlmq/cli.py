@@ -136,7 +136,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 2
     _sigterm_like_ctrl_c()
     apis = ApiPorts(args.host, args.embed_port, args.generate_port)
-    stack = LocalStack(args.model, device=args.device, apis=apis, broker_url=os.environ.get("VLMQ_BROKER_URL"),
+    workers = {"embed_workers": 0, "generate_workers": 0, "combined_workers": 1} if args.one_worker else {}
+    stack = LocalStack(args.model, **workers, device=args.device, apis=apis, broker_url=os.environ.get("VLMQ_BROKER_URL"),
                        data_dir=args.data_dir)
     try:
         stack.start()
@@ -251,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--device", default=None, help="device of both workers (default: VLMQ_DEVICE)")
     up.add_argument("--data-dir", default=None, help="keep the embedded Redis's append-only file here, across restarts "
                     "(default: a temporary folder)")
+    up.add_argument("--one-worker", action="store_true", help="one `vlmq worker all` process instead of an embed and a "
+                    "generate worker: each forward gets every core (faster first tokens on a small CPU machine), "
+                    "and a decode step waits while an image is embedded")
     up.set_defaults(func=cmd_up)
 
     cap = sub.add_parser(

@@ -65,9 +65,10 @@ def assert_all_gone(processes: list[psutil.Process], timeout_s: float = 10) -> N
     assert not alive, [" ".join(p.cmdline()) for p in alive]
 
 
-def test_up_serves_both_apis_and_sigterm_stops_every_child(model):
+@pytest.mark.parametrize("args, workers", [([], ["worker embed", "worker generate"]), (["--one-worker"], ["worker all"])])
+def test_up_serves_both_apis_and_sigterm_stops_every_child(model, args, workers):
     embed_port, generate_port = free_port(), free_port()
-    with vlmq_up(model, subprocess.DEVNULL, embed_port=embed_port, generate_port=generate_port) as process:
+    with vlmq_up(model, subprocess.DEVNULL, *args, embed_port=embed_port, generate_port=generate_port) as process:
         banner = "".join(wait_for_line(process, "Ctrl-C stops everything", timeout_s=180))
         assert f"http://127.0.0.1:{embed_port}" in banner and f"http://127.0.0.1:{generate_port}" in banner
         for port in (embed_port, generate_port):
@@ -75,8 +76,10 @@ def test_up_serves_both_apis_and_sigterm_stops_every_child(model):
         children = psutil.Process(process.pid).children(recursive=True)
         commands = [" ".join(child.cmdline()) for child in children]
         assert any("redis-server" in c for c in commands)
-        for role in ("worker embed", "worker generate", "api embed", "api generate"):
+        for role in ("api embed", "api generate"):
             assert any(role in c for c in commands), (role, commands)
+        assert [role for role in ("worker all", "worker embed", "worker generate")
+                if any(f"vlmq {role} " in c for c in commands)] == workers, commands
 
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
