@@ -33,13 +33,14 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
 from common import compare, emit, parse_args, write_bench_small
 from PIL import Image
 
-from vlmq.stack import ApiPorts, LocalStack, private_log_dir
+from vlmq.stack import ONE_WORKER, ApiPorts, LocalStack, private_log_dir
 
 QUESTIONS = ["Describe the picture.", "What colours dominate it?", "What is in the top left corner?", "Is there a person?",
              "Write a caption.", "What is the mood of this image?", "Count the objects.", "What is in the background?"]
@@ -102,7 +103,7 @@ def _metric(base: str, name: str) -> float:
     return 0.0
 
 
-def run(model: Path, config: dict[str, str], plan, image_bytes: list[bytes], max_tokens: int, workers: dict[str, int]) -> dict:
+def run(model: Path, config: dict[str, str], plan, image_bytes: list[bytes], max_tokens: int, workers: Mapping[str, int]) -> dict:
     saved = {key: os.environ.get(key) for key in config}
     os.environ.update(config)  # the stack's children inherit the environment
     try:
@@ -162,7 +163,7 @@ def main() -> None:
     bench = f"serve/bench-small/{args.family}"
     with tempfile.TemporaryDirectory() as tmp:
         write_bench_small(Path(tmp), args.family)
-        workers = {"embed_workers": 0, "generate_workers": 0, "combined_workers": 1} if args.one_worker else {}
+        workers = ONE_WORKER if args.one_worker else {}
         results = {name: run(Path(tmp), config, plan, image_bytes, args.max_tokens, workers) for name, config in CONFIGS.items()}
     on, off = results["on"], results["off"]
     context = dict(requests=args.requests, rate_per_s=args.rate, repeat_share=args.repeat_share, max_tokens=args.max_tokens,

@@ -127,7 +127,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from kombu.utils.url import maybe_sanitize_url
 
     from shared.modeling.checkpoint import check_device
-    from vlmq.stack import ApiPorts, LocalStack, StackError
+    from vlmq.stack import ONE_WORKER, ApiPorts, LocalStack, StackError
 
     try:
         check_device(args.device)
@@ -136,7 +136,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 2
     _sigterm_like_ctrl_c()
     apis = ApiPorts(args.host, args.embed_port, args.generate_port)
-    workers = {"embed_workers": 0, "generate_workers": 0, "combined_workers": 1} if args.one_worker else {}
+    workers = ONE_WORKER if args.one_worker else {}
     stack = LocalStack(args.model, **workers, device=args.device, apis=apis, broker_url=os.environ.get("VLMQ_BROKER_URL"),
                        data_dir=args.data_dir)
     try:

@@ -15,7 +15,7 @@ from generator_service.tasks import register_generate_task
 from generator_service.worker import build_pipeline as build_generate_pipeline
 from shared.config.settings import Settings
 from shared.modeling.turns import Turns
-from shared.queue.celery_app import EMBED_QUEUE, GENERATE_QUEUE, create_celery_app
+from shared.queue.celery_app import QUEUES, create_celery_app
 from shared.queue.worker import run_celery_worker
 
 
@@ -28,4 +28,4 @@ def run(settings: Settings, model_path: str, device: str, concurrency: int | Non
     register_generate_task(app, lambda: generate)
     # Each kind of job as many threads as a worker of its own would have (a batch's worth).
     concurrency = concurrency or settings.embed_max_batch + settings.generate_max_batch
-    run_celery_worker(app, (EMBED_QUEUE, GENERATE_QUEUE), concurrency=concurrency, device=device, model_path=model_path)
+    run_celery_worker(app, QUEUES, concurrency=concurrency, device=device, model_path=model_path)

@@ -22,19 +22,23 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 
 import httpx
 
 from shared.config.settings import Settings
+from shared.queue.celery_app import QUEUES
 from shared.queue.heartbeat import live_workers
 from shared.store.redis_conn import connect
 from vlmq.processes import describe_exit, die_with_parent, stop_all, wait_all_or_stop
 from vlmq.redis_server import EmbeddedRedis
 
 READY_TIMEOUT_S = 180.0  # model loading on a busy CPU takes a while
+# `LocalStack`'s worker counts for one `vlmq worker all` in place of an embed and a generate worker.
+ONE_WORKER: Mapping[str, int] = MappingProxyType({"embed_workers": 0, "generate_workers": 0, "combined_workers": 1})
 
 
 class StackError(RuntimeError):
@@ -127,7 +131,7 @@ class LocalStack:
             shares = divide_cores(available_cores(), len(workers)) if self.device == "cpu" else [None] * len(workers)
             for (kind, index), cores in zip(workers, shares):
                 self._spawn(f"{kind}-worker-{index}", ["worker", kind, "--model", self.model, "--device", self.device],
-                            worker_kinds=("embed", "generate") if kind == "all" else (kind,), cores=cores)
+                            worker_kinds=QUEUES if kind == "all" else (kind,), cores=cores)
             if self.apis is not None:
                 for kind in ("embed", "generate"):
                     port = self.apis.embed_port if kind == "embed" else self.apis.generate_port

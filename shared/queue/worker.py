@@ -47,8 +47,8 @@ def run_celery_worker(app: Celery, queues: str | Sequence[str], *, concurrency: 
     for url in dict.fromkeys([settings.broker_url, settings.effective_store_url]):
         check_credentials(url)
     info = {"device": device, "model": model_path}
-    heartbeats = [WorkerHeartbeat(connect(settings.effective_store_url), settings.key_prefix, queue, info).start()
-                  for queue in queues]
+    client = connect(settings.effective_store_url)
+    heartbeats = [WorkerHeartbeat(client, settings.key_prefix, queue, info).start() for queue in queues]
     name = f"{'+'.join(queues)}-{device.replace(':', '')}-{os.getpid()}@%h"  # unique per process; %h is the host
     try:
         app.worker_main([

@@ -14,7 +14,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +33,7 @@ from vlmq.caption.outputs import open_output
 from vlmq.caption.progress import Progress, Summary
 from vlmq.caption.options import CaptionOptions
 from vlmq.caption.run import CaptionRun, Wakeups
-from vlmq.stack import LocalStack, private_log_dir
+from vlmq.stack import ONE_WORKER, LocalStack, private_log_dir
 
 
 # Most generate requests a private stack's worker runs together (VLMQ_GENERATE_MAX_BATCH's default is 8, for a
@@ -54,12 +54,12 @@ class StackChoice:
     generate_workers: int | None = None
     worker_timeout_s: float = 30.0  # how long to wait for a running stack's workers to report in
 
-    def worker_counts(self) -> dict[str, int]:
+    def worker_counts(self) -> Mapping[str, int]:
         """The private stack's workers, as `LocalStack`'s keyword arguments."""
         if self.embed_workers is None and self.generate_workers is None:
             # One process: vision tower and LM take turns on every core, where two processes would split the
             # cores evenly between uneven work (bench/caption.py measures it).
-            return {"embed_workers": 0, "generate_workers": 0, "combined_workers": 1}
+            return ONE_WORKER
         return {"embed_workers": self.embed_workers or 1, "generate_workers": self.generate_workers or 1}
 
     def describe(self) -> str:
