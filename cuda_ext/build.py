@@ -9,7 +9,7 @@ rows, base) -> (out, error_tokens)` (`torch.ops.vlmq_gather_{cpu,cuda}`; see `cu
   tokens; needs a C++ compiler only.
 
 And the CPU decode step (`decode_cpu`, `torch.ops.vlmq_decode_cpu`: `decode_layer`,
-`linear`; see `cuda_ext.decode`): AVX-512 and AVX2 kernels, the one the CPU has picked at
+`panel_linear`, `linear`; see `cuda_ext.decode`): AVX-512 and AVX2 kernels, the one the CPU has picked at
 load time; a C++ compiler with OpenMP (it splits the work over torch's own threads).
 
 All need ninja (torch's extension builder). Builds go to

@@ -9,12 +9,17 @@ the matrix-vector products stream the weights, plus whatever the steps between t
   Gemma 3's with its QK-norm, output norms and GeGLU), one call instead of ~35 eager ops;
   `generator_service.models.decoder.DecoderLayer` uses it for decode forwards, and its own torch decode path
   is the reference the tests hold it to;
-- `linear`: x wᵀ for a few rows of x (the LM head of a decode step);
+- `panel_linear`: x wᵀ (+ bias) (+ residual) for any number of rows of x, over a weight packed in
+  panels (`PanelWeight`); the language models' prefill and mixed steps run their products on it too;
+- `linear`: x wᵀ for a few rows of x over a row-major weight (the LM head of a decode step: a tied
+  head is the embedding table itself, which lookups read row-major);
 - `activation_`: silu or tanh GELU over a tensor in place, times a second one if given
   (the vision towers' MLPs, `embedder_service.models.gemm`).
 
-Both read row-major float32 weights ([out, in], as checkpoints store them), so a model
-that uses them keeps its weights in that layout (`shared.modeling.layers.prepare_weight`).
+Why panels: a row-major weight gives each output a dot product along K, so several tokens need a
+horizontal sum per output and a load of every token's x per weight load; 16 outputs interleaved by k
+give one weight load per k for 16 outputs, each token's x[k] a broadcast, and one contiguous stream
+per thread. `bench/kernels.py` times both layouts against MKL and oneDNN from 1 to 512 tokens.
 
 Which path runs (`VLMQ_DECODE_KERNEL`, read through `Settings`, or `set_decode_kernel` before a model is prepared):
 
@@ -36,9 +41,11 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from shared.config.switch import Switch
 from shared.modeling.timing import fastest
@@ -51,6 +58,9 @@ MATVEC_MAX_ROWS = 8
 # The kernels' activation (`decode_layer`'s `act`, `activation_`'s) for each `DecoderConfig.hidden_act`
 # (generator_service.models.decoder.GATE_ACTIVATIONS); the values are the names the vision towers use too (gemm.ACTIVATIONS).
 KERNEL_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+
+# Outputs per panel of a packed weight (decode_kernels_api.h's kPanel).
+PANEL = 16
 
 DECODE = Switch("decode_kernel")
 _warned_fallback = False
@@ -83,6 +93,26 @@ def cpu_decode_ops(device: torch.device | str, dtype: torch.dtype) -> Any | None
         return None
     choose_prefetch(ops)
     return ops
+
+
+class PanelWeight(NamedTuple):
+    """A weight [M, K] packed for `panel_linear`: data [ceil(M / 16), K, 16], w[m, k] at data[m // 16, k, m % 16],
+    zero past M. `shared.modeling.layers.linear` calls `linear` on it like on a prepared tensor."""
+
+    data: Tensor
+    rows: int  # M
+
+    def linear(self, x: Tensor, bias: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
+        """x: [N, K] → x wᵀ (+ bias) (+ residual): [N, M]."""
+        return torch.ops.vlmq_decode_cpu.panel_linear(x, self.data, self.rows, bias, residual)
+
+
+def pack_panels(weight: Tensor) -> PanelWeight:
+    """weight: [M, K] float32 → the same weight in panels of 16 outputs (see `PanelWeight`)."""
+    m, k = weight.shape
+    panels = -(-m // PANEL)
+    data = F.pad(weight.detach(), (0, 0, 0, panels * PANEL - m)).view(panels, PANEL, k).transpose(1, 2).contiguous()
+    return PanelWeight(data, m)
 
 
 @functools.cache

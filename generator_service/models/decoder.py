@@ -10,10 +10,9 @@ Modules are built on the meta device with the checkpoint's own parameter names,
 filled by `Checkpoint.load_into`, then `prepare()`d for inference: projections
 sharing an input are fused (QKV, gate/up), the RoPE rows of Q and K are
 interleaved so rotation is one complex multiply, and on the CPU the weights are
-reordered into oneDNN's blocked layout, which reads memory at close to the
-machine's bandwidth where MKL's sgemm reaches about half of it for the
-matrix-vector products of decoding; where the CPU decode kernels (`cuda_ext.decode`)
-run the decode steps, the weights stay row-major, the layout those read. After
+packed in panels of 16 outputs for the CPU decode kernels (`cuda_ext.decode`), whose
+products then run every forward, decode, prefill and mixed (where the kernels are
+unavailable: oneDNN's blocked layout for torch's GEMM). After
 `prepare()` the state dict no longer mirrors the checkpoint: these modules are
 inference-only.
 
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cuda_ext.decode.ops import KERNEL_ACTIVATIONS, cpu_decode_ops
+from cuda_ext.decode.ops import KERNEL_ACTIVATIONS, cpu_decode_ops, pack_panels
 from shared.modeling.layers import (
     RMSNorm,
     RopeConfig,
@@ -296,8 +295,9 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, device, dtype, config.norm_offset)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, device, dtype, config.norm_offset)
 
-    def prepare(self, row_major: bool = False) -> None:
-        """Fuse Q, K, V into one projection with RoPE-interleaved rows; drop the originals (`prepare_weight`'s row_major).
+    def prepare(self, panels: bool = False) -> None:
+        """Fuse Q, K, V into one projection with RoPE-interleaved rows; drop the originals. panels: pack the
+        weights for the CPU decode kernels (`pack_panels`), else `prepare_weight`.
 
         The softmax scale (1/√head_dim, or `query_scale`) is folded into Q's rows (exact
         for the usual power-of-two head sizes), so attention needs no separate scaling op.
@@ -312,7 +312,8 @@ class Attention(nn.Module):
             interleave_rope_rows(self.k_proj.weight, c.num_kv_heads, c.head_dim),
             self.v_proj.weight,
         ]
-        self.wqkv = prepare_weight(torch.cat(weights), row_major)
+        prepare = pack_panels if panels else prepare_weight
+        self.wqkv = prepare(torch.cat(weights))
         self.bqkv = None
         if c.attention_bias:
             self.bqkv = torch.cat([
@@ -328,7 +329,7 @@ class Attention(nn.Module):
             k_scale = interleave_rope_rows(self.k_norm.scale, 1, c.head_dim)
             self.qk_scale = torch.cat([q_scale.expand(c.num_heads, -1), k_scale.expand(c.num_kv_heads, -1)])  # [H + Hkv, hd]
             del self.q_norm, self.k_norm
-        self.wo = prepare_weight(self.o_proj.weight, row_major)
+        self.wo = prepare(self.o_proj.weight)
         del self.q_proj, self.k_proj, self.v_proj, self.o_proj
 
     def forward(self, x: Tensor, residual: Tensor | None, k_cache: Tensor, v_cache: Tensor, batch: ForwardBatch) -> Tensor:
@@ -396,10 +397,11 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(d, i, bias=False, device=device, dtype=dtype)
         self.down_proj = nn.Linear(i, d, bias=False, device=device, dtype=dtype)
 
-    def prepare(self, row_major: bool = False) -> None:
-        """Fuse gate and up into one projection (one weight read, one call); row_major: see `prepare_weight`."""
-        self.w_gate_up = prepare_weight(torch.cat([self.gate_proj.weight, self.up_proj.weight]), row_major)
-        self.w_down = prepare_weight(self.down_proj.weight, row_major)
+    def prepare(self, panels: bool = False) -> None:
+        """Fuse gate and up into one projection (one weight read, one call); panels: see `Attention.prepare`."""
+        prepare = pack_panels if panels else prepare_weight
+        self.w_gate_up = prepare(torch.cat([self.gate_proj.weight, self.up_proj.weight]))
+        self.w_down = prepare(self.down_proj.weight)
         del self.gate_proj, self.up_proj, self.down_proj
 
     def forward(self, x: Tensor, residual: Tensor | None) -> Tensor:
@@ -434,12 +436,12 @@ class DecoderLayer(nn.Module):
 
     def prepare(self) -> None:
         """Prepare the blocks; on the CPU in float32 decode steps go to one fused kernel (`cuda_ext.decode`),
-        which reads the weights row-major."""
+        and every product, the torch path's too, to its kernels over panel-packed weights."""
         weight = self.input_layernorm.weight
         ops = cpu_decode_ops(weight.device, weight.dtype)
         self.fused_decode = None if ops is None else ops.decode_layer.default
-        self.self_attn.prepare(row_major=ops is not None)
-        self.mlp.prepare(row_major=ops is not None)
+        self.self_attn.prepare(panels=ops is not None)
+        self.mlp.prepare(panels=ops is not None)
         for module in self.children():
             if isinstance(module, RMSNorm):
                 module.prepare()
@@ -449,8 +451,8 @@ class DecoderLayer(nn.Module):
                 mlp_norm, out_norms = self.pre_feedforward_layernorm, (self.post_attention_layernorm, self.post_feedforward_layernorm)
             else:
                 mlp_norm, out_norms = self.post_attention_layernorm, (None, None)
-            self.fused_weights = (self.input_layernorm.effective_weight, attn.wqkv, attn.bqkv, attn.wo,
-                                  mlp_norm.effective_weight, mlp.w_gate_up, mlp.w_down)
+            self.fused_weights = (self.input_layernorm.effective_weight, attn.wqkv.data, attn.bqkv, attn.wo.data,
+                                  mlp_norm.effective_weight, mlp.w_gate_up.data, mlp.w_down.data)
             self.fused_options = (attn.qk_scale, *(None if n is None else n.effective_weight for n in out_norms),
                                   KERNEL_ACTIVATIONS[c.hidden_act])
             self.fused_eps = c.rms_norm_eps

@@ -84,7 +84,13 @@ def prepare_weight(weight: Tensor, row_major: bool = False) -> Tensor:
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x @ weightᵀ + bias.  x: [N, K], weight: [M, K] → [N, M]."""
+    """x @ weightᵀ + bias.  x: [N, K], weight: [M, K] → [N, M].
+
+    weight may also be a layout that computes its own product (`cuda_ext.decode.ops.PanelWeight`):
+    an object with `linear(x, bias=None, residual=None)`.
+    """
+    if not isinstance(weight, Tensor):
+        return weight.linear(x, bias)
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
@@ -92,6 +98,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 def linear_add(x: Tensor, weight: Tensor, residual: Tensor) -> Tensor:
     """x @ weightᵀ + residual in one pass (the residual connection after attention and MLP)."""
+    if not isinstance(weight, Tensor):
+        return weight.linear(x, residual=residual)
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, None, "add")
     return torch.addmm(residual, x, weight.t())

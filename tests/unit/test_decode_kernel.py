@@ -85,7 +85,7 @@ def layer_pair(config: DecoderConfig, mode, seed: int = 0) -> tuple[DecoderLayer
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 # Past 128 positions a head's keys are attended in chunks and merged; a row shorter than the
-# longest (or a sliding window) leaves whole chunks masked. Past 8 rows the products are torch's GEMM.
+# longest (or a sliding window) leaves whole chunks masked. 12 rows: a whole AVX-512 pass of the products.
 @pytest.mark.parametrize("positions", [[11], [7, 7, 7], [3, 12, 0, 9, 15, 1, 6, 12], [300], [5, 300, 170],
                                        [3, 12, 0, 9, 15, 1, 6, 12, 200, 5, 17, 299]],
                          ids=["batch1", "batch3_same", "batch8_mixed", "batch1_long", "batch3_long_mixed", "batch12_gemm"])
@@ -118,6 +118,29 @@ def test_linear_matches_torch(ops, isa, rows, k, m):
     g = torch.Generator().manual_seed(4)
     x, w = torch.randn(rows, k, generator=g), torch.randn(m, k, generator=g)
     torch.testing.assert_close(ops.linear(x, w), x @ w.t(), rtol=1e-5, atol=1e-4)
+
+
+def test_pack_panels_puts_each_weight_where_the_kernels_read_it():
+    w = torch.arange(37 * 5, dtype=torch.float32).view(37, 5)
+    packed = decode.pack_panels(w)
+    assert packed.rows == 37 and packed.data.shape == (3, 5, 16)  # 37 outputs: three panels of 16, the last padded
+    for m in range(37):
+        for k in range(5):
+            assert packed.data[m // 16, k, m % 16] == w[m, k]
+    assert not packed.data[2, :, 5:].any()  # outputs 37 … 47 do not exist: zeros
+
+
+# Outputs: one panel, a vector tail, an odd number of panels (an AVX-512 pass covers two); tokens: one, a pass's
+# 12 (AVX-512) or 6 (AVX2) and a remainder, and more than a block of 96 (the blocks reuse each panel).
+@pytest.mark.parametrize("rows,k,m", [(1, 576, 1000), (3, 37, 13), (13, 1536, 67), (5, 8, 3), (200, 64, 48), (1, 20, 17)])
+@pytest.mark.parametrize("extras", ["none", "bias", "residual", "both"])
+def test_panel_linear_matches_torch(ops, isa, rows, k, m, extras):
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(rows, k, generator=g), torch.randn(m, k, generator=g)
+    bias = torch.randn(m, generator=g) if extras in ("bias", "both") else None
+    residual = torch.randn(rows, m, generator=g) if extras in ("residual", "both") else None
+    expected = x @ w.t() + (0 if bias is None else bias) + (0 if residual is None else residual)
+    torch.testing.assert_close(decode.pack_panels(w).linear(x, bias, residual), expected, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("count", [5, 2 * 4096 + 7], ids=["under-a-vector", "units-and-a-tail"])
@@ -212,6 +235,10 @@ def test_the_kernel_refuses_inputs_it_would_misread(ops):
         ops.linear(x, torch.randn(4, 9))
     with pytest.raises(RuntimeError, match="contiguous float32"):
         ops.linear(x, w.t().contiguous().t())
+    with pytest.raises(RuntimeError, match=r"w must be \[4, 9\] in panels, \[1, 9, 16\], got \[1, 8, 16\]"):
+        ops.panel_linear(torch.randn(2, 9), decode.pack_panels(w).data, 4)
+    with pytest.raises(RuntimeError, match=r"residual must be \[2, 4\]"):
+        decode.pack_panels(w).linear(x, residual=torch.randn(2, 5))
     with pytest.raises(RuntimeError, match='unknown activation "gelu"'):
         ops.activation_(x, None, "gelu")
     with pytest.raises(RuntimeError, match="up must be contiguous float32 of x's shape"):

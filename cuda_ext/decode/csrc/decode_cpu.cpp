@@ -12,10 +12,7 @@
 // rows see different prefixes.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
-#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -72,30 +69,10 @@ void matvec_parallel(const MatvecArgs& args, int64_t m) {
   parallel_rows(m, args.k * static_cast<int64_t>(sizeof(float)), [&](int64_t m0, int64_t m1) { k.matvec(args, m0, m1); });
 }
 
-// Above this many tokens a decode step's products go to torch's GEMM (MKL / oneDNN): the matvec
-// kernels make 8 tokens per pass over a weight row, and at 16 and 32 tokens the blocked GEMM took
-// about half their time (bench/generate.py's aggregate decode rows; cuda_ext.decode.ops.MATVEC_MAX_ROWS).
-constexpr int64_t kMatvecMaxRows = 8;
-
-// y = x wᵀ (+ bias) (+ residual) for the M rows of w, as `matvec_parallel`, for any number of tokens.
-void product(const MatvecArgs& a, int64_t m) {
-  if (a.rows <= kMatvecMaxRows) return matvec_parallel(a, m);
-  const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  const at::Tensor x = at::from_blob(const_cast<float*>(a.x), {a.rows, a.k}, f32);
-  const at::Tensor w = at::from_blob(const_cast<float*>(a.w), {m, a.k}, f32);
-  at::Tensor y = at::from_blob(a.y, {a.rows, m}, {a.ld, 1}, f32);
-  const auto bias = [&] { return at::from_blob(const_cast<float*>(a.bias), {m}, f32); };
-  if (a.residual == nullptr) {
-    if (a.bias == nullptr) {
-      at::mm_out(y, x, w.t());
-    } else {
-      at::addmm_out(y, bias(), x, w.t());
-    }
-    return;
-  }
-  if (a.residual != a.y) y.copy_(at::from_blob(const_cast<float*>(a.residual), {a.rows, m}, {a.ld, 1}, f32));
-  if (a.bias != nullptr) y.add_(bias());
-  y.addmm_(x, w.t());
+// y = x wᵀ (+ bias) (+ residual) for the M outputs of a panel-packed w, split between threads.
+void panel_product(const MatvecArgs& args, int64_t m) {
+  const DecodeKernels& k = kernels();
+  parallel_rows(m, args.k * static_cast<int64_t>(sizeof(float)), [&](int64_t m0, int64_t m1) { k.panel_product(args, m0, m1); });
 }
 
 // y[n] = x[n] / rms(x[n]) · w, as F.rms_norm (the sum of squares in double: no order to match).
@@ -195,6 +172,14 @@ void check_weight(const at::Tensor& w, const char* name, int64_t rows, int64_t c
   TORCH_CHECK(w.size(0) == rows && w.size(1) == cols, name, " must be [", rows, ", ", cols, "], got ", w.sizes());
 }
 
+// w: a [rows, cols] weight panel-packed (decode_kernels_api.h), [ceil(rows / kPanel), cols, kPanel].
+void check_panels(const at::Tensor& w, const char* name, int64_t rows, int64_t cols) {
+  check_float(w, name, 3);
+  const int64_t panels = (rows + kPanel - 1) / kPanel;
+  TORCH_CHECK(w.size(0) == panels && w.size(1) == cols && w.size(2) == kPanel, name, " must be [", rows, ", ", cols,
+              "] in panels, [", panels, ", ", cols, ", ", kPanel, "], got ", w.sizes());
+}
+
 // x: [N, K], w: [M, K] → x wᵀ: [N, M].
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w) {
   check_float(x, "x", 2);
@@ -202,6 +187,27 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w) {
   const int64_t rows = x.size(0), m = w.size(0);
   at::Tensor y = at::empty({rows, m}, x.options());
   matvec_parallel({w.data_ptr<float>(), x.size(1), x.data_ptr<float>(), rows, nullptr, nullptr, y.data_ptr<float>(), m}, m);
+  return y;
+}
+
+// x: [N, K], w: [ceil(M / kPanel), K, kPanel] panel-packed → x wᵀ (+ bias) (+ residual): [N, M].
+at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& w, int64_t m, const std::optional<at::Tensor>& bias,
+                        const std::optional<at::Tensor>& residual) {
+  check_float(x, "x", 2);
+  const int64_t rows = x.size(0), k = x.size(1);
+  check_panels(w, "w", m, k);
+  if (bias) {
+    check_float(*bias, "bias", 1);
+    TORCH_CHECK(bias->size(0) == m, "bias must be [", m, "], got ", bias->sizes());
+  }
+  if (residual) {
+    check_float(*residual, "residual", 2);
+    TORCH_CHECK(residual->size(0) == rows && residual->size(1) == m, "residual must be [", rows, ", ", m, "], got ", residual->sizes());
+  }
+  at::Tensor y = at::empty({rows, m}, x.options());
+  const MatvecArgs args{w.data_ptr<float>(), k, x.data_ptr<float>(), rows, bias ? bias->data_ptr<float>() : nullptr,
+                        residual ? residual->data_ptr<float>() : nullptr, y.data_ptr<float>(), m};
+  panel_product(args, m);
   return y;
 }
 
@@ -237,8 +243,9 @@ at::Tensor& activation_(at::Tensor& x, const std::optional<at::Tensor>& up, cons
 // Gemma 3's layer is the same with three options: qk_scale ([H + Hkv, hd]: an RMSNorm over each
 // head of Q and K before RoPE, scaled by these rows, the softmax scale in Q's), attn_out_norm and
 // mlp_out_norm (each output normed before its residual add), and act "gelu_tanh" (GeGLU).
-// x: [N, D]; wqkv: [(H + 2 Hkv) hd, D] (Q rows scaled and RoPE-interleaved), bqkv: [(H + 2 Hkv) hd] or None;
-// wo: [D, H hd]; w_gate_up: [2I, D] (gate rows, then up rows); w_down: [D, I]; k/v_cache: [blocks, Hkv, bs, hd],
+// x: [N, D]; the weights panel-packed (decode_kernels_api.h): wqkv [(H + 2 Hkv) hd, D] (Q rows scaled and
+// RoPE-interleaved), bqkv: [(H + 2 Hkv) hd] or None; wo: [D, H hd]; w_gate_up: [2I, D] (gate rows, then up
+// rows); w_down: [D, I]; k/v_cache: [blocks, Hkv, bs, hd],
 // written at write_index (Long[N · Hkv], flat rows of the cache viewed as [blocks · Hkv · bs, hd]);
 // rotations: [N, 1, hd/2] complex64; token n attends over the first kv_len positions of row n of
 // block_table (Long[N, width]: position p in block table[n, p / bs] at offset p % bs), plus mask
@@ -257,15 +264,15 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
   const int64_t num_blocks = k_cache.size(0), hkv = k_cache.size(1), block_size = k_cache.size(2), hd = k_cache.size(3);
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "k_cache and v_cache must have one shape, got ", k_cache.sizes(), " and ",
               v_cache.sizes());
-  TORCH_CHECK(wqkv.dim() == 2 && wqkv.size(0) % hd == 0 && wqkv.size(0) / hd > 2 * hkv, "wqkv must be [(H + 2 Hkv) hd, D], got ",
-              wqkv.sizes());
-  const int64_t heads = wqkv.size(0) / hd - 2 * hkv, q_size = heads * hd, kv_size = hkv * hd, qkv_size = wqkv.size(0);
-  TORCH_CHECK(heads % hkv == 0, heads, " query heads are not a multiple of ", hkv, " KV heads");
-  const int64_t inter = w_gate_up.size(0) / 2;
-  check_weight(wqkv, "wqkv", qkv_size, d);
-  check_weight(wo, "wo", d, q_size);
-  check_weight(w_gate_up, "w_gate_up", 2 * inter, d);
-  check_weight(w_down, "w_down", d, inter);
+  TORCH_CHECK(wo.dim() == 3 && wo.size(1) % hd == 0, "wo must be [D, H hd] in panels, got ", wo.sizes());
+  const int64_t heads = wo.size(1) / hd, q_size = heads * hd, kv_size = hkv * hd, qkv_size = q_size + 2 * kv_size;
+  TORCH_CHECK(heads % hkv == 0 && heads > 0, heads, " query heads are not a multiple of ", hkv, " KV heads");
+  TORCH_CHECK(w_down.dim() == 3, "w_down must be [D, I] in panels, got ", w_down.sizes());
+  const int64_t inter = w_down.size(1);
+  check_panels(wqkv, "wqkv", qkv_size, d);
+  check_panels(wo, "wo", d, q_size);
+  check_panels(w_gate_up, "w_gate_up", 2 * inter, d);
+  check_panels(w_down, "w_down", d, inter);
   check_float(input_norm, "input_norm", 1);
   check_float(post_norm, "post_norm", 1);
   TORCH_CHECK(input_norm.size(0) == d && post_norm.size(0) == d, "norm weights must be [", d, "]");
@@ -327,8 +334,8 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
   const ActMul act_mul = act_mul_kernel(k, act);  // an unknown act fails here, before the cache is written
 
   rms_norm(x.data_ptr<float>(), input_norm.data_ptr<float>(), rows, d, eps, h);
-  product({wqkv.data_ptr<float>(), d, h, rows, bqkv ? bqkv->data_ptr<float>() : nullptr, nullptr, qkv, qkv_size},
-                  qkv_size);
+  panel_product({wqkv.data_ptr<float>(), d, h, rows, bqkv ? bqkv->data_ptr<float>() : nullptr, nullptr, qkv, qkv_size},
+                qkv_size);
 
   // QK-norm if any, RoPE on Q and K (adjacent pairs rotate as complex numbers), then K and V into the cache.
   const float* rot = reinterpret_cast<const float*>(rotations.data_ptr());  // [N, hd/2, (cos, sin)]
@@ -358,14 +365,13 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
                hd, kv_len, scores, chunk_out, attn);
   const float* x_data = x.data_ptr<float>();
   if (attn_out_norm) {  // mid = x + norm(o(attention)), through h (free until the MLP's input norm)
-    product({wo.data_ptr<float>(), q_size, attn, rows, nullptr, nullptr, h, d}, d);
+    panel_product({wo.data_ptr<float>(), q_size, attn, rows, nullptr, nullptr, h, d}, d);
     add_norm(x_data, h, attn_out_norm->data_ptr<float>(), rows, d, eps, mid);
   } else {
-    product({wo.data_ptr<float>(), q_size, attn, rows, nullptr, x_data, mid, d}, d);
+    panel_product({wo.data_ptr<float>(), q_size, attn, rows, nullptr, x_data, mid, d}, d);
   }
 
   rms_norm(mid, post_norm.data_ptr<float>(), rows, d, eps, h);
-  // Each thread computes its gate rows and the matching up rows, then their product: no pass in between.
   const MatvecArgs gate_up_args{w_gate_up.data_ptr<float>(), d, h, rows, nullptr, nullptr, gate_up, 2 * inter};
   const auto gated = [&](int64_t m0, int64_t m1) {
     for (int64_t n = 0; n < rows; ++n) {
@@ -373,21 +379,23 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
       act_mul(gn + m0, gn + inter + m0, hidden + n * inter + m0, m1 - m0);
     }
   };
-  if (rows > kMatvecMaxRows) {
-    product(gate_up_args, 2 * inter);
-    gated(0, inter);
-  } else {
+  if (inter % kPanel == 0) {
+    // Each thread computes its gate rows and the matching up rows (panel-aligned when I is a multiple of a
+    // panel), then their product: no pass in between.
     parallel_rows(inter, 2 * d * static_cast<int64_t>(sizeof(float)), [&](int64_t m0, int64_t m1) {  // a gate row and an up row
-      k.matvec(gate_up_args, m0, m1);
-      k.matvec(gate_up_args, inter + m0, inter + m1);
+      k.panel_product(gate_up_args, m0, m1);
+      k.panel_product(gate_up_args, inter + m0, inter + m1);
       gated(m0, m1);
     });
+  } else {
+    panel_product(gate_up_args, 2 * inter);
+    gated(0, inter);
   }
   if (mlp_out_norm) {  // out = mid + norm(down(…)), through h
-    product({w_down.data_ptr<float>(), inter, hidden, rows, nullptr, nullptr, h, d}, d);
+    panel_product({w_down.data_ptr<float>(), inter, hidden, rows, nullptr, nullptr, h, d}, d);
     add_norm(mid, h, mlp_out_norm->data_ptr<float>(), rows, d, eps, out.data_ptr<float>());
   } else {
-    product({w_down.data_ptr<float>(), inter, hidden, rows, nullptr, mid, out.data_ptr<float>(), d}, d);
+    panel_product({w_down.data_ptr<float>(), inter, hidden, rows, nullptr, mid, out.data_ptr<float>(), d}, d);
   }
   return out;
 }
@@ -424,6 +432,7 @@ bool use_prefetch(bool on) {
 // torch.ops.vlmq_decode_cpu.*
 TORCH_LIBRARY(vlmq_decode_cpu, m) {
   m.def("linear(Tensor x, Tensor w) -> Tensor");
+  m.def("panel_linear(Tensor x, Tensor w, int m, Tensor? bias=None, Tensor? residual=None) -> Tensor");
   m.def(
       "decode_layer(Tensor x, Tensor input_norm, Tensor wqkv, Tensor? bqkv, Tensor wo, Tensor post_norm, Tensor w_gate_up, "
       "Tensor w_down, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rotations, Tensor write_index, Tensor block_table, "
@@ -437,6 +446,7 @@ TORCH_LIBRARY(vlmq_decode_cpu, m) {
 
 TORCH_LIBRARY_IMPL(vlmq_decode_cpu, CPU, m) {
   m.impl("linear", &vlmq::linear);
+  m.impl("panel_linear", &vlmq::panel_linear);
   m.impl("decode_layer", &vlmq::decode_layer);
   m.impl("activation_", &vlmq::activation_);
 }

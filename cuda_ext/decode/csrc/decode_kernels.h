@@ -27,8 +27,92 @@ struct Kernels {
 
   // prefetch: whether the products ask for each row's line kAhead floats ahead (cuda_ext.decode times both).
   static DecodeKernels table(const char* isa, bool prefetch) {
-    return {isa, prefetch, prefetch ? &matvec<true> : &matvec<false>, &act_mul<&Kernels::silu_mul>,
-            &act_mul<&Kernels::gelu_tanh_mul>, &attend};
+    return {isa, prefetch, prefetch ? &matvec<true> : &matvec<false>, prefetch ? &panel_product<true> : &panel_product<false>,
+            &act_mul<&Kernels::silu_mul>, &act_mul<&Kernels::gelu_tanh_mul>, &attend};
+  }
+
+  // -- Products over panel-packed weights (decode_kernels_api.h: kPanel) --------------------------
+  // A pass covers kGroupVecs vectors of outputs (32 on AVX-512, 16 on AVX2) for up to kPanelTokens
+  // tokens: per k, the group's weights are one or two vector loads from a contiguous panel, each
+  // token's x[k] a broadcast, and every load feeds kPanelTokens FMAs (no horizontal sums).
+  static constexpr int kGroupVecs = 2;
+  static constexpr int kGroup = kGroupVecs * L;
+  static constexpr int kPanelTokens = L == 16 ? 12 : 6;  // accumulators: 24 of 32 registers, 12 of 16
+  static constexpr int64_t kTokenBlock = 96;
+
+  // acc[v][n] = Σ_i w(group vector v)[i] · x[n, i] for NB tokens; w: the group's first panel.
+  template <bool Prefetch, int VW, int NB>
+  static void panel_block(const float* w, int64_t k, const float* x, V acc[kGroupVecs][kPanelTokens]) {
+    for (int v = 0; v < VW; ++v)
+      for (int n = 0; n < NB; ++n) acc[v][n] = V::zero();
+    const int64_t panel = k * kPanel;
+    for (int64_t i = 0; i < k; ++i) {
+      V wv[VW];
+      for (int v = 0; v < VW; ++v) {
+        const float* at = w + (v * L / kPanel) * panel + i * kPanel + (v * L) % kPanel;
+        if constexpr (Prefetch) {
+          if ((v * L) % kPanel == 0) _mm_prefetch(reinterpret_cast<const char*>(at + kAhead), _MM_HINT_T0);
+        }
+        wv[v] = V::load(at);
+      }
+      for (int n = 0; n < NB; ++n) {
+        const V xn = V::set1(x[n * k + i]);
+        for (int v = 0; v < VW; ++v) acc[v][n] = V::fma(wv[v], xn, acc[v][n]);
+      }
+    }
+  }
+
+  template <bool Prefetch, int VW, int T>
+  static void panel_tokens(int64_t nb, const float* w, int64_t k, const float* x, V acc[kGroupVecs][kPanelTokens]) {
+    if constexpr (T > 1) {
+      if (nb < T) return panel_tokens<Prefetch, VW, T - 1>(nb, w, k, x, acc);
+    }
+    panel_block<Prefetch, VW, T>(w, k, x, acc);
+  }
+
+  // Outputs m … min(m + VW·L, end) - 1 for tokens n_lo … n_hi - 1.
+  template <bool Prefetch, int VW>
+  static void panel_group(const MatvecArgs& a, int64_t m, int64_t end, int64_t n_lo, int64_t n_hi) {
+    const float* w = a.w + (m / kPanel) * a.k * kPanel;
+    for (int64_t n0 = n_lo; n0 < n_hi; n0 += kPanelTokens) {
+      const int64_t nb = n_hi - n0 < kPanelTokens ? n_hi - n0 : kPanelTokens;
+      V acc[kGroupVecs][kPanelTokens];
+      panel_tokens<Prefetch, VW, kPanelTokens>(nb, w, a.k, a.x + n0 * a.k, acc);
+      for (int64_t n = 0; n < nb; ++n) {
+        for (int v = 0; v < VW; ++v) {
+          const int64_t first = m + v * L, width = end - first < L ? end - first : L;
+          if (width <= 0) break;
+          const int64_t at = (n0 + n) * a.ld + first;
+          V y = acc[v][n];
+          if (width == L) {
+            if (a.bias != nullptr) y = y + V::load(a.bias + first);
+            if (a.residual != nullptr) y = y + V::load(a.residual + at);
+            y.store(a.y + at);
+          } else {
+            if (a.bias != nullptr) y = y + V::load_first(a.bias + first, width);
+            if (a.residual != nullptr) y = y + V::load_first(a.residual + at, width);
+            y.store_first(a.y + at, width);
+          }
+        }
+      }
+    }
+  }
+
+  // Outputs m0 … m1-1 (m0 a multiple of kPanel) of a product over panel-packed weights. Many tokens
+  // go kTokenBlock at a time, each block over all the outputs, so the block's x stays in L2 while
+  // the weights stream past it (a prompt's 512 tokens of x at K = 1536 are 3 MB).
+  template <bool Prefetch>
+  static void panel_product(const MatvecArgs& a, int64_t m0, int64_t m1) {
+    for (int64_t n_lo = 0; n_lo < a.rows; n_lo += kTokenBlock) {
+      const int64_t n_hi = a.rows - n_lo < kTokenBlock ? a.rows : n_lo + kTokenBlock;
+      for (int64_t m = m0; m < m1; m += kGroup) {
+        if (m1 - m > L) {
+          panel_group<Prefetch, kGroupVecs>(a, m, m1 - m < kGroup ? m1 : m + kGroup, n_lo, n_hi);
+        } else {
+          panel_group<Prefetch, 1>(a, m, m1, n_lo, n_hi);
+        }
+      }
+    }
   }
 
   // out[r][n] = w[r, :] · x[n, :] for R rows of w and NB tokens of x.

@@ -39,10 +39,17 @@ struct AttendArgs {
   float* sum;           // [group]
 };
 
+// Panel-packed weights: [ceil(M / kPanel), K, kPanel], panel p holding outputs kPanel·p … kPanel·p + kPanel - 1
+// interleaved by k (w[m, k] at [m / kPanel, k, m % kPanel]), zero past M. A product streams each
+// panel once, front to back, for every token at once (cuda_ext.decode.ops.pack_panels).
+constexpr int64_t kPanel = 16;
+
 struct DecodeKernels {
   const char* isa;
-  bool prefetch;  // whether matvec asks for weight lines ahead of the hardware prefetcher
+  bool prefetch;  // whether the products ask for weight lines ahead of the hardware prefetcher
   void (*matvec)(const MatvecArgs& args, int64_t m0, int64_t m1);
+  // As matvec, args.w panel-packed; m0 a multiple of kPanel, m1 ≤ M.
+  void (*panel_product)(const MatvecArgs& args, int64_t m0, int64_t m1);
   // out[i] = act(gate[i]) · up[i] for i < count (act(gate[i]) where up is null): SwiGLU's silu,
   // GeGLU's tanh-approximated GELU. out may be gate.
   void (*silu_mul)(const float* gate, const float* up, float* out, int64_t count);
