@@ -21,7 +21,7 @@ from table import json_lines, table
 RUNS = [
     *(["embed.py", "--family", family] for family in BENCH_SMALL),
     *(["generate.py", "--family", family] for family in BENCH_SMALL),
-    ["kernels.py"],
+    ["products.py"],
     ["caption.py"],
     ["store.py"],
     ["inject.py"],

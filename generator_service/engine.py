@@ -16,8 +16,8 @@ Each step (docs/DESIGN.md §11):
    prefix (`kv_blocks`); the first that does not fit waits, and the ones behind it too;
 2. plans up to `prefill_chunk_tokens` prompt tokens in chunks of the admitted prompts, in
    order (a long prompt advances a chunk per step);
-3. decodes one token for every sequence whose prompt is done, in one batch, with the first
-   chunk in the same forward (one read of the weights for both); other chunks run alone.
+3. decodes one token for every sequence whose prompt is done, in one batch, with every chunk in
+   the same forward (one read of the weights for all).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from generator_service.kv_blocks import BlockPool, block_hashes
+from generator_service.models.decoder import Chunk
 from generator_service.sampling import SamplingParams, make_generator, next_token
 from generator_service.tokenizer import check_token_ids
 from shared.config.errors import InvalidInput, ModelMismatch, VlmqError
@@ -298,20 +299,13 @@ class Engine:
         started = time.perf_counter()
         decoding = [seq for seq in self._running if seq.output]
         chunks = self._plan_chunks(self._prefill_budget(bool(decoding)))
-        prompt_tokens = sum(end - start for _, start, end in chunks)
-        made, mixed = 0, bool(decoding and chunks)
-        if mixed:
-            # The streams' next tokens and the first chunk in one forward: every weight read once for both, so a
-            # long prompt arriving costs the streams a chunk's compute per step, not a whole prefill.
-            made += self._decode(decoding, chunks.pop(0))
-        for seq, start, end in chunks:
-            made += self._prefill(seq, start, end)
-        if not decoding:  # what this step prefilled decodes at once, as it would alone
-            decoding = [seq for seq in self._running if seq.output]
-        if decoding and not mixed:
-            made += self._decode(decoding)
-        if decoding and (mixed or not chunks):
-            self._learn_step_cost(time.perf_counter() - started, prompt_tokens)
+        # The streams' next tokens and every chunk in one forward: each weight read once for all of them, so
+        # prompts arriving cost the streams their chunks' compute per step, not whole prefills.
+        made = self._forward(decoding, chunks)
+        if decoding:
+            self._learn_step_cost(time.perf_counter() - started, sum(end - start for _, start, end in chunks))
+        elif chunks:  # what this step prefilled decodes at once, as it would alone
+            made += self._forward([seq for seq in self._running if seq.output], [])
         return made
 
     def _prefill_budget(self, decoding: bool) -> int:
@@ -412,17 +406,6 @@ class Engine:
         computing.update(seq.hashes[seq.computed // bs : limit])
         return False
 
-    def _prefill(self, seq: _Sequence, start: int, end: int) -> int:
-        """Prefill positions start … end-1 of `seq`'s prompt alone; returns the tokens made (1 when the prompt is done)."""
-        self._grow(seq, end)
-        try:
-            logits = self.model.prefill(seq.prompt[start:end], self.cache, seq.blocks, start, ranges=seq.ranges,
-                                        rows=seq.rows, positions=self._positions(seq, start, end))
-        except Exception as exc:  # noqa: BLE001 - one bad request must not stop the others
-            self._fail(seq, exc)
-            return 0
-        return self._prefilled(seq, end, logits[0])
-
     def _positions(self, seq: _Sequence, start: int, end: int) -> Tensor | None:
         return None if seq.positions is None else seq.positions[..., start:end]
 
@@ -460,8 +443,11 @@ class Engine:
             seq.blocks.append(self.pool.allocate())
             seq.promised -= 1
 
-    def _decode(self, running: list[_Sequence], chunk: tuple[_Sequence, int, int] | None = None) -> int:
-        """One token for each of `running`, and with `chunk` (sequence, start, end) that prefill chunk in the same forward."""
+    def _forward(self, running: list[_Sequence], chunks: list[tuple[_Sequence, int, int]]) -> int:
+        """One forward: a token for each of `running` and the prefill `chunks` (sequence, start, end); returns the
+        tokens made. Decoding alone runs the model's decode (the fused kernel where there is one)."""
+        if not running and not chunks:
+            return 0
         ids, positions, rope_positions = [], [], []
         for seq in running:
             self._grow(seq, seq.length + 1)
@@ -470,18 +456,18 @@ class Engine:
             rope_positions.append(seq.length + seq.position_offset)
         if rope_positions == positions:
             rope_positions = None  # RoPE at the cache positions (every model without M-RoPE): nothing extra to build
-        ids, tables = torch.tensor(ids, device=self.model.device), [seq.blocks for seq in running]
+        ids, tables = torch.tensor(ids, dtype=torch.long, device=self.model.device), [seq.blocks for seq in running]
         try:
-            if chunk is None:
-                logits = self.model.decode(ids, positions, self.cache, rope_positions, tables=tables)  # [N, V]
+            if chunks:
+                for seq, _, end in chunks:
+                    self._grow(seq, end)
+                logits, chunk_logits = self.model.step(ids, positions, self.cache, rope_positions, tables, [
+                    Chunk(seq.prompt[start:end], seq.blocks, start, seq.ranges, seq.rows, self._positions(seq, start, end))
+                    for seq, start, end in chunks])  # [N, V], [C, V]
             else:
-                prefilling, start, end = chunk
-                self._grow(prefilling, end)
-                logits, chunk_logits = self.model.decode_and_prefill(
-                    ids, positions, self.cache, rope_positions, tables, prefilling.prompt[start:end], prefilling.blocks, start,
-                    prefilling.ranges, prefilling.rows, self._positions(prefilling, start, end))  # [N, V], [1, V]
-        except Exception as exc:  # noqa: BLE001
-            for seq in [*running, *(chunk[:1] if chunk else ())]:
+                logits = self.model.decode(ids, positions, self.cache, rope_positions, tables=tables)  # [N, V]
+        except Exception as exc:  # noqa: BLE001 - one bad step must not stop the engine
+            for seq in [*running, *(seq for seq, _, _ in chunks)]:
                 self._fail(seq, exc)
             return 0
         argmax = logits.argmax(-1).tolist()  # one host sync for every plain-greedy row
@@ -491,7 +477,7 @@ class Engine:
                 self._register_filled(seq)
             plain_greedy = seq.request.params.greedy and not seq.request.params.needs_penalty
             self._accept(seq, argmax[i] if plain_greedy else self._pick(seq, logits[i]))
-        return len(running) + (0 if chunk is None else self._prefilled(chunk[0], chunk[2], chunk_logits[0]))
+        return len(running) + sum(self._prefilled(seq, end, chunk_logits[i]) for i, (seq, _, end) in enumerate(chunks))
 
     def _register_filled(self, seq: _Sequence) -> None:
         """Cache the block decoding just filled (generated tokens are text: no image runs on past it)."""

@@ -19,7 +19,7 @@ the matrix-vector products stream the weights, plus whatever the steps between t
 Why panels: a row-major weight gives each output a dot product along K, so several tokens need a
 horizontal sum per output and a load of every token's x per weight load; 16 outputs interleaved by k
 give one weight load per k for 16 outputs, each token's x[k] a broadcast, and one contiguous stream
-per thread. `bench/kernels.py` times both layouts against MKL and oneDNN from 1 to 512 tokens.
+per thread. `bench/products.py` times both layouts against MKL and oneDNN from 1 to 512 tokens.
 
 Which path runs (`VLMQ_DECODE_KERNEL`, read through `Settings`, or `set_decode_kernel` before a model is prepared):
 

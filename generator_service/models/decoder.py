@@ -17,7 +17,7 @@ unavailable: oneDNN's blocked layout for torch's GEMM). After
 inference-only.
 
 Token tensors are flat, `[N, D]` with N the tokens of this forward (one per sequence
-when decoding, one sequence's tokens when prefilling, or both: a `MixedBatch`);
+when decoding, one sequence's tokens when prefilling, or several of either: a `MixedBatch`);
 `ForwardBatch` says where each token sits in the paged KV cache (`KVCache`) and which
 positions it attends over.
 """
@@ -254,16 +254,30 @@ class ForwardBatch:
 
 @dataclass
 class MixedBatch:
-    """A decode batch and a prefill chunk in one forward: their tokens (the decode rows first) go through the
-    projections and MLPs together, one read of every weight, and each part attends as it would alone."""
+    """Several parts in one forward: a decode batch and prefill chunks of one or more sequences. Their tokens
+    (the parts' in order) go through the projections and MLPs together, one read of every weight, and each
+    part attends as it would alone."""
 
-    decoding: ForwardBatch
-    prefilling: ForwardBatch
+    parts: list[ForwardBatch]
     decode = False  # the fused decode kernel does not take a chunk: the torch layer runs
 
     def __post_init__(self):
-        self.rotations = torch.cat([self.decoding.rotations, self.prefilling.rotations])  # [N_decode + N_chunk, 1, hd/2]
-        self.write_index = torch.cat([self.decoding.write_index, self.prefilling.write_index])  # [(N_decode + N_chunk) * kv_heads]
+        self.sizes = [part.rotations.shape[0] for part in self.parts]  # tokens of each part
+        self.rotations = torch.cat([part.rotations for part in self.parts])  # [N, 1, hd/2]
+        self.write_index = torch.cat([part.write_index for part in self.parts])  # [N * kv_heads]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Prompt tokens of one sequence for a forward: ids Long[S] at positions start … start+S-1 of its block
+    table; ranges/rows: its bound containers; positions: RoPE positions where they are not the cache's (M-RoPE)."""
+
+    ids: Tensor
+    table: Sequence[int]
+    start: int = 0
+    ranges: Tensor | None = None
+    rows: Tensor | None = None
+    positions: Tensor | None = None
 
 
 def image_blocks(ids: Tensor, base: int) -> Tensor | None:
@@ -349,10 +363,9 @@ class Attention(nn.Module):
         k_rows, v_rows = k_cache.view(-1, hd), v_cache.view(-1, hd)
         k_rows.index_copy_(0, batch.write_index, k.reshape(-1, hd))
         v_rows.index_copy_(0, batch.write_index, v.reshape(-1, hd))
-        if isinstance(batch, MixedBatch):  # the decode rows first, then the chunk
-            d = batch.decoding.rotations.shape[0]
-            out = torch.cat([self.attend(q[:d], k[:d], v[:d], k_rows, v_rows, batch.decoding),
-                             self.attend(q[d:], k[d:], v[d:], k_rows, v_rows, batch.prefilling)])
+        if isinstance(batch, MixedBatch):  # each part over its own tokens
+            out = torch.cat([self.attend(*part_qkv, k_rows, v_rows, part)
+                             for *part_qkv, part in zip(q.split(batch.sizes), k.split(batch.sizes), v.split(batch.sizes), batch.parts)])
         else:
             out = self.attend(q, k, v, k_rows, v_rows, batch)
         if residual is None:

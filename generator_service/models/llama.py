@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from cuda_ext.decode.ops import MATVEC_MAX_ROWS, cpu_decode_ops
 from cuda_ext.gather.ops import multimodal_embedding
 from generator_service.models.decoder import (
+    Chunk,
     DecoderConfig,
     DecoderLayer,
     ForwardBatch,
@@ -300,17 +301,19 @@ class LlamaForCausalLM(nn.Module):
         ]
 
     @torch.inference_mode()
-    def decode_and_prefill(
+    def step(
         self, ids: Tensor, positions: list[int], cache: KVCache, rope_positions: list[int] | None, tables: list[list[int]],
-        chunk: Tensor, table: Sequence[int], start: int, ranges: Tensor | None = None, rows: Tensor | None = None,
-        chunk_positions: Tensor | None = None,
+        chunks: Sequence[Chunk],
     ) -> tuple[Tensor, Tensor]:
-        """`decode(ids, positions, cache, rope_positions, tables)` and `prefill(chunk, cache, table, start, ranges, rows,
-        positions=chunk_positions)` in one forward, every weight read once for both → (logits [N, V], the chunk's last [1, V])."""
-        batches = [MixedBatch(d, p) for d, p in zip(self.decode_batches(positions, cache, rope_positions, tables),
-                                                    self.prefill_batches(chunk, cache, table, start, chunk_positions))]
-        x = torch.cat([self.embed(ids), self.embed(chunk, ranges, rows)])  # [N + S, D]
+        """`decode(ids, positions, cache, rope_positions, tables)` (no rows: ids empty) and a `prefill` of each chunk in
+        one forward, every weight read once for all → (logits [N, V], each chunk's last token's [C, V])."""
+        parts = [self.prefill_batches(c.ids, cache, c.table, c.start, c.positions) for c in chunks]  # [C][kinds]
+        if ids.numel():
+            parts.insert(0, self.decode_batches(positions, cache, rope_positions, tables))
+        batches = [MixedBatch(list(kind)) if len(parts) > 1 else kind[0] for kind in zip(*parts)]
+        x = torch.cat([self.embed(ids)] + [self.embed(c.ids, c.ranges, c.rows) for c in chunks])  # [N + ΣS, D]
+        hidden = self.forward(x, cache, batches)  # [N + ΣS, D]
         n = ids.shape[0]
-        hidden = self.forward(x, cache, batches)  # [N + S, D]
-        logits = self.logits(torch.cat([hidden[:n], hidden[-1:]]))  # [N + 1, V]
+        ends = torch.tensor([c.ids.shape[0] for c in chunks], device=hidden.device).cumsum(0) + n - 1  # each chunk's last token
+        logits = self.logits(torch.cat([hidden[:n], hidden[ends]]))  # [N + C, V]
         return logits[:n], logits[n:]

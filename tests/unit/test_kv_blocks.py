@@ -163,8 +163,14 @@ def test_a_decode_slowdown_limit_cuts_the_chunks_mixed_with_decoding(model, monk
     engine = Engine(model, max_batch=4, max_seq_len=256, block_tokens=8, prefix_cache=False, prefill_chunk_tokens=40,
                     max_decode_slowdown=slowdown)
     chunks = []
-    mixed = engine.model.decode_and_prefill
-    monkeypatch.setattr(engine.model, "decode_and_prefill", lambda *args: chunks.append(len(args[5])) or mixed(*args))
+    step = engine.model.step
+
+    def recording_step(ids, *args):
+        if ids.numel():  # the stream decodes: record the chunk mixed with it
+            chunks.append(sum(len(chunk.ids) for chunk in args[-1]))
+        return step(ids, *args)
+
+    monkeypatch.setattr(engine.model, "step", recording_step)
     stream = engine.submit(GenerationRequest(list(range(3, 13)), params(60)))
     engine.step()  # the stream's prompt and first token: it decodes from now on
     engine.submit(GenerationRequest(list(range(3, 123)), params(2)))  # 120 tokens arriving

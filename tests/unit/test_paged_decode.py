@@ -59,26 +59,32 @@ def test_a_block_table_too_short_for_its_position_is_refused():
         ForwardBatch.for_decode(rope, [BLOCK], cache, config.num_kv_heads, torch.float32, tables=[[0]])
 
 
+@pytest.mark.parametrize("decoding", [True, False], ids=["with-decode-rows", "chunks-only"])
 @pytest.mark.parametrize("kernel", ["auto", "reference"])
-def test_decode_and_prefill_in_one_forward_equal_each_alone(demo_model, mode, kernel):
-    """The mixed step: 3 sequences' decode tokens and another's chunk (after a first chunk) through one forward."""
+def test_decode_rows_and_chunks_in_one_forward_equal_each_alone(demo_model, mode, kernel, decoding):
+    """The mixed step: 3 sequences' decode tokens, a chunk of a fourth (after its first chunk) and a fifth's whole
+    prompt through one forward, against a decode and two prefills."""
+    from generator_service.models.decoder import Chunk
     from generator_service.models.llama import LlamaForCausalLM
 
     mode(kernel)
     model = LlamaForCausalLM.from_checkpoint(demo_model)
     g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(3, 200, (n,), generator=g) for n in (9, 20, 33, 30)]
-    tables = [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10]]
+    prompts = [torch.randint(3, 200, (n,), generator=g) for n in (9, 20, 33, 30, 17)]
+    tables = [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10], [11, 12]]
     results = []
     for together in (False, True):
-        cache = model.new_cache(12, BLOCK)
+        cache = model.new_cache(13, BLOCK)
         for prompt, table in zip(prompts[:3], tables):
             model.prefill(prompt, cache, table)
         model.prefill(prompts[3][:12], cache, tables[3])
-        ids, positions = torch.tensor([5, 6, 7]), [len(p) for p in prompts[:3]]
+        ids, positions = (torch.tensor([5, 6, 7]), [len(p) for p in prompts[:3]]) if decoding else (torch.tensor([], dtype=torch.long), [])
         if together:
-            results.append(model.decode_and_prefill(ids, positions, cache, None, tables[:3], prompts[3][12:], tables[3], 12))
+            logits, chunk_logits = model.step(ids, positions, cache, None, tables[:len(positions)],
+                                              [Chunk(prompts[3][12:], tables[3], 12), Chunk(prompts[4], tables[4])])
+            results.append((*([logits] if decoding else []), chunk_logits[:1], chunk_logits[1:]))
         else:
-            results.append((model.decode(ids, positions, cache, tables=tables[:3]), model.prefill(prompts[3][12:], cache, tables[3], 12)))
+            alone = [model.decode(ids, positions, cache, tables=tables[:3])] if decoding else []
+            results.append((*alone, model.prefill(prompts[3][12:], cache, tables[3], 12), model.prefill(prompts[4], cache, tables[4])))
     for alone, together in zip(*results):
         torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)

@@ -13,7 +13,7 @@ own weights so that they stream from memory as in a forward, for N tokens:
 Decoding is 1 to 8 tokens a step, a second question's prefill ~20–30, a prompt's 200–512. Prints one JSON line per
 token count: panel's time against each other's (ratio < 1: panel faster), and the GFLOP/s of each.
 
-    python bench/kernels.py [--threads 2] [--rounds 5] [--quick]
+    python bench/products.py [--threads 2] [--rounds 5] [--quick]
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def main() -> None:
             }, args.rounds)
         gflops = {name: round(tokens * flops_per_token / seconds / 1e9, 1) for name, seconds in t.items()}
         for other in ("row_major", "mkl", "onednn"):
-            compare("kernels/bench-small-lm", f"products_ms_{tokens}_tokens_vs_{other}", t["panel"] * 1e3, t[other] * 1e3, "ms",
+            compare("products/bench-small-lm", f"products_ms_{tokens}_tokens_vs_{other}", t["panel"] * 1e3, t[other] * 1e3, "ms",
                     tokens=tokens, threads=args.threads, gflop_per_s=gflops)
 
 
