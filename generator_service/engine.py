@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from generator_service.kv_blocks import BlockPool, block_hashes
+from generator_service.kv_blocks import BlockPool, block_hashes, chain_root
 from generator_service.models.decoder import Chunk
 from generator_service.sampling import SamplingParams, make_generator, next_token
 from generator_service.tokenizer import check_token_ids
@@ -366,8 +366,32 @@ class Engine:
             seq.blocks, seq.promised = list(cached), -(-positions // bs) - len(cached)
             seq.computed = seq.cached_tokens = len(cached) * bs
             self._running.append(seq)
+            self._copy_partial_block(seq)
             self.stats.prefix_lookup_tokens += prompt_len
             self.stats.prefix_hit_tokens += seq.cached_tokens
+
+    def _copy_partial_block(self, seq: _Sequence) -> None:
+        """Past its cached blocks, give `seq` the keys and values of the cached block whose first positions are its
+        next ones: a second question about an image that ends inside a block shares the image's last positions
+        of that block, and a block-by-block lookup cannot hit them. Copied into a block of its own, since the rest
+        of the block differs. Not with bidirectional images (Gemma 3): those positions' keys would depend on
+        which tokens followed them when they were computed."""
+        bs, pool = self.block_tokens, self.pool
+        if not pool.prefix_cache or self.model.config.bidirectional_images:
+            return
+        start = len(seq.blocks) * bs
+        ids = seq.prompt_ids[start : min(start + bs, len(seq.prompt_ids) - 1)]  # the prompt's last token is computed
+        before = seq.hashes[len(seq.blocks) - 1] if seq.blocks else chain_root(seq.request.cache_salt)
+        found = pool.longest_partial(before, ids) if ids else None
+        # The source is pinned while the new block is taken, so that taking it cannot evict the source.
+        if found is None or not pool.admit([found[0]], 0):
+            return
+        source, same = found
+        self._grow(seq, start + 1)
+        self.cache.copy_positions(source, seq.blocks[-1], same)
+        pool.release([source])
+        seq.computed += same
+        seq.cached_tokens += same
 
     def _plan_chunks(self, budget: int) -> list[tuple[_Sequence, int, int]]:
         """This step's prefill chunks (sequence, first position, end): the admitted prompts in order, up to the budget.
@@ -412,7 +436,7 @@ class Engine:
     def _prefilled(self, seq: _Sequence, end: int, logits: Tensor) -> int:
         """The prompt is in the cache up to `end`: cache the blocks now final; at the prompt's end pick the first token."""
         for i in range(seq.computed // self.block_tokens, min(end // self.block_tokens, len(seq.hashes))):
-            self.pool.register(seq.blocks[i], seq.hashes[i])
+            self._register(seq, i)
         seq.computed = end
         if end < len(seq.prompt_ids):
             return 0
@@ -484,9 +508,20 @@ class Engine:
         index, bs = seq.length // self.block_tokens - 1, self.block_tokens
         if not self.pool.prefix_cache or index < len(seq.hashes):
             return
-        tokens = (seq.prompt_ids + seq.output)[index * bs : (index + 1) * bs]
-        seq.hashes += block_hashes(tokens, bs, seq.request.cache_salt, previous=seq.hashes[-1] if seq.hashes else None)
-        self.pool.register(seq.blocks[index], seq.hashes[index])
+        seq.hashes += block_hashes(self._block_ids(seq, index), bs, seq.request.cache_salt,
+                                   previous=seq.hashes[-1] if seq.hashes else None)
+        self._register(seq, index)
+
+    def _block_ids(self, seq: _Sequence, index: int) -> list[int]:
+        """The token IDs in block `index` of `seq` (prompt, then generated)."""
+        bs = self.block_tokens
+        ids = seq.prompt_ids[index * bs : (index + 1) * bs]
+        return ids if len(ids) == bs else (seq.prompt_ids + seq.output)[index * bs : (index + 1) * bs]
+
+    def _register(self, seq: _Sequence, index: int) -> None:
+        """Cache block `index` of `seq`, full and final, under its hash, filed after the hash before it."""
+        before = seq.hashes[index - 1] if index else chain_root(seq.request.cache_salt)
+        self.pool.register(seq.blocks[index], seq.hashes[index], before, self._block_ids(seq, index))
 
     def _pick(self, seq: _Sequence, logits: Tensor) -> int:
         return next_token(logits, seq.request.params, seq.generator, seq.seen)

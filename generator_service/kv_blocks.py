@@ -9,7 +9,9 @@ ever preempted).
 Prefix cache: a full block is named by a hash chain over the token IDs up to its end
 (`block_hashes`); container IDs are token IDs, so an image's rows hit as text does. A
 block whose hash is registered stays in the cache after its last user leaves, on an LRU
-list, until a new block is needed and none is free. Container IDs are unique to one
+list, until a new block is needed and none is free. Each cached block is also filed under
+the hash before it with its IDs (`longest_partial`): a prompt whose next block matches only
+its first positions (a new question after an image that ends inside a block) can copy those. Container IDs are unique to one
 (tenant, model, image), so two tenants never share an image's blocks; a request's
 `cache_salt` keeps its text from hitting another salt's blocks too.
 """
@@ -37,7 +39,7 @@ def block_hashes(
     """
     hashes = []
     if previous is None:
-        previous = hashlib.sha256(salt.encode()).digest()
+        previous = chain_root(salt)
     for end in range(block_size, len(ids) + 1, block_size):
         last = end
         if bidirectional_images:
@@ -51,6 +53,21 @@ def block_hashes(
     return hashes
 
 
+def chain_root(salt: str = "") -> bytes:
+    """The hash before a sequence's first block: the chain starts at the salt (the tenant)."""
+    return hashlib.sha256(salt.encode()).digest()
+
+
+def common_start(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading IDs `a` and `b` share."""
+    same = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        same += 1
+    return same
+
+
 class BlockPool:
     """Block numbers 0 … num_blocks-1: free, in use (counted references), or cached and unused (LRU)."""
 
@@ -62,6 +79,8 @@ class BlockPool:
         self._hash_of: dict[int, bytes] = {}  # cached block → its hash
         self._block_of: dict[bytes, int] = {}  # hash → cached block
         self._unused: OrderedDict[int, None] = OrderedDict()  # cached blocks without users, least recently used first
+        self._after: dict[bytes, dict[int, tuple[int, ...]]] = {}  # hash → the cached blocks that follow it → their IDs
+        self._before: dict[int, bytes] = {}  # cached block → the hash before it
         self.reserved = 0  # blocks promised to admitted sequences, not handed out yet
 
     @property
@@ -110,6 +129,10 @@ class BlockPool:
         else:
             block, _ = self._unused.popitem(last=False)
             del self._block_of[self._hash_of.pop(block)]
+            before = self._before.pop(block)
+            del self._after[before][block]
+            if not self._after[before]:
+                del self._after[before]
         self._refs[block] = 1
         return block
 
@@ -124,11 +147,24 @@ class BlockPool:
                 else:
                     self._free.append(block)
 
-    def register(self, block: int, h: bytes) -> None:
-        """Cache a full block whose keys and values are final under hash `h` (a block cached already stays as is)."""
+    def register(self, block: int, h: bytes, before: bytes, ids: Sequence[int]) -> None:
+        """Cache a full block whose keys and values are final under hash `h`, after the block hashed `before`,
+        holding `ids` (a block cached already stays as is)."""
         if self.prefix_cache and h not in self._block_of and block not in self._hash_of:
             self._block_of[h] = block
             self._hash_of[block] = h
+            self._before[block] = before
+            self._after.setdefault(before, {})[block] = tuple(ids)
+
+    def longest_partial(self, before: bytes, ids: Sequence[int]) -> tuple[int, int] | None:
+        """(block, n): of the cached blocks after the block hashed `before`, the one whose first n IDs are the first
+        n of `ids`, n largest; None when none shares even the first."""
+        found = None
+        for block, cached_ids in self._after.get(before, {}).items():
+            same = common_start(cached_ids, ids)
+            if same and (found is None or same > found[1]):
+                found = (block, same)
+        return found
 
     def _take(self, block: int) -> None:
         if self._refs[block] == 0:

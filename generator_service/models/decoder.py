@@ -140,6 +140,11 @@ class KVCache:
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
+    def copy_positions(self, source: int, target: int, count: int) -> None:
+        """The keys and values of the first `count` positions of block `source` into block `target`, every layer."""
+        self.k[:, target, :, :count] = self.k[:, source, :, :count]
+        self.v[:, target, :, :count] = self.v[:, source, :, :count]
+
     def flat_rows(self, tables: Tensor, positions: Tensor) -> Tensor:
         """tables: Long[R, blocks], positions: Long[R, T] → Long[R, T, kv_heads]: where each (position, KV head)
         of row r sits in a layer's cache viewed as [num_blocks * kv_heads * block_size, hd]."""

@@ -6,6 +6,8 @@ The engine tests run the demo LLaVA checkpoint; which tokens it makes is the ora
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from generator_service.engine import Engine, GenerationRequest
@@ -42,8 +44,8 @@ def test_pool_promises_hands_out_caches_and_evicts_least_recently_used():
     assert pool.admit([], 3) and pool.available == 1
     assert not pool.admit([], 2)  # a promise the pool cannot keep is not made
     blocks = [pool.allocate() for _ in range(3)]
-    for block, h in zip(blocks, (b"a", b"b", b"c")):
-        pool.register(block, h)
+    for block, (before, h) in zip(blocks, itertools.pairwise((b"", b"a", b"b", b"c"))):
+        pool.register(block, h, before, [block])
     pool.release(blocks)
     assert pool.used == 0 and pool.available == 4  # cached blocks without users count as available
     assert pool.lookup([b"a", b"b", b"x", b"c"]) == blocks[:2]  # the prefix, block by block
@@ -56,13 +58,28 @@ def test_pool_promises_hands_out_caches_and_evicts_least_recently_used():
     assert pool.used == 0 and pool.available == 4
 
 
+def test_pool_finds_the_cached_block_sharing_the_longest_start_and_forgets_evicted_ones():
+    pool = BlockPool(3)
+    assert pool.admit([], 3)
+    blocks = [pool.allocate() for _ in range(3)]
+    pool.register(blocks[0], b"x1", b"root", [1, 2, 3, 4])
+    pool.register(blocks[1], b"x2", b"root", [1, 2, 9, 9])
+    pool.register(blocks[2], b"y", b"x1", [1, 2, 3, 4])  # the same IDs after another block: not a candidate
+    assert pool.longest_partial(b"root", [1, 2, 3, 7]) == (blocks[0], 3)
+    assert pool.longest_partial(b"root", [1, 2, 9]) == (blocks[1], 3)
+    assert pool.longest_partial(b"root", [5, 2, 3]) is None  # not even the first ID
+    pool.release(blocks[:2])  # unused, still cached, tail first: blocks[1] is the least recently used
+    assert pool.admit([], 1) and pool.allocate() == blocks[1]  # evicted
+    assert pool.longest_partial(b"root", [1, 2, 9]) == (blocks[0], 2)
+
+
 def test_pool_with_the_prefix_cache_off_never_hits():
     pool = BlockPool(2, prefix_cache=False)
     pool.admit([], 1)
     block = pool.allocate()
-    pool.register(block, b"a")
+    pool.register(block, b"a", b"", [1, 2])
     pool.release([block])
-    assert pool.lookup([b"a"]) == []
+    assert pool.lookup([b"a"]) == [] and pool.longest_partial(b"", [1, 2]) is None
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +172,26 @@ def test_prompts_arriving_together_compute_a_shared_prefix_once(model, chunk):
     expected = [alone.submit(GenerationRequest(p, params(6))) for p in prompts]
     alone.run_until_idle()
     assert [h.result().token_ids for h in handles] == [h.result().token_ids for h in expected]
+    assert engine.pool.used == 0 and engine.pool.reserved == 0
+
+
+@pytest.mark.parametrize("kv_tokens", [256, 32], ids=["room", "source-evicted"])
+def test_a_prompt_sharing_part_of_a_cached_block_copies_those_positions(model, kv_tokens):
+    """A's blocks of 8 are cached; B shares A's first 13 tokens: block 0 by hash, then positions 8 … 12 copied from A's
+    block 1. With a pool too small to keep A's blocks while B runs, nothing is copied and B computes them."""
+    a, b = list(range(3, 23)), list(range(3, 16)) + list(range(100, 110))
+    engine = Engine(model, max_batch=4, max_seq_len=64, kv_cache_tokens=kv_tokens, block_tokens=8)
+    engine.submit(GenerationRequest(a, params(1)))
+    engine.run_until_idle()
+    second = engine.submit(GenerationRequest(b, params(6)))
+    engine.run_until_idle()
+    hit = 13 if kv_tokens == 256 else 8  # 32 positions: B's 4 promised blocks evict A's block 1 first (LRU tail)
+    assert second.result().usage.cached_tokens == hit
+    assert engine.stats.prefix_hit_tokens == hit
+    alone = Engine(model, max_batch=4, max_seq_len=64, block_tokens=8, prefix_cache=False)
+    expected = alone.submit(GenerationRequest(b, params(6)))
+    alone.run_until_idle()
+    assert second.result().token_ids == expected.result().token_ids
     assert engine.pool.used == 0 and engine.pool.reserved == 0
 
 
