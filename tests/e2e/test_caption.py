@@ -169,11 +169,15 @@ def test_a_private_stack_captions_and_leaves_no_process_behind(model, tmp_path, 
     commands: dict[int, str] = {}
     while process.poll() is None:  # remember every descendant: Redis and the workers
         try:
-            for child in parent.children(recursive=True):
-                seen[child.pid] = child
-                commands.setdefault(child.pid, " ".join(child.cmdline()))
+            children = parent.children(recursive=True)
         except psutil.NoSuchProcess:
             break
+        for child in children:
+            seen[child.pid] = child
+            try:  # the latest: a child seen between fork and exec still shows its parent's command line
+                commands[child.pid] = " ".join(child.cmdline())
+            except psutil.Error:  # gone, or a zombie: keep what was seen
+                pass
         time.sleep(0.1)
     stdout, stderr = process.communicate(timeout=240)
     assert process.returncode == 0, stderr
@@ -182,7 +186,7 @@ def test_a_private_stack_captions_and_leaves_no_process_behind(model, tmp_path, 
     assert sorted(kind for kind in ("worker all", "worker embed", "worker generate")
                   if any(f"vlmq {kind} " in command for command in commands.values())) == workers
     assert any("redis-server" in command for command in commands.values())
-    left = [commands[pid] for pid, child in seen.items() if child.is_running()]
+    left = [commands.get(pid, pid) for pid, child in seen.items() if child.is_running()]
     assert not left, left
 
 
