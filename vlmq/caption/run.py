@@ -13,8 +13,11 @@ gives back the claims held, so that a rerun — or another client — goes on at
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -175,12 +178,14 @@ class CaptionRun:
 
     def _send(self, pending: _Bytes, data: bytes) -> None:
         tenant = self.options.tenant
-        # Each job id is kept as soon as the job exists: a Ctrl-C before the chain is sent still cancels it.
-        pending.embed_job, embed = embed_signature(self.celery, self.jobs, tenant, [data])
-        generates = []
-        for name, payload in self._payloads.items():
-            pending.generate_jobs[name], signature = generate_signature(self.celery, self.jobs, tenant, payload)
-            generates.append(signature)
+        # Each job id is kept as soon as the job exists, and a Ctrl-C waits until it is: then even jobs created
+        # before the chain is sent are cancelled, and none is left queued.
+        with _interrupts_deferred():
+            pending.embed_job, embed = embed_signature(self.celery, self.jobs, tenant, [data])
+            generates = []
+            for name, payload in self._payloads.items():
+                pending.generate_jobs[name], signature = generate_signature(self.celery, self.jobs, tenant, payload)
+                generates.append(signature)
         # One prompt: embed | generate. Several: embed | group(generates), each given the same container.
         chain(embed, generates[0] if len(generates) == 1 else group(generates)).apply_async()
         pending.data = None
@@ -310,6 +315,22 @@ class CaptionRun:
         except StoreUnavailable:
             pass
         self._in_flight.clear()
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """A Ctrl-C (SIGINT) during the block raises KeyboardInterrupt at its end instead of between two of its lines."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread receives signals
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _error(code: str, message: str) -> dict[str, Any]:
