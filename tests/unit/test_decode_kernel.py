@@ -130,8 +130,8 @@ def test_pack_panels_puts_each_weight_where_the_kernels_read_it():
     assert not packed.data[2, :, 5:].any()  # outputs 37 … 47 do not exist: zeros
 
 
-# Outputs: one panel, a vector tail, an odd number of panels (an AVX-512 pass covers two); tokens: one, a pass's
-# 12 (AVX-512) or 6 (AVX2) and a remainder, and more than a block of 96 (the blocks reuse each panel).
+# Outputs: one panel, a vector tail, 3 and 5 panels (an AVX-512 pass covers four, AVX2's one); tokens: one, two
+# passes of 6 and a remainder, and more than a block of 96 (the blocks reuse each panel).
 @pytest.mark.parametrize("rows,k,m", [(1, 576, 1000), (3, 37, 13), (13, 1536, 67), (5, 8, 3), (200, 64, 48), (1, 20, 17)])
 @pytest.mark.parametrize("extras", ["none", "bias", "residual", "both"])
 def test_panel_linear_matches_torch(ops, isa, rows, k, m, extras):
