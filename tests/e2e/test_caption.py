@@ -19,7 +19,7 @@ import pytest
 
 from shared.config.settings import Settings
 from tests.support import captioning
-from tests.support.captioning import caption_stack, read_lines, write_images
+from tests.support.captioning import caption_stack, ctrl_c_raises, read_lines, write_images
 from tests.support.images import png_bytes
 from tests.support.services import REPO, free_port, service_env
 from vlmq.caption.inputs import open_units
@@ -99,7 +99,7 @@ def test_an_interrupted_run_resumes_with_no_duplicate_lines(stack_settings, tmp_
     # One image at a time and longer captions: slow enough to interrupt part way.
     slow = ("--max-in-flight", "1", "--max-tokens", "32")
     process = subprocess.Popen(caption_command(tmp_path / "images", out, *slow), env=env, cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_raises)
     deadline = time.monotonic() + 120
     while not (out.exists() and out.read_text().count("\n") >= 3):
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be interrupted"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.support.captioning import caption_command, caption_stack, read_lines, run_caption, write_images
+from tests.support.captioning import caption_command, caption_stack, ctrl_c_raises, read_lines, run_caption, write_images
 from tests.support.services import REPO, service_env
 
 IMAGES = 200
@@ -76,7 +76,8 @@ def test_ctrl_c_cancels_the_jobs_in_flight_and_a_rerun_finishes(stack, tmp_path)
     command = caption_command(tmp_path / "images", "--prompt", PROMPT, "--out", str(out), "--max-tokens", "48",
                               "--max-in-flight", "4")
     started = time.time()
-    process = subprocess.Popen(command, env=service_env(stack), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, env=service_env(stack), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=ctrl_c_raises)
     wait_for_lines(out, 2, process)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=60)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import uuid
@@ -32,6 +33,12 @@ def write_images(folder: Path, seeds, size=(32, 24)) -> list[Path]:
         path.write_bytes(png_bytes(seed, size))
         paths.append(path)
     return paths
+
+
+def ctrl_c_raises() -> None:
+    """Popen's preexec_fn for a child the test interrupts: SIGINT at its default, so Python installs its handler.
+    A shell's background job starts with SIGINT ignored, and a child inherits that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def caption_command(inputs, *args: str) -> list[str]:

@@ -10,19 +10,29 @@ import pytest
 from vlmq.caption.run import _interrupts_deferred
 
 
-def test_a_ctrl_c_inside_the_block_is_raised_at_its_end():
-    handler = signal.getsignal(signal.SIGINT)
+@pytest.fixture
+def python_sigint_handler():
+    """Python's own SIGINT handler for the test, whatever this process inherited (a shell's background job ignores SIGINT)."""
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, inherited)
+
+
+def test_a_ctrl_c_inside_the_block_is_raised_at_its_end(python_sigint_handler):
     ran = []
     with pytest.raises(KeyboardInterrupt):
         with _interrupts_deferred():
             os.kill(os.getpid(), signal.SIGINT)
             ran.append("after the signal")  # still runs: the job id it stands for is kept
     assert ran == ["after the signal"]
-    assert signal.getsignal(signal.SIGINT) is handler  # restored
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
-def test_without_a_ctrl_c_the_block_runs_as_usual():
-    with _interrupts_deferred():
-        pass
-    with pytest.raises(KeyboardInterrupt):  # Python's own handler is back: it raises at once
-        os.kill(os.getpid(), signal.SIGINT)
+def test_where_sigint_is_ignored_the_block_leaves_it_ignored():
+    inherited = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with _interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, inherited)

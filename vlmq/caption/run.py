@@ -319,8 +319,10 @@ class CaptionRun:
 
 @contextlib.contextmanager
 def _interrupts_deferred() -> Iterator[None]:
-    """A Ctrl-C (SIGINT) during the block raises KeyboardInterrupt at its end instead of between two of its lines."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread receives signals
+    """A Ctrl-C (SIGINT) during the block raises KeyboardInterrupt at its end instead of between two of its lines.
+    Only where Ctrl-C raises KeyboardInterrupt at all: in the main thread (the one signals reach), under Python's own
+    handler (a process started with SIGINT ignored, as under nohup, keeps ignoring it)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield
         return
     caught = []
