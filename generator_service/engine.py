@@ -435,8 +435,9 @@ class Engine:
 
     def _prefilled(self, seq: _Sequence, end: int, logits: Tensor) -> int:
         """The prompt is in the cache up to `end`: cache the blocks now final; at the prompt's end pick the first token."""
-        for i in range(seq.computed // self.block_tokens, min(end // self.block_tokens, len(seq.hashes))):
-            self._register(seq, i)
+        bs = self.block_tokens
+        for i in range(seq.computed // bs, min(end // bs, len(seq.hashes))):  # prompt blocks: their hashes cover the prompt
+            self._register(seq, i, seq.prompt_ids[i * bs : (i + 1) * bs])
         seq.computed = end
         if end < len(seq.prompt_ids):
             return 0
@@ -508,20 +509,14 @@ class Engine:
         index, bs = seq.length // self.block_tokens - 1, self.block_tokens
         if not self.pool.prefix_cache or index < len(seq.hashes):
             return
-        seq.hashes += block_hashes(self._block_ids(seq, index), bs, seq.request.cache_salt,
-                                   previous=seq.hashes[-1] if seq.hashes else None)
-        self._register(seq, index)
+        ids = (seq.prompt_ids + seq.output)[index * bs : (index + 1) * bs]
+        seq.hashes += block_hashes(ids, bs, seq.request.cache_salt, previous=seq.hashes[-1] if seq.hashes else None)
+        self._register(seq, index, ids)
 
-    def _block_ids(self, seq: _Sequence, index: int) -> list[int]:
-        """The token IDs in block `index` of `seq` (prompt, then generated)."""
-        bs = self.block_tokens
-        ids = seq.prompt_ids[index * bs : (index + 1) * bs]
-        return ids if len(ids) == bs else (seq.prompt_ids + seq.output)[index * bs : (index + 1) * bs]
-
-    def _register(self, seq: _Sequence, index: int) -> None:
-        """Cache block `index` of `seq`, full and final, under its hash, filed after the hash before it."""
+    def _register(self, seq: _Sequence, index: int, ids: list[int]) -> None:
+        """Cache block `index` of `seq` (its token `ids`), full and final, under its hash, filed after the hash before it."""
         before = seq.hashes[index - 1] if index else chain_root(seq.request.cache_salt)
-        self.pool.register(seq.blocks[index], seq.hashes[index], before, self._block_ids(seq, index))
+        self.pool.register(seq.blocks[index], seq.hashes[index], before, ids)
 
     def _pick(self, seq: _Sequence, logits: Tensor) -> int:
         return next_token(logits, seq.request.params, seq.generator, seq.seen)

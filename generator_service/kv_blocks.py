@@ -11,9 +11,10 @@ Prefix cache: a full block is named by a hash chain over the token IDs up to its
 block whose hash is registered stays in the cache after its last user leaves, on an LRU
 list, until a new block is needed and none is free. Each cached block is also filed under
 the hash before it with its IDs (`longest_partial`): a prompt whose next block matches only
-its first positions (a new question after an image that ends inside a block) can copy those. Container IDs are unique to one
-(tenant, model, image), so two tenants never share an image's blocks; a request's
-`cache_salt` keeps its text from hitting another salt's blocks too.
+its first positions (a new question after an image that ends inside a block) can copy
+those. Container IDs are unique to one (tenant, model, image), so two tenants never share
+an image's blocks; a request's `cache_salt` keeps its text from hitting another salt's
+blocks too.
 """
 
 from __future__ import annotations
