@@ -83,18 +83,12 @@ def layer_pair(config: DecoderConfig, mode, seed: int = 0) -> tuple[DecoderLayer
     return layers[0], layers[1]
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-# Past 128 positions a head's keys are attended in chunks and merged; a row shorter than the
-# longest (or a sliding window) leaves whole chunks masked. 12 rows: a whole AVX-512 pass of the products.
-@pytest.mark.parametrize("positions", [[11], [7, 7, 7], [3, 12, 0, 9, 15, 1, 6, 12], [300], [5, 300, 170],
-                                       [3, 12, 0, 9, 15, 1, 6, 12, 200, 5, 17, 299]],
-                         ids=["batch1", "batch3_same", "batch8_mixed", "batch1_long", "batch3_long_mixed", "batch12_gemm"])
-def test_decode_layer_matches_the_torch_layer(ops, isa, mode, name, positions):
-    config = CONFIGS[name]
-    fused, reference = layer_pair(config, mode)
-    assert fused.fused_decode is not None and reference.fused_decode is None
+def assert_layers_agree(config: DecoderConfig, fused: DecoderLayer, reference: DecoderLayer, positions: list[int],
+                        num_blocks: int, block_size: int, tables: list[list[int]] | None = None) -> None:
+    """Both layers (of `config`) decode one token per row at `positions` over the same random cache; their outputs
+    and the cache entries they write must match."""
     g = torch.Generator().manual_seed(1)
-    caches = [KVCache(config, max(8, len(positions)), 320, torch.float32, "cpu") for _ in range(2)]
+    caches = [KVCache(config, num_blocks, block_size, torch.float32, "cpu") for _ in range(2)]
     for cache in caches:  # the same earlier keys and values in both
         cache.k.copy_(torch.randn(cache.k.shape, generator=g.manual_seed(2)))
         cache.v.copy_(torch.randn(cache.v.shape, generator=g.manual_seed(3)))
@@ -104,13 +98,47 @@ def test_decode_layer_matches_the_torch_layer(ops, isa, mode, name, positions):
     outs = []
     for layer, cache in zip((fused, reference), caches):
         batch = ForwardBatch.for_decode(rope, positions, cache, config.num_kv_heads, torch.float32,
-                                        sliding_window=config.sliding_window)
+                                        sliding_window=config.sliding_window, tables=tables)
         with torch.inference_mode():
             outs.append(layer.forward(x, cache.k[0], cache.v[0], batch))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(caches[0].k, caches[1].k, rtol=1e-5, atol=1e-5)  # the new entries, the rest untouched
     torch.testing.assert_close(caches[0].v, caches[1].v, rtol=1e-5, atol=1e-5)
     assert not torch.equal(caches[0].k, before)  # it did write
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+# Past 128 positions a head's keys are attended in chunks and merged; a row shorter than the
+# longest (or a sliding window) leaves whole chunks masked. 12 rows: a whole AVX-512 pass of the products.
+@pytest.mark.parametrize("positions", [[11], [7, 7, 7], [3, 12, 0, 9, 15, 1, 6, 12], [300], [5, 300, 170],
+                                       [3, 12, 0, 9, 15, 1, 6, 12, 200, 5, 17, 299]],
+                         ids=["batch1", "batch3_same", "batch8_mixed", "batch1_long", "batch3_long_mixed", "batch12_gemm"])
+def test_decode_layer_matches_the_torch_layer(ops, isa, mode, name, positions):
+    fused, reference = layer_pair(CONFIGS[name], mode)
+    assert fused.fused_decode is not None and reference.fused_decode is None
+    assert_layers_agree(CONFIGS[name], fused, reference, positions, max(8, len(positions)), 320)  # unpaged: row b is block b
+
+
+# Five query heads per KV head (a pass of the kernel's four heads and one more on AVX-512, of two, two and one on
+# AVX2) and heads of 80 (a pass of four vectors and one of one on AVX-512).
+WIDE_GROUPS = dataclasses.replace(LLAMA, hidden_size=96, num_heads=10, num_kv_heads=2, head_dim=80)
+
+
+# A paged cache: the kernel walks each row's block table, in shuffled order. Blocks of 16: a chunk of 128
+# keys spans eight; of 48: chunks start and end inside blocks; of 7: a short run in every chunk.
+@pytest.mark.parametrize("block_size", [16, 48, 7])
+@pytest.mark.parametrize("name", ["llama", "wide_groups", "mistral_window"])
+def test_decode_layer_reads_keys_through_block_tables(ops, isa, mode, name, block_size):
+    config = WIDE_GROUPS if name == "wide_groups" else CONFIGS[name]
+    fused, reference = layer_pair(config, mode)
+    positions = [300, 5, 170, 300]
+    num_blocks = sum(p // block_size + 1 for p in positions) + 3  # three never used
+    order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(6)).tolist()
+    tables = []
+    for p in positions:
+        tables.append(order[:p // block_size + 1])
+        order = order[p // block_size + 1:]
+    assert_layers_agree(config, fused, reference, positions, num_blocks, block_size, tables)
 
 
 @pytest.mark.parametrize("rows,k,m", [(1, 576, 1000), (3, 37, 13), (8, 1536, 67), (5, 8, 3)])

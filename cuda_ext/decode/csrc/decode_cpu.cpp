@@ -95,18 +95,13 @@ void add_norm(const float* residual, float* z, const float* w, int64_t rows, int
 // Keys per unit of attention work: a KV head's cache is split into chunks of at most this many
 // positions, attended separately (on any thread) and merged, so that one sequence's few KV heads
 // keep both threads streaming (three heads on two threads left one idle a third of the time). 128
-// keys of K and V at hd 64 are 64 KB: they stay in L1/L2 while the group's query heads reread them.
+// keys of K and V at hd 64 are 64 KB: they stay in L1/L2 while the kernel's passes reread them. A
+// chunk spans blocks (the kernel walks the block table): chunks of one 16-position block each made
+// the per-chunk work (softmax, merge) cost more than the keys' (decode with 800 keys ran at half the
+// memory bandwidth its KV reads needed).
 constexpr int64_t kKeysPerChunk = 128;
 
-// A chunk's keys must be consecutive in memory, so a chunk never crosses a block: the block size,
-// halved while it is over kKeysPerChunk and even (an unpaged cache is one block of 2048 per row).
-int64_t chunk_keys(int64_t block_size) {
-  int64_t keys = block_size;
-  while (keys > kKeysPerChunk && keys % 2 == 0) keys /= 2;
-  return keys;
-}
-
-int64_t key_chunks(int64_t kv_len, int64_t keys_per_chunk) { return (kv_len + keys_per_chunk - 1) / keys_per_chunk; }
+int64_t key_chunks(int64_t kv_len) { return (kv_len + kKeysPerChunk - 1) / kKeysPerChunk; }
 
 // attn[n, heads of KV head g] = softmax(q kᵀ + mask) v over the first kv_len positions of row n's
 // blocks (table: [N, width], blocks of block_size positions), for N tokens × Hkv KV heads, each
@@ -116,13 +111,13 @@ int64_t key_chunks(int64_t kv_len, int64_t keys_per_chunk) { return (kv_len + ke
 void attend_cache(const DecodeKernels& k, const float* qkv, int64_t qkv_size, const float* kc, const float* vc,
                   const float* mask, const int64_t* table, int64_t width, int64_t rows, int64_t hkv, int64_t group,
                   int64_t block_size, int64_t hd, int64_t kv_len, float* scores, float* chunk_out, float* attn) {
-  const int64_t per_chunk = chunk_keys(block_size), chunks = key_chunks(kv_len, per_chunk), q_size = hkv * group * hd;
+  const int64_t chunks = key_chunks(kv_len), q_size = hkv * group * hd;
   const int64_t stride = group * (hd + 2);  // chunk_out floats per chunk
-  const int64_t chunk_bytes = 2 * std::min(kv_len, per_chunk) * hd * static_cast<int64_t>(sizeof(float));
+  const int64_t chunk_bytes = 2 * std::min(kv_len, kKeysPerChunk) * hd * static_cast<int64_t>(sizeof(float));
   at::parallel_for(0, rows * hkv * chunks, grain(chunk_bytes), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t head = i / chunks, c = i % chunks, n = head / hkv, g = head % hkv;
-      const int64_t first = c * per_chunk, keys = std::min(per_chunk, kv_len - first);
+      const int64_t first = c * kKeysPerChunk, keys = std::min(kKeysPerChunk, kv_len - first);
       const float* m = mask != nullptr ? mask + n * kv_len + first : nullptr;
       float* part = chunk_out + i * stride;
       float* sums = part + group * (hd + 1);
@@ -130,9 +125,9 @@ void attend_cache(const DecodeKernels& k, const float* qkv, int64_t qkv_size, co
         std::fill_n(sums, group, 0.0f);
         continue;
       }
-      const int64_t block = table[n * width + first / block_size];  // row n's position `first`, KV head g:
-      const int64_t cache_at = ((block * hkv + g) * block_size + first % block_size) * hd;
-      k.attend({qkv + n * qkv_size + g * group * hd, kc + cache_at, vc + cache_at, m, keys, group, hd,
+      const int64_t head_at = g * block_size * hd;  // KV head g of block 0: the cache is [blocks, Hkv, bs, hd]
+      k.attend({qkv + n * qkv_size + g * group * hd, kc + head_at, vc + head_at, table + n * width + first / block_size,
+                hkv * block_size * hd, block_size, first % block_size, m, keys, group, hd,
                 scores + head * group * kv_len + first * group, part, part + group * hd, sums});
     }
   });
@@ -317,7 +312,7 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
   thread_local std::vector<float> scratch;
   const int64_t sizes[] = {rows * d, rows * qkv_size, rows * q_size, rows * d, rows * 2 * inter, rows * inter,
                            rows * hkv * group * kv_len,
-                           rows * hkv * key_chunks(kv_len, chunk_keys(block_size)) * group * (hd + 2)};
+                           rows * hkv * key_chunks(kv_len) * group * (hd + 2)};
   int64_t total = 0;
   for (int64_t s : sizes) total += s;
   if (static_cast<int64_t>(scratch.size()) < total) scratch.resize(total);

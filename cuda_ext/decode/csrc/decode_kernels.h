@@ -42,8 +42,8 @@ struct Kernels {
   static constexpr int64_t kTokenBlock = 96;
 
   // acc[v][n] = Σ_i w(group vector v)[i] · x[n, i] for NB tokens; w: the group's first panel.
-  template <bool Prefetch, int VW, int NB>
-  static void panel_block(const float* w, int64_t k, const float* x, V acc[kGroupVecs][kPanelTokens]) {
+  template <bool Prefetch, int VW, int NB, int T>
+  static void panel_block(const float* w, int64_t k, const float* x, V (&acc)[VW][T]) {
     for (int v = 0; v < VW; ++v)
       for (int n = 0; n < NB; ++n) acc[v][n] = V::zero();
     const int64_t panel = k * kPanel;
@@ -63,22 +63,22 @@ struct Kernels {
     }
   }
 
-  template <bool Prefetch, int VW, int T>
-  static void panel_tokens(int64_t nb, const float* w, int64_t k, const float* x, V acc[kGroupVecs][kPanelTokens]) {
-    if constexpr (T > 1) {
-      if (nb < T) return panel_tokens<Prefetch, VW, T - 1>(nb, w, k, x, acc);
+  template <bool Prefetch, int VW, int NB, int T>
+  static void panel_tokens(int64_t nb, const float* w, int64_t k, const float* x, V (&acc)[VW][T]) {
+    if constexpr (NB > 1) {
+      if (nb < NB) return panel_tokens<Prefetch, VW, NB - 1, T>(nb, w, k, x, acc);
     }
-    panel_block<Prefetch, VW, T>(w, k, x, acc);
+    panel_block<Prefetch, VW, NB, T>(w, k, x, acc);
   }
 
-  // Outputs m … min(m + VW·L, end) - 1 for tokens n_lo … n_hi - 1.
-  template <bool Prefetch, int VW>
+  // Outputs m … min(m + VW·L, end) - 1 for tokens n_lo … n_hi - 1, T tokens a pass.
+  template <bool Prefetch, int VW, int T>
   static void panel_group(const MatvecArgs& a, int64_t m, int64_t end, int64_t n_lo, int64_t n_hi) {
     const float* w = a.w + (m / kPanel) * a.k * kPanel;
-    for (int64_t n0 = n_lo; n0 < n_hi; n0 += kPanelTokens) {
-      const int64_t nb = n_hi - n0 < kPanelTokens ? n_hi - n0 : kPanelTokens;
-      V acc[kGroupVecs][kPanelTokens];
-      panel_tokens<Prefetch, VW, kPanelTokens>(nb, w, a.k, a.x + n0 * a.k, acc);
+    for (int64_t n0 = n_lo; n0 < n_hi; n0 += T) {
+      const int64_t nb = n_hi - n0 < T ? n_hi - n0 : T;
+      V acc[VW][T];
+      panel_tokens<Prefetch, VW, T, T>(nb, w, a.k, a.x + n0 * a.k, acc);
       for (int64_t n = 0; n < nb; ++n) {
         for (int v = 0; v < VW; ++v) {
           const int64_t first = m + v * L, width = end - first < L ? end - first : L;
@@ -99,25 +99,34 @@ struct Kernels {
     }
   }
 
+  // Outputs m0 … m1-1 for tokens n_lo … n_hi - 1, VW vectors of outputs (fewer at the end) by T tokens a pass.
+  template <bool Prefetch, int VW, int T>
+  static void panel_groups(const MatvecArgs& a, int64_t m0, int64_t m1, int64_t n_lo, int64_t n_hi) {
+    for (int64_t m = m0; m < m1; m += VW * L) {
+      const int64_t end = m1 - m < VW * L ? m1 : m + VW * L, vecs = (end - m + L - 1) / L;
+      if constexpr (VW > 1) {
+        if (vecs < VW) return panel_groups<Prefetch, VW - 1, T>(a, m, m1, n_lo, n_hi);
+      }
+      panel_group<Prefetch, VW, T>(a, m, end, n_lo, n_hi);
+    }
+  }
+
   // Outputs m0 … m1-1 (m0 a multiple of kPanel) of a product over panel-packed weights. Many tokens
   // go kTokenBlock at a time, each block over all the outputs, so the block's x stays in L2 while
-  // the weights stream past it (a prompt's 512 tokens of x at K = 1536 are 3 MB).
+  // the weights stream past it (a prompt's 512 tokens of x at K = 1536 are 3 MB). On AVX-512, 7 or 8
+  // tokens (batched decode) go in one pass of three vectors by 8 tokens: a second pass of four vectors
+  // by 6 for the last one or two rereads every weight from L2 for little work (bench/products.py).
   template <bool Prefetch>
   static void panel_product(const MatvecArgs& a, int64_t m0, int64_t m1) {
     for (int64_t n_lo = 0; n_lo < a.rows; n_lo += kTokenBlock) {
       const int64_t n_hi = a.rows - n_lo < kTokenBlock ? a.rows : n_lo + kTokenBlock;
-      for (int64_t m = m0; m < m1; m += kGroup) {
-        const int64_t end = m1 - m < kGroup ? m1 : m + kGroup, vecs = (end - m + L - 1) / L;
-        if constexpr (kGroupVecs >= 4) {
-          if (vecs == 4) { panel_group<Prefetch, 4>(a, m, end, n_lo, n_hi); continue; }
-          if (vecs == 3) { panel_group<Prefetch, 3>(a, m, end, n_lo, n_hi); continue; }
-        }
-        if (vecs >= 2) {
-          panel_group<Prefetch, 2>(a, m, end, n_lo, n_hi);
-        } else {
-          panel_group<Prefetch, 1>(a, m, end, n_lo, n_hi);
+      if constexpr (kGroupVecs == 4) {
+        if (n_hi - n_lo > kPanelTokens && n_hi - n_lo <= 8) {
+          panel_groups<Prefetch, 3, 8>(a, m0, m1, n_lo, n_hi);
+          continue;
         }
       }
+      panel_groups<Prefetch, kGroupVecs, kPanelTokens>(a, m0, m1, n_lo, n_hi);
     }
   }
 
@@ -233,14 +242,6 @@ struct Kernels {
     }
   }
 
-  static float dot(const float* a, const float* b, int64_t n) {
-    V acc = V::zero();
-    int64_t i = 0;
-    for (; i + L <= n; i += L) acc = V::fma(V::load(a + i), V::load(b + i), acc);
-    if (i < n) acc = V::fma(V::load_first(a + i, n - i), V::load_first(b + i, n - i), acc);
-    return acc.sum();
-  }
-
   // s[0 … T-1] → softmax(s) in place; *max_out = max(s), *sum_out = Σ e^(s - max).
   static void softmax(float* s, int64_t t, float* max_out, float* sum_out) {
     V top = V::set1(-3.0e38f);
@@ -267,36 +268,103 @@ struct Kernels {
     if (i < t) (V::load_first(s + i, t - i) * inv).store_first(s + i, t - i);
   }
 
-  static void attend(const AttendArgs& a) {
-    const int64_t t = a.keys, hd = a.head_dim;
-    for (int64_t j = 0; j < a.group; ++j) {
-      float* s = a.scores + j * t;
-      for (int64_t p = 0; p < t; ++p) s[p] = dot(a.q + j * hd, a.k + p * hd, hd) + (a.mask != nullptr ? a.mask[p] : 0.0f);
-      softmax(s, t, a.max + j, a.sum + j);
+  // Calls run(i, n, k, v) for each stretch of consecutive keys i … i + n - 1 (one block's, at most):
+  // their K rows at k, V rows at v, [n, hd] each.
+  template <class Run>
+  static void for_each_run(const AttendArgs& a, const Run& run) {
+    int64_t offset = a.first;
+    for (int64_t i = 0, b = 0; i < a.keys; ++b) {
+      const int64_t n = a.block_size - offset < a.keys - i ? a.block_size - offset : a.keys - i;
+      const int64_t at = a.blocks[b] * a.block_stride + offset * a.head_dim;
+      run(i, n, a.k + at, a.v + at);
+      i += n;
+      offset = 0;
     }
-    // out[j] = Σ_p s[j, p] · v[p], 4 vectors of the head at a time in registers.
-    for (int64_t j = 0; j < a.group; ++j) {
-      const float* s = a.scores + j * t;
-      float* out = a.out + j * hd;
-      for (int64_t c = 0; c < hd; c += 4 * L) {
-        const int64_t width = hd - c < 4 * L ? hd - c : 4 * L;
-        V acc[4] = {V::zero(), V::zero(), V::zero(), V::zero()};
-        for (int64_t p = 0; p < t; ++p) {
-          const V weight = V::set1(s[p]);
-          const float* v = a.v + p * hd + c;
-          for (int u = 0; u < 4; ++u) {
-            const int64_t left = width - u * L;
-            if (left >= L) acc[u] = V::fma(weight, V::load(v + u * L), acc[u]);
-            else if (left > 0) acc[u] = V::fma(weight, V::load_first(v + u * L, left), acc[u]);
+  }
+
+  // Query heads per pass over the keys: each key's K (V) row, loaded once, feeds this many heads.
+  static constexpr int kHeads = L == 16 ? 4 : 2;
+  // Vectors of the head dimension per pass of the weighted sum of V: kHeads × kHeadVecs accumulators.
+  static constexpr int kHeadVecs = 4;
+
+  // s[j, i] = q[j] · k[i] (+ mask[i]) for the H query heads from j0.
+  template <int H>
+  static void scores(const AttendArgs& a, int64_t j0) {
+    const int64_t hd = a.head_dim;
+    for_each_run(a, [&](int64_t i0, int64_t n, const float* k, const float*) {
+      for (int64_t i = 0; i < n; ++i) {
+        V acc[H];
+        for (int h = 0; h < H; ++h) acc[h] = V::zero();
+        for (int64_t c = 0; c < hd; c += L) {
+          const int64_t left = hd - c;
+          const V kv = left >= L ? V::load(k + i * hd + c) : V::load_first(k + i * hd + c, left);
+          for (int h = 0; h < H; ++h) {
+            const float* q = a.q + (j0 + h) * hd + c;
+            acc[h] = V::fma(left >= L ? V::load(q) : V::load_first(q, left), kv, acc[h]);
           }
         }
-        for (int u = 0; u < 4; ++u) {
+        const float bias = a.mask != nullptr ? a.mask[i0 + i] : 0.0f;
+        for (int h = 0; h < H; ++h) a.scores[(j0 + h) * a.keys + i0 + i] = acc[h].sum() + bias;
+      }
+    });
+  }
+
+  // out[j, c … c + VW·L) = Σ_i s[j, i] · v[i, c …] for the H query heads from j0.
+  template <int H, int VW>
+  static void weighted_values(const AttendArgs& a, int64_t j0, int64_t c) {
+    const int64_t hd = a.head_dim, width = hd - c;
+    V acc[H][VW];
+    for (int h = 0; h < H; ++h)
+      for (int u = 0; u < VW; ++u) acc[h][u] = V::zero();
+    for_each_run(a, [&](int64_t i0, int64_t n, const float*, const float* v) {
+      for (int64_t i = 0; i < n; ++i) {
+        V vv[VW];
+        for (int u = 0; u < VW; ++u) {
           const int64_t left = width - u * L;
-          if (left >= L) acc[u].store(out + c + u * L);
-          else if (left > 0) acc[u].store_first(out + c + u * L, left);
+          vv[u] = left >= L ? V::load(v + i * hd + c + u * L) : V::load_first(v + i * hd + c + u * L, left);
+        }
+        for (int h = 0; h < H; ++h) {
+          const V weight = V::set1(a.scores[(j0 + h) * a.keys + i0 + i]);
+          for (int u = 0; u < VW; ++u) acc[h][u] = V::fma(weight, vv[u], acc[h][u]);
         }
       }
+    });
+    for (int h = 0; h < H; ++h) {
+      for (int u = 0; u < VW; ++u) {
+        const int64_t left = width - u * L;
+        float* out = a.out + (j0 + h) * hd + c + u * L;
+        if (left >= L) acc[h][u].store(out);
+        else acc[h][u].store_first(out, left);
+      }
     }
+  }
+
+  // The heads j0 … j0 + H - 1, H ≤ kHeads.
+  template <int H>
+  static void attend_heads(const AttendArgs& a, int64_t j0) {
+    scores<H>(a, j0);
+    for (int h = 0; h < H; ++h) softmax(a.scores + (j0 + h) * a.keys, a.keys, a.max + j0 + h, a.sum + j0 + h);
+    for (int64_t c = 0; c < a.head_dim; c += kHeadVecs * L) {
+      switch ((a.head_dim - c + L - 1) / L) {
+        case 1: weighted_values<H, 1>(a, j0, c); break;
+        case 2: weighted_values<H, 2>(a, j0, c); break;
+        case 3: weighted_values<H, 3>(a, j0, c); break;
+        default: weighted_values<H, kHeadVecs>(a, j0, c);
+      }
+    }
+  }
+
+  template <int H>
+  static void attend_tail(const AttendArgs& a, int64_t j0, int64_t left) {
+    if constexpr (H > 1) {
+      if (left < H) return attend_tail<H - 1>(a, j0, left);
+    }
+    attend_heads<H>(a, j0);
+  }
+
+  // Up to kHeads query heads per pass, so that each key's K and V rows are read once per pass, not once per head.
+  static void attend(const AttendArgs& a) {
+    for (int64_t j0 = 0; j0 < a.group; j0 += kHeads) attend_tail<kHeads>(a, j0, a.group - j0);
   }
 };
 

@@ -24,19 +24,25 @@ struct MatvecArgs {
 // One KV head of one sequence over T of its keys: softmax(q kᵀ + mask) v for the `group` query
 // heads sharing it, and for each head the softmax's max score and Σ e^(score - max), by which
 // results over different key ranges of one head merge (decode_cpu.cpp). The softmax scale is
-// already in q (folded into the Q weights).
+// already in q (folded into the Q weights). The keys lie in blocks of the paged cache: key i is
+// at position first + i of the sequence's blocks, blocks[(first + i) / block_size] at offset
+// (first + i) % block_size, its K at k + block · block_stride + offset · hd (V likewise).
 struct AttendArgs {
-  const float* q;       // [group, hd]
-  const float* k;       // [T, hd]: keys at consecutive cache positions
-  const float* v;       // [T, hd]
-  const float* mask;    // [T] additive (0 / -inf), or null: every key is seen
-  int64_t keys;         // T
-  int64_t group;        // query heads per KV head
-  int64_t head_dim;     // hd
-  float* scores;        // [group, T] scratch
-  float* out;           // [group, hd]
-  float* max;           // [group]
-  float* sum;           // [group]
+  const float* q;         // [group, hd]
+  const float* k;         // the cache's K at block 0, offset 0, of this KV head
+  const float* v;         // the same in the V cache
+  const int64_t* blocks;  // the sequence's block table from the block holding the first key
+  int64_t block_stride;   // floats between one block's keys of this KV head and the next block's
+  int64_t block_size;
+  int64_t first;          // offset of the first key in blocks[0]: < block_size
+  const float* mask;      // [T] additive (0 / -inf), or null: every key is seen
+  int64_t keys;           // T
+  int64_t group;          // query heads per KV head
+  int64_t head_dim;       // hd
+  float* scores;          // [group, T] scratch
+  float* out;             // [group, hd]
+  float* max;             // [group]
+  float* sum;             // [group]
 };
 
 // Panel-packed weights: [ceil(M / kPanel), K, kPanel], panel p holding outputs kPanel·p … kPanel·p + kPanel - 1
