@@ -30,7 +30,7 @@ import time
 from collections import deque
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -433,8 +433,9 @@ class Engine:
     def _positions(self, seq: _Sequence, start: int, end: int) -> Tensor | None:
         return None if seq.positions is None else seq.positions[..., start:end]
 
-    def _prefilled(self, seq: _Sequence, end: int, logits: Tensor) -> int:
-        """The prompt is in the cache up to `end`: cache the blocks now final; at the prompt's end pick the first token."""
+    def _prefilled(self, seq: _Sequence, end: int, finals: Iterator[Tensor]) -> int:
+        """The prompt is in the cache up to `end`: cache the blocks now final; at the prompt's end pick the first token
+        from the next of `finals` (the logits of the step's chunks that end their prompt, in order)."""
         bs = self.block_tokens
         for i in range(seq.computed // bs, min(end // bs, len(seq.hashes))):  # prompt blocks: their hashes cover the prompt
             self._register(seq, i, seq.prompt_ids[i * bs : (i + 1) * bs])
@@ -442,7 +443,7 @@ class Engine:
         if end < len(seq.prompt_ids):
             return 0
         seq.length = end
-        self._accept(seq, self._pick(seq, logits))
+        self._accept(seq, self._pick(seq, next(finals)))
         return 1
 
     def _chunk_end(self, seq: _Sequence, budget: int) -> int:
@@ -487,8 +488,9 @@ class Engine:
                 for seq, _, end in chunks:
                     self._grow(seq, end)
                 logits, chunk_logits = self.model.step(ids, positions, self.cache, rope_positions, tables, [
-                    Chunk(seq.prompt[start:end], seq.blocks, start, seq.ranges, seq.rows, self._positions(seq, start, end))
-                    for seq, start, end in chunks])  # [N, V], [C, V]
+                    Chunk(seq.prompt[start:end], seq.blocks, start, seq.ranges, seq.rows, self._positions(seq, start, end),
+                          final=end == len(seq.prompt_ids))
+                    for seq, start, end in chunks])  # [N, V], [chunks that end their prompt, V]
             else:
                 logits = self.model.decode(ids, positions, self.cache, rope_positions, tables=tables)  # [N, V]
         except Exception as exc:  # noqa: BLE001 - one bad step must not stop the engine
@@ -502,7 +504,8 @@ class Engine:
                 self._register_filled(seq)
             plain_greedy = seq.request.params.greedy and not seq.request.params.needs_penalty
             self._accept(seq, argmax[i] if plain_greedy else self._pick(seq, logits[i]))
-        return len(running) + sum(self._prefilled(seq, end, chunk_logits[i]) for i, (seq, _, end) in enumerate(chunks))
+        finals = iter(chunk_logits if chunks else ())
+        return len(running) + sum(self._prefilled(seq, end, finals) for seq, _, end in chunks)
 
     def _register_filled(self, seq: _Sequence) -> None:
         """Cache the block decoding just filled (generated tokens are text: no image runs on past it)."""

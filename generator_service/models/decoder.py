@@ -275,7 +275,8 @@ class MixedBatch:
 @dataclass(frozen=True)
 class Chunk:
     """Prompt tokens of one sequence for a forward: ids Long[S] at positions start … start+S-1 of its block
-    table; ranges/rows: its bound containers; positions: RoPE positions where they are not the cache's (M-RoPE)."""
+    table; ranges/rows: its bound containers; positions: RoPE positions where they are not the cache's (M-RoPE);
+    final: the chunk ends its prompt, and its last token's logits are wanted."""
 
     ids: Tensor
     table: Sequence[int]
@@ -283,6 +284,7 @@ class Chunk:
     ranges: Tensor | None = None
     rows: Tensor | None = None
     positions: Tensor | None = None
+    final: bool = True
 
 
 def image_blocks(ids: Tensor, base: int) -> Tensor | None:

@@ -51,6 +51,9 @@ from shared.modeling.layers import (
 )
 from shared.store.token_ids import EMBEDDING_INDEX_BASE
 
+# Chunk tokens up to which a step runs them as decode rows through the fused decode kernel (`step`).
+FUSED_CHUNK_TOKENS = 32
+
 # transformers' LlamaConfig defaults: LLaVA configs often leave text_config fields at them.
 _LLAMA_DEFAULTS = {
     "vocab_size": 32000,
@@ -306,14 +309,46 @@ class LlamaForCausalLM(nn.Module):
         chunks: Sequence[Chunk],
     ) -> tuple[Tensor, Tensor]:
         """`decode(ids, positions, cache, rope_positions, tables)` (no rows: ids empty) and a `prefill` of each chunk in
-        one forward, every weight read once for all → (logits [N, V], each chunk's last token's [C, V])."""
-        parts = [self.prefill_batches(c.ids, cache, c.table, c.start, c.positions) for c in chunks]  # [C][kinds]
-        if ids.numel():
-            parts.insert(0, self.decode_batches(positions, cache, rope_positions, tables))
-        batches = [MixedBatch(list(kind)) if len(parts) > 1 else kind[0] for kind in zip(*parts)]
+        one forward, every weight read once for all → (logits [N, V], the last token's [F, V] of each of the F chunks
+        that are `final`)."""
         x = torch.cat([self.embed(ids)] + [self.embed(c.ids, c.ranges, c.rows) for c in chunks])  # [N + ΣS, D]
+        if self._rows_of_one_decode(chunks):
+            batches = self.chunk_rows_batches(positions, cache, rope_positions, tables, chunks)
+        else:
+            parts = [self.prefill_batches(c.ids, cache, c.table, c.start, c.positions) for c in chunks]  # [C][kinds]
+            if ids.numel():
+                parts.insert(0, self.decode_batches(positions, cache, rope_positions, tables))
+            batches = [MixedBatch(list(kind)) if len(parts) > 1 else kind[0] for kind in zip(*parts)]
         hidden = self.forward(x, cache, batches)  # [N + ΣS, D]
         n = ids.shape[0]
         ends = torch.tensor([c.ids.shape[0] for c in chunks], device=hidden.device).cumsum(0) + n - 1  # each chunk's last token
-        logits = self.logits(torch.cat([hidden[:n], hidden[ends]]))  # [N + C, V]
+        final = ends[torch.tensor([c.final for c in chunks], dtype=torch.bool, device=hidden.device)]
+        logits = self.logits(torch.cat([hidden[:n], hidden[final]]))  # [N + F, V]
         return logits[:n], logits[n:]
+
+    def _rows_of_one_decode(self, chunks: Sequence[Chunk]) -> bool:
+        """Whether this step's chunks run as decode rows through the fused decode kernel (`chunk_rows_batches`):
+        where there is one, without bidirectional images (a row there would see later positions), and for few
+        chunk tokens: the kernel attends row by row, rereading a sequence's keys for each of its tokens, which
+        for a long chunk costs more than the torch path's once-per-step overhead saves."""
+        tokens = sum(c.ids.shape[0] for c in chunks)
+        return (0 < tokens <= FUSED_CHUNK_TOKENS and self.model.layers[0].fused_decode is not None
+                and not self.config.bidirectional_images)
+
+    def chunk_rows_batches(self, positions: list[int], cache: KVCache, rope_positions: list[int] | None,
+                           tables: list[list[int]], chunks: Sequence[Chunk]) -> list[ForwardBatch]:
+        """One decode `ForwardBatch` per attention kind for the decode rows and every chunk token as a row of its own:
+        a prompt token at position p attends over its sequence's first p + 1 positions, as a decoding token there
+        would, and the kernel writes every row's keys before any row attends."""
+        spans = [range(c.start, c.start + c.ids.shape[0]) for c in chunks]
+        row_positions = positions + [p for span in spans for p in span]
+        row_tables = tables + [list(c.table) for c, span in zip(chunks, spans) for _ in span]
+        batches = self.decode_batches(row_positions, cache, None, row_tables)
+        if rope_positions is None and all(c.positions is None for c in chunks):
+            return batches  # RoPE at the cache positions, as decode_batches made it
+        decode_rope = torch.tensor(positions if rope_positions is None else rope_positions, dtype=torch.long, device=self.device)
+        for (rope, _), batch in zip(self.kinds, batches):
+            batch.rotations = torch.cat([rope[decode_rope].unsqueeze(1)] + [
+                rope[span.start : span.stop].unsqueeze(1) if c.positions is None else rope_rotations(rope, c.positions.to(self.device), self.mrope)
+                for c, span in zip(chunks, spans)])  # [N + ΣS, 1, hd/2]
+        return batches

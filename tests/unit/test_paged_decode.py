@@ -60,14 +60,18 @@ def test_a_block_table_too_short_for_its_position_is_refused():
 
 
 @pytest.mark.parametrize("decoding", [True, False], ids=["with-decode-rows", "chunks-only"])
-@pytest.mark.parametrize("kernel", ["auto", "reference"])
-def test_decode_rows_and_chunks_in_one_forward_equal_each_alone(demo_model, mode, kernel, decoding):
+# The kernel runs few chunk tokens as decode rows of its own; past FUSED_CHUNK_TOKENS the torch layers run the step.
+@pytest.mark.parametrize("kernel,chunk_rows", [("auto", True), ("auto", False), ("reference", False)],
+                         ids=["kernel-chunk-rows", "kernel-torch-layers", "reference"])
+def test_decode_rows_and_chunks_in_one_forward_equal_each_alone(demo_model, mode, monkeypatch, kernel, chunk_rows, decoding):
     """The mixed step: 3 sequences' decode tokens, a chunk of a fourth (after its first chunk) and a fifth's whole
     prompt through one forward, against a decode and two prefills."""
+    from generator_service.models import llama
     from generator_service.models.decoder import Chunk
     from generator_service.models.llama import LlamaForCausalLM
 
     mode(kernel)
+    monkeypatch.setattr(llama, "FUSED_CHUNK_TOKENS", 64 if chunk_rows else 0)  # this step's chunks: 35 tokens
     model = LlamaForCausalLM.from_checkpoint(demo_model)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 200, (n,), generator=g) for n in (9, 20, 33, 30, 17)]
@@ -80,11 +84,26 @@ def test_decode_rows_and_chunks_in_one_forward_equal_each_alone(demo_model, mode
         model.prefill(prompts[3][:12], cache, tables[3])
         ids, positions = (torch.tensor([5, 6, 7]), [len(p) for p in prompts[:3]]) if decoding else (torch.tensor([], dtype=torch.long), [])
         if together:
-            logits, chunk_logits = model.step(ids, positions, cache, None, tables[:len(positions)],
-                                              [Chunk(prompts[3][12:], tables[3], 12), Chunk(prompts[4], tables[4])])
+            chunks = [Chunk(prompts[3][12:], tables[3], 12), Chunk(prompts[4], tables[4])]
+            assert model._rows_of_one_decode(chunks) is chunk_rows
+            logits, chunk_logits = model.step(ids, positions, cache, None, tables[:len(positions)], chunks)
             results.append((*([logits] if decoding else []), chunk_logits[:1], chunk_logits[1:]))
         else:
             alone = [model.decode(ids, positions, cache, tables=tables[:3])] if decoding else []
             results.append((*alone, model.prefill(prompts[3][12:], cache, tables[3], 12), model.prefill(prompts[4], cache, tables[4])))
     for alone, together in zip(*results):
         torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_only_chunks_that_end_their_prompt_get_logits(demo_model):
+    from generator_service.models.decoder import Chunk
+    from generator_service.models.llama import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_checkpoint(demo_model)
+    g = torch.Generator().manual_seed(4)
+    first, second = torch.randint(3, 200, (20,), generator=g), torch.randint(3, 200, (9,), generator=g)
+    cache = model.new_cache(4, BLOCK)
+    none = torch.tensor([], dtype=torch.long)
+    _, chunk_logits = model.step(none, [], cache, None, [], [Chunk(first[:12], [0, 1], final=False), Chunk(second, [2])])
+    assert chunk_logits.shape[0] == 1  # the second chunk's: the first prompt goes on in a later step
+    torch.testing.assert_close(chunk_logits, model.prefill(second, model.new_cache(1, BLOCK), [0]), rtol=1e-4, atol=1e-4)

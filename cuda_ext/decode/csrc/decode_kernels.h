@@ -203,11 +203,16 @@ struct Kernels {
     rows_in_blocks<Prefetch, kRows, kTokens>(a, m0, m1);
   }
 
-  // e^x to about 1 ulp (Cephes' expf: e^x = 2^n · e^r, |r| ≤ ln2/2, a degree-6 polynomial).
-  // Clamped to [-87.3, 88.7], so e^-inf comes out as 1e-38, not 0: as a softmax weight
-  // beside the maximum's 1 that is 0 in float32 arithmetic.
+  // e^x to about 1 ulp (Cephes' expf: e^x = 2^n · e^r, |r| ≤ ln2/2, a degree-6 polynomial), for
+  // x ≤ 88.7 (clamped there); 0 below -87.3, where e^x is no longer a normal float: a masked key's
+  // softmax weight (e^-inf) must be 0, not 1e-38, whose products with the values are subnormal and
+  // cost ~100× an FMA each (a batch whose rows see different lengths decoded at half speed).
   static V exp(V x) {
-    x = V::min(V::max(x, V::set1(-87.3f)), V::set1(88.7f));
+    const V low = V::set1(-87.3f);
+    return V::zero_below(exp_normal(V::min(V::max(x, low), V::set1(88.7f))), x, low);
+  }
+
+  static V exp_normal(V x) {
     const V n = V::round(x * V::set1(1.44269504088896341f));
     V r = V::fma(n, V::set1(-0.693359375f), x);  // ln 2 in two parts: n · ln2 without rounding error
     r = V::fma(n, V::set1(2.12194440e-4f), r);

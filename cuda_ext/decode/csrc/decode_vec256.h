@@ -28,6 +28,8 @@ struct Vec {
   static Vec fma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
   static Vec max(Vec a, Vec b) { return {_mm256_max_ps(a.v, b.v)}; }
   static Vec min(Vec a, Vec b) { return {_mm256_min_ps(a.v, b.v)}; }
+  // a where x ≥ limit, else 0.
+  static Vec zero_below(Vec a, Vec x, Vec limit) { return {_mm256_and_ps(_mm256_cmp_ps(x.v, limit.v, _CMP_GE_OQ), a.v)}; }
   static Vec round(Vec a) { return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
   // a · 2^n for integral n in [-127, 127] (the caller clamps): n goes straight into the exponent
   // bits, in two halves so that n = -127 (a subnormal 2^-127) still comes out as a normal product.
