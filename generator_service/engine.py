@@ -407,6 +407,8 @@ class Engine:
             if budget <= 0:
                 break
             end = self._chunk_end(seq, budget)
+            if chunks and end - seq.computed > budget:
+                break  # an image that goes whole (bidirectional) and overruns the budget: a step of its own
             budget -= end - seq.computed
             chunks.append((seq, seq.computed, end))
         return chunks

@@ -223,13 +223,15 @@ class ForwardBatch:
     @classmethod
     def for_decode(
         cls, rope: Tensor, positions: list[int], cache: KVCache, num_kv_heads: int, dtype, rope_positions: list[int] | None = None,
-        sliding_window: int | None = None, tables: list[list[int]] | None = None,
+        sliding_window: int | None = None, tables: list[list[int]] | None = None, limits: list[int] | None = None,
     ) -> ForwardBatch:
         """positions[b]: where row b's token goes; host ints, so building the batch needs no device sync.
 
         rope_positions[b]: row b's RoPE position when it is not its cache position (M-RoPE:
         text after an image continues from the image's largest position + 1).
         tables[b]: row b's block table, covering positions[b] + 1 positions; None: row b of an unpaged cache ([b]).
+        limits[b]: the last position row b sees, where not positions[b]: a prompt token inside an image that
+        attends both ways (Gemma 3) sees the whole image, whose later tokens are rows of the same forward.
         """
         device = rope.device
         n, kv_len = len(positions), max(positions) + 1
@@ -245,9 +247,10 @@ class ForwardBatch:
         read_index = cache.flat_rows(table, torch.arange(kv_len, device=device).expand(n, kv_len)).transpose(1, 2)  # [N, Hkv, T]
         mask = None
         windowed = sliding_window is not None and kv_len > sliding_window
-        if windowed or any(p != kv_len - 1 for p in positions):  # rows of different lengths: hide each row's unused tail
+        last = positions if limits is None else limits
+        if windowed or any(p != kv_len - 1 for p in last):  # rows of different lengths: hide each row's unused tail
             keys = torch.arange(kv_len, device=device)[None, :]
-            keep = keys <= pos[:, None]  # [N, T]
+            keep = keys <= (pos if limits is None else torch.tensor(limits, device=device))[:, None]  # [N, T]
             if windowed:  # and the keys that slid out of the window
                 keep &= keys > pos[:, None] - sliding_window
             mask = torch.zeros(n, 1, 1, kv_len, dtype=dtype, device=device)
@@ -295,6 +298,17 @@ def image_blocks(ids: Tensor, base: int) -> Tensor | None:
         return None
     starts = is_image & ~F.pad(is_image, (1, 0))[:-1]  # an image token after a text token
     return torch.where(is_image, starts.cumsum(0) - 1, -1)
+
+
+def image_limits(ids: Tensor, start: int, base: int) -> list[int]:
+    """ids: Long[S] at positions start … start+S-1 → the last position each token attends to where images attend
+    both ways: its own for text, its image's last (a run of IDs ≥ `base`, as `image_blocks` counts) for an image's."""
+    limits = list(range(start, start + ids.shape[0]))
+    is_image = (ids >= base).tolist()
+    for i in reversed(range(len(limits) - 1)):
+        if is_image[i] and is_image[i + 1]:
+            limits[i] = limits[i + 1]
+    return limits
 
 
 # ---------------------------------------------------------------------------

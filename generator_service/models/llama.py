@@ -37,6 +37,7 @@ from generator_service.models.decoder import (
     KVCache,
     MixedBatch,
     image_blocks,
+    image_limits,
 )
 from shared.config.errors import CheckpointError
 from shared.modeling.checkpoint import Checkpoint
@@ -51,8 +52,10 @@ from shared.modeling.layers import (
 )
 from shared.store.token_ids import EMBEDDING_INDEX_BASE
 
-# Chunk tokens up to which a step runs them as decode rows through the fused decode kernel (`step`).
-FUSED_CHUNK_TOKENS = 32
+# Up to how many chunk tokens, attending over how many keys in all, a step runs them as decode rows of the
+# fused decode kernel (`LlamaForCausalLM._rows_of_one_decode`).
+FUSED_CHUNK_TOKENS = 128
+FUSED_CHUNK_KEYS = 32768
 
 # transformers' LlamaConfig defaults: LLaVA configs often leave text_config fields at them.
 _LLAMA_DEFAULTS = {
@@ -295,11 +298,11 @@ class LlamaForCausalLM(nn.Module):
         return self.logits(self.forward(self.embed(ids), cache, self.decode_batches(positions, cache, rope_positions, tables)))
 
     def decode_batches(self, positions: list[int], cache: KVCache, rope_positions: list[int] | None,
-                       tables: list[list[int]] | None) -> list[ForwardBatch]:
-        """One `ForwardBatch` per attention kind for a decode step (see `decode`)."""
+                       tables: list[list[int]] | None, limits: list[int] | None = None) -> list[ForwardBatch]:
+        """One `ForwardBatch` per attention kind for a decode step (see `decode`; limits: `ForwardBatch.for_decode`'s)."""
         return [
             ForwardBatch.for_decode(rope, positions, cache, self.config.num_kv_heads, self.dtype, rope_positions,
-                                    sliding_window=window, tables=tables)
+                                    sliding_window=window, tables=tables, limits=limits)
             for rope, window in self.kinds
         ]
 
@@ -328,22 +331,27 @@ class LlamaForCausalLM(nn.Module):
 
     def _rows_of_one_decode(self, chunks: Sequence[Chunk]) -> bool:
         """Whether this step's chunks run as decode rows through the fused decode kernel (`chunk_rows_batches`):
-        where there is one, without bidirectional images (a row there would see later positions), and for few
-        chunk tokens: the kernel attends row by row, rereading a sequence's keys for each of its tokens, which
-        for a long chunk costs more than the torch path's once-per-step overhead saves."""
+        where there is one, and for chunks that attend over few keys: the kernel attends row by row, rereading a
+        sequence's keys for each of its tokens, which for long chunks deep into a prompt costs more than the torch
+        layers' overhead (~20-40 ms a step on bench-small) saves. bench-small Pixtral, 2026-12-06: 64 tokens at
+        positions 100-300 ran 1.34 ms a token this way and 1.57 in the torch layers; at 750-817, 2.43 and 2.01."""
         tokens = sum(c.ids.shape[0] for c in chunks)
-        return (0 < tokens <= FUSED_CHUNK_TOKENS and self.model.layers[0].fused_decode is not None
-                and not self.config.bidirectional_images)
+        keys = sum(c.ids.shape[0] * (c.start + c.ids.shape[0]) for c in chunks)
+        return 0 < tokens <= FUSED_CHUNK_TOKENS and keys <= FUSED_CHUNK_KEYS and self.model.layers[0].fused_decode is not None
 
     def chunk_rows_batches(self, positions: list[int], cache: KVCache, rope_positions: list[int] | None,
                            tables: list[list[int]], chunks: Sequence[Chunk]) -> list[ForwardBatch]:
         """One decode `ForwardBatch` per attention kind for the decode rows and every chunk token as a row of its own:
         a prompt token at position p attends over its sequence's first p + 1 positions, as a decoding token there
-        would, and the kernel writes every row's keys before any row attends."""
+        would (with bidirectional images, a token of an image over the whole image: chunks never split one), and
+        the kernel writes every row's keys before any row attends."""
         spans = [range(c.start, c.start + c.ids.shape[0]) for c in chunks]
         row_positions = positions + [p for span in spans for p in span]
         row_tables = tables + [list(c.table) for c, span in zip(chunks, spans) for _ in span]
-        batches = self.decode_batches(row_positions, cache, None, row_tables)
+        limits = None
+        if self.config.bidirectional_images:
+            limits = positions + [p for c, span in zip(chunks, spans) for p in image_limits(c.ids, span.start, EMBEDDING_INDEX_BASE)]
+        batches = self.decode_batches(row_positions, cache, None, row_tables, limits)
         if rope_positions is None and all(c.positions is None for c in chunks):
             return batches  # RoPE at the cache positions, as decode_batches made it
         decode_rope = torch.tensor(positions if rope_positions is None else rope_positions, dtype=torch.long, device=self.device)

@@ -259,3 +259,26 @@ def test_prefill_chunks_never_end_inside_an_image(s, monkeypatch):
         assert any(image_at < a < image_end for a, _ in spans)  # a hit ended inside the image
     else:
         assert inside and all(b - a == 5 for a, b in spans[:-1] if b != len(first))
+
+
+def test_an_image_that_overruns_the_chunk_budget_gets_a_step_of_its_own(s, monkeypatch):
+    """Two prompts arriving together, chunks of 5: a step's chunks stay within the budget, but for a whole image
+    (Gemma 3's go whole), which runs alone rather than on top of another prompt's chunk. The first prompt's last
+    chunk leaves budget over, and the second starts with its image."""
+    first = chat_ids(s, [user("Describe the picture.")])
+    first = first[:-1] if len(first) % 5 == 0 else first
+    second = list(range(s.container.first_token_id, s.container.first_token_id + s.container.num_tokens)) + first[-3:]
+    steps, step = [], s.lm.step
+
+    def recording(*args):
+        steps.append([chunk.ids.shape[0] for chunk in args[-1]])
+        return step(*args)
+
+    monkeypatch.setattr(s.lm, "step", recording)
+    plain = engine(s, prefix_cache=False, chunk=5)
+    handles = [plain.submit(GenerationRequest(ids, SamplingParams(temperature=0, max_tokens=2), [s.container]))
+               for ids in (first, second)]
+    plain.run_until_idle()
+    assert all(len(h.result().token_ids) == 2 for h in handles)
+    assert all(len(sizes) == 1 for sizes in steps if sum(sizes) > 5)
+    assert any(sum(sizes) > 5 for sizes in steps) == s.lm.config.bidirectional_images  # only an image goes whole

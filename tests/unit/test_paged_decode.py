@@ -107,3 +107,32 @@ def test_only_chunks_that_end_their_prompt_get_logits(demo_model):
     _, chunk_logits = model.step(none, [], cache, None, [], [Chunk(first[:12], [0, 1], final=False), Chunk(second, [2])])
     assert chunk_logits.shape[0] == 1  # the second chunk's: the first prompt goes on in a later step
     torch.testing.assert_close(chunk_logits, model.prefill(second, model.new_cache(1, BLOCK), [0]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("start", [0, 3], ids=["prompt-start", "after-a-first-chunk"])
+def test_chunk_rows_see_the_whole_image_where_images_attend_both_ways(tmp_path, mode, monkeypatch, start):
+    """Gemma 3: a chunk holding an image, run as decode rows of the kernel, gives the logits of the torch layers'
+    prefill, whose image mask the oracle tests hold to transformers: each image token sees the image's later ones."""
+    from generator_service.models import llama
+    from generator_service.models.decoder import Chunk
+    from generator_service.models.gemma3 import Gemma3ForCausalLM
+    from shared.store.token_ids import EMBEDDING_INDEX_BASE
+    from tests.support.tiny_models import build_tiny_gemma3
+
+    mode("auto")
+    model = Gemma3ForCausalLM.from_checkpoint(build_tiny_gemma3(tmp_path))
+    g = torch.Generator().manual_seed(5)
+    image = list(range(EMBEDDING_INDEX_BASE, EMBEDDING_INDEX_BASE + 6))
+    ids = torch.tensor([5, 9, 11, 7] + image + [12, 13])  # an image of 6 tokens at positions 4 … 9
+    ranges = torch.tensor([[EMBEDDING_INDEX_BASE, 6]])
+    rows = torch.randn(6, model.config.hidden_size, generator=g)
+    results = []
+    for chunk_rows in (True, False):
+        monkeypatch.setattr(llama, "FUSED_CHUNK_TOKENS", 64 if chunk_rows else 0)
+        cache = model.new_cache(2, BLOCK)
+        if start:
+            model.prefill(ids[:start], cache, [0, 1])
+        chunks = [Chunk(ids[start:], [0, 1], start, ranges, rows)]
+        assert model._rows_of_one_decode(chunks) is chunk_rows
+        results.append(model.step(torch.tensor([], dtype=torch.long), [], cache, None, [], chunks)[1])
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-4)
