@@ -10,9 +10,10 @@ the matrix-vector products stream the weights, plus whatever the steps between t
   `generator_service.models.decoder.DecoderLayer` uses it for decode forwards, and its own torch decode path
   is the reference the tests hold it to;
 - `panel_linear`: x wᵀ (+ bias) (+ residual) for any number of rows of x, over a weight packed in
-  panels (`PanelWeight`); the language models' prefill and mixed steps run their products on it too;
-- `linear`: x wᵀ for a few rows of x over a row-major weight (the LM head of a decode step: a tied
-  head is the embedding table itself, which lookups read row-major);
+  panels (`PanelWeight`); the language models' prefill and mixed steps run their products on it too, and
+  every step its LM head (a tied head then costs a copy of the embedding table, which lookups read row-major);
+- `linear`: x wᵀ for a few rows of x over a row-major weight (what `choose_prefetch` times, and
+  bench/products.py's row-major contender);
 - `activation_`: silu or tanh GELU over a tensor in place, times a second one if given
   (the vision towers' MLPs, `embedder_service.models.gemm`).
 
@@ -52,9 +53,6 @@ from shared.modeling.timing import fastest
 
 log = logging.getLogger(__name__)
 
-# The kernel's register blocking is for the few rows of a decode step; a prompt's logits
-# (prefill with all_logits) are a matrix product, for oneDNN / MKL.
-MATVEC_MAX_ROWS = 8
 # The kernels' activation (`decode_layer`'s `act`, `activation_`'s) for each `DecoderConfig.hidden_act`
 # (generator_service.models.decoder.GATE_ACTIVATIONS); the values are the names the vision towers use too (gemm.ACTIVATIONS).
 KERNEL_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}

@@ -71,13 +71,10 @@ def _onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def prepare_weight(weight: Tensor, row_major: bool = False) -> Tensor:
-    """The weight in the layout `linear` reads fastest: oneDNN-blocked for CPU float32, as is otherwise.
-
-    row_major: keep [M, K] as it is, for the CPU decode kernels (`cuda_ext.decode`), which read that.
-    """
+def prepare_weight(weight: Tensor) -> Tensor:
+    """The weight in the layout `linear` reads fastest: oneDNN-blocked for CPU float32, as is otherwise."""
     weight = weight.detach().contiguous()
-    if not row_major and weight.device.type == "cpu" and weight.dtype == torch.float32 and _onednn_available():
+    if weight.device.type == "cpu" and weight.dtype == torch.float32 and _onednn_available():
         # batch_size=None: one layout good for 1-row decoding, batched decoding and prefill alike.
         return torch.ops.mkldnn._reorder_linear_weight(weight, None)
     return weight

@@ -195,8 +195,8 @@ def test_a_model_decodes_the_same_tokens_with_and_without_the_kernels(ops, mode,
     for name in ("auto", "reference"):
         mode(name)
         models.append(model_class.from_checkpoint(path))
-    assert models[0].model.layers[0].fused_decode is not None and models[0].head_ops is not None
-    assert models[1].model.layers[0].fused_decode is None and models[1].head_ops is None
+    assert models[0].model.layers[0].fused_decode is not None and isinstance(models[0].head, decode.PanelWeight)
+    assert models[1].model.layers[0].fused_decode is None and isinstance(models[1].head, torch.Tensor)
     logits, tokens = [], []
     for model in models:
         cache = model.new_cache(2, 64)
