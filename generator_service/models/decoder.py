@@ -247,10 +247,10 @@ class ForwardBatch:
         read_index = cache.flat_rows(table, torch.arange(kv_len, device=device).expand(n, kv_len)).transpose(1, 2)  # [N, Hkv, T]
         mask = None
         windowed = sliding_window is not None and kv_len > sliding_window
-        last = positions if limits is None else limits
+        last = positions if limits is None else limits  # the last position each row sees
         if windowed or any(p != kv_len - 1 for p in last):  # rows of different lengths: hide each row's unused tail
             keys = torch.arange(kv_len, device=device)[None, :]
-            keep = keys <= (pos if limits is None else torch.tensor(limits, device=device))[:, None]  # [N, T]
+            keep = keys <= torch.tensor(last, device=device)[:, None]  # [N, T]
             if windowed:  # and the keys that slid out of the window
                 keep &= keys > pos[:, None] - sliding_window
             mask = torch.zeros(n, 1, 1, kv_len, dtype=dtype, device=device)
