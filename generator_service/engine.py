@@ -418,15 +418,21 @@ class Engine:
         next block is in `computing` (it waits a step); else add the blocks it has yet to compute to `computing`."""
         bs = self.block_tokens
         limit = (len(seq.prompt_ids) - 1) // bs  # as at admission: the prompt's last token is always computed
-        if seq.computed % bs == 0 and len(seq.blocks) * bs == seq.computed:  # at a block boundary, none grown ahead
-            found = self.pool.lookup(seq.hashes[seq.computed // bs : limit])
+        block, filled = divmod(seq.computed, bs)
+        # The next block is not grown yet, or holds only its first positions (a chunk ended inside it, or they were
+        # copied from a cached block at admission): a cached copy of the whole block replaces it.
+        if len(seq.blocks) == block + (filled > 0):
+            found = self.pool.lookup(seq.hashes[block:limit])
             if found:
+                if filled:
+                    self.pool.unallocate(seq.blocks.pop())
+                    seq.promised += 1
                 self.pool.share(found)
                 seq.blocks += found
                 seq.promised -= len(found)
-                seq.computed += len(found) * bs
-                seq.cached_tokens += len(found) * bs
-                self.stats.prefix_hit_tokens += len(found) * bs
+                seq.computed = (block + len(found)) * bs
+                seq.cached_tokens += len(found) * bs - filled
+                self.stats.prefix_hit_tokens += len(found) * bs - filled
             if seq.computed // bs < limit and seq.hashes[seq.computed // bs] in computing:
                 return True
         computing.update(seq.hashes[seq.computed // bs : limit])

@@ -137,6 +137,14 @@ class BlockPool:
         self._refs[block] = 1
         return block
 
+    def unallocate(self, block: int) -> None:
+        """Take back a block `allocate` handed out that was not cached, as a promise again (a sequence found a cached
+        block for the same positions)."""
+        assert self._refs[block] == 1 and block not in self._hash_of, "unallocate() of a shared or cached block"
+        self._refs[block] = 0
+        self._free.append(block)
+        self.reserved += 1
+
     def release(self, blocks: Sequence[int], unused_promise: int = 0) -> None:
         """A sequence's blocks, tail first (so a chain's tail is evicted before its head), and promises it did not use."""
         self.reserved -= unused_promise

@@ -211,6 +211,28 @@ def test_questions_about_one_image_arriving_together_compute_it_once(s, chunk):
     assert results[1].token_ids == transformers_greedy(s, prompts[1])
 
 
+@pytest.mark.parametrize("chunk", [0, 5], ids=["whole-prompts", "chunks-of-5"])
+def test_questions_arriving_together_after_a_chat_that_shares_their_first_tokens_compute_the_image_once(s, chunk):
+    """A text chat left the chat template's first tokens cached, so two questions about the image, submitted together,
+    each start with a copy of a block's first positions (`Engine._copy_partial_block`). The first computes the
+    image's blocks; the second must still wait for them and take them, not compute them again."""
+    chat = chat_ids(s, [user("Hello there.", image=False)])
+    prompts = [chat_ids(s, [user(q)]) for q in ("Describe the picture.", "What is in the corner?")]
+    shared = common_prefix(chat, prompts[0])
+    block = next(b for b in (4, 3, 5, 6, 7) if shared % b)  # the text's cached positions end inside a block
+    cached = engine(s, prefix_cache=True, chunk=chunk, block_tokens=block)
+    run(s, cached, chat)
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    handles = [cached.submit(GenerationRequest(p, params, [s.container])) for p in prompts]
+    cached.run_until_idle()
+    results = [h.result() for h in handles]
+    hit = min(common_prefix(*prompts), len(prompts[1]) - 1) // block * block
+    assert hit >= s.container.num_tokens
+    assert results[1].usage.cached_tokens == hit
+    plain = engine(s, prefix_cache=False, chunk=0)
+    assert [r.token_ids for r in results] == [run(s, plain, p).token_ids for p in prompts]
+
+
 def test_prefill_after_a_cached_prefix_ending_inside_the_image_matches_transformers_logits(s):
     """The model half of a mid-image hit: blocks of one prompt, computed whole, reused by another whose prefill starts
     inside the image (Gemma 3: its remaining image tokens still see the whole image, the cached ones saw it all)."""

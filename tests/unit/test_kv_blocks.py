@@ -73,6 +73,15 @@ def test_pool_finds_the_cached_block_sharing_the_longest_start_and_forgets_evict
     assert pool.longest_partial(b"root", [1, 2, 9]) == (blocks[0], 2)
 
 
+def test_a_block_taken_back_is_free_and_promised_again():
+    pool = BlockPool(2)
+    assert pool.admit([], 2)
+    block = pool.allocate()
+    pool.unallocate(block)
+    assert pool.used == 0 and pool.reserved == 2 and pool.available == 0  # still promised to its sequence
+    assert {pool.allocate(), pool.allocate()} == {0, 1}
+
+
 def test_pool_with_the_prefix_cache_off_never_hits():
     pool = BlockPool(2, prefix_cache=False)
     pool.admit([], 1)
