@@ -158,9 +158,10 @@ def test_pack_panels_puts_each_weight_where_the_kernels_read_it():
     assert not packed.data[2, :, 5:].any()  # outputs 37 … 47 do not exist: zeros
 
 
-# Outputs: one panel, a vector tail, 3 and 5 panels (an AVX-512 pass covers four, AVX2's one); tokens: one, two
-# passes of 6 and a remainder, and more than a block of 96 (the blocks reuse each panel).
-@pytest.mark.parametrize("rows,k,m", [(1, 576, 1000), (3, 37, 13), (13, 1536, 67), (5, 8, 3), (200, 64, 48), (1, 20, 17)])
+# Outputs: one panel, a vector tail, 3 and 5 panels (an AVX-512 pass covers four, AVX2's one); tokens: none, one,
+# two passes of 6 and a remainder, and blocks of tokens (at K = 1536 at most 96 a block on an L2 of up to 2.25 MB).
+@pytest.mark.parametrize("rows,k,m", [(1, 576, 1000), (3, 37, 13), (13, 1536, 67), (5, 8, 3), (200, 1536, 48), (1, 20, 17),
+                                      (0, 64, 48)])
 @pytest.mark.parametrize("extras", ["none", "bias", "residual", "both"])
 def test_panel_linear_matches_torch(ops, isa, rows, k, m, extras):
     g = torch.Generator().manual_seed(4)
