@@ -387,12 +387,13 @@ def serving_rows(bench: str, ours, image: EmbeddingContainer, before: list[int],
          chats=32, prompt_tokens="201-232", new_tokens=20, kv_cache_tokens=8 * 2048)
 
     idle = None
-    # The default (512-token chunks), the same cut to 4× and to 2× a decode step while streams decode, whole prompts.
-    for chunk, slowdown in ((512, 0.0), (512, 4.0), (512, 2.0), (0, 0.0)):
+    # The default (512-token chunks), the same cut to 4× and to 2× a decode step while streams decode (the setting
+    # the target is for: a 4× cut cannot keep gaps within 3×), whole prompts.
+    for chunk, slowdown, target in ((512, 0.0, None), (512, 4.0, None), (512, 2.0, "<= 3"), (0, 0.0, None)):
         gaps, idle_gaps, prompts_s = streams_under_arrivals(ours, image, before, after, chunk, slowdown)
         idle = idle if idle is not None else statistics.median(idle_gaps)
         p99 = sorted(gaps)[int(0.99 * (len(gaps) - 1))]
-        compare(bench, "stream_itl_p99_while_prompts_arrive", p99 * 1e3, idle * 1e3, "ms", "<= 3" if slowdown else None,
+        compare(bench, "stream_itl_p99_while_prompts_arrive", p99 * 1e3, idle * 1e3, "ms", target,
                 prefill_chunk_tokens=chunk, max_decode_slowdown=slowdown, streams=4, arriving_prompts=8,
                 prompt_tokens=prompt_tokens, all_first_tokens_ms=round(prompts_s * 1e3, 1))
 
