@@ -20,6 +20,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the scripts run as `python bench/X.py`, with bench/ rather than the repo on the path
 
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 from shared.modeling.timing import fastest  # noqa: E402
 from vlmq.demo_model import tiny_checkpoint  # noqa: E402
 from vlmq.demo_model.checkpoint import TinyCheckpoint  # noqa: E402
@@ -149,4 +151,26 @@ def write_bench_small(path: Path, family: str, *, tower: bool = True, lm: dict =
     vision = shape.vision if tower else {k: v for k, v in shape.vision.items() if k in ("image_size", "patch_size")}
     checkpoint = tiny_checkpoint(family, vision=vision, text=lm | shape.text, **shape.options)
     checkpoint.write(path, weight_std=0.02)
+    _silence_unspoken_tokens(path / "model.safetensors", ordinary_ids(checkpoint.tokenizer))
     return checkpoint
+
+
+def ordinary_ids(tokenizer) -> list[int]:
+    """The tokenizer's IDs that are text: not its special tokens (BOS, the chat and image markers)."""
+    special = set(tokenizer.get_added_tokens_decoder())
+    return [i for i in range(tokenizer.get_vocab_size()) if i not in special]
+
+
+def _silence_unspoken_tokens(weights_file: Path, spoken: list[int]) -> None:
+    """Zero the embedding (tied: also LM-head) rows of every ID but the `spoken` ones: the special tokens and the
+    IDs past the tokenizer's (the LM's vocabulary is padded to a real model's). Their logits are then 0, below
+    the best of the others', so greedy decoding always picks a token with text, and a streaming client sees
+    every token as with a real model. With random weights the LM otherwise repeats its last input, which ends
+    a Pixtral chat prompt as [/INST]: decoded, nothing. The products stay full-size."""
+    weights = load_file(weights_file)
+    for name, tensor in weights.items():
+        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            silent = torch.ones(tensor.shape[0], dtype=torch.bool)
+            silent[spoken] = False
+            tensor[silent] = 0
+    save_file(weights, weights_file, metadata={"format": "pt"})

@@ -91,6 +91,7 @@ from common import (
     best_of,
     compare,
     emit,
+    ordinary_ids,
     parse_args,
     patches,
     write_bench_small,
@@ -108,11 +109,12 @@ from shared.store.token_ids import EMBEDDING_INDEX_BASE
 from vlmq.stack import available_cores, divide_cores
 
 TEXT_BEFORE, TEXT_AFTER = 8, 16  # prompt: BOS + text, the image, text
-TEXT_IDS_END = 49000  # random text IDs lie from the demo tokenizer's size to here: none is a special token
 
 
 def text_ids(spec, count: int, g: torch.Generator) -> list[int]:
-    return torch.randint(spec.tokenizer.get_vocab_size(), TEXT_IDS_END, (count,), generator=g).tolist()
+    """`count` random text IDs: the tokenizer's own, no special token."""
+    ordinary = ordinary_ids(spec.tokenizer)
+    return [ordinary[i] for i in torch.randint(len(ordinary), (count,), generator=g).tolist()]
 
 
 def load(family: str, tmp: str, ours_class, reference: str, device: str, dtype: torch.dtype):

@@ -25,7 +25,7 @@ RUNS = [
     ["caption.py"],
     ["store.py"],
     ["inject.py"],
-    ["serve.py"],
+    *(["serve.py", "--family", family] for family in ("llava", "pixtral")),
     ["serving.py"],
     ["int8_containers.py"],
 ]
