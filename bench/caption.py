@@ -5,9 +5,10 @@ bench-small (bench/common.py): CLIP ViT-B/16 at 224 px (196 image tokens) +
 projector + a SmolLM2-135M-shaped Llama (hidden 576, 30 layers, 9 heads, 3 KV
 heads, MLP 1536, tied embeddings, vocab 49152), random weights, float32. It is
 the LLaVA demo model at those sizes (no download): the demo tokenizer (400
-tokens) with the LM's vocabulary padded to 49152 — the padded IDs' rows are
-zero, so greedy decoding picks the tokenizer's own tokens (captions have text),
-but the LM computes full-size logits, which is what the timing needs.
+tokens) with the LM's vocabulary padded to 49152 — the rows of the padded IDs
+and of the special tokens are zero, so greedy decoding picks the tokenizer's
+text tokens (captions have text), but the LM computes full-size logits, which
+is what the timing needs.
 
 Four ways to caption the same N images (default 32), greedy, 16 new tokens each:
 
