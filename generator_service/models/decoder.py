@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 from dataclasses import dataclass, field
 
 import torch
@@ -330,9 +331,10 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, device, dtype, config.norm_offset)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, device, dtype, config.norm_offset)
 
-    def prepare(self, panels: bool = False) -> None:
-        """Fuse Q, K, V into one projection with RoPE-interleaved rows; drop the originals. panels: pack the
-        weights for the CPU decode kernels (`pack_panels`), else `prepare_weight`.
+    def prepare(self, ops: Any | None = None) -> None:
+        """Fuse Q, K, V into one projection with RoPE-interleaved rows; drop the originals. ops: the CPU decode
+        kernels (`cuda_ext.decode.ops.cpu_decode_ops`): pack the weights for them (`pack_panels`), and attend
+        decode rows with their `paged_attention`; None: `prepare_weight`, torch attention.
 
         The softmax scale (1/√head_dim, or `query_scale`) is folded into Q's rows (exact
         for the usual power-of-two head sizes), so attention needs no separate scaling op.
@@ -347,7 +349,8 @@ class Attention(nn.Module):
             interleave_rope_rows(self.k_proj.weight, c.num_kv_heads, c.head_dim),
             self.v_proj.weight,
         ]
-        prepare = pack_panels if panels else prepare_weight
+        prepare = pack_panels if ops is not None else prepare_weight
+        self.paged_attention = None if ops is None else ops.paged_attention.default
         self.wqkv = prepare(torch.cat(weights))
         self.bqkv = None
         if c.attention_bias:
@@ -381,24 +384,29 @@ class Attention(nn.Module):
         v = qkv[:, c.q_size + c.kv_size :].view(n, hkv, hd)  # [N, Hkv, hd]
 
         # The cache layer viewed as [num_blocks * kv_heads * block_size, hd]: every token's K and V in one index_copy_.
-        k_rows, v_rows = k_cache.view(-1, hd), v_cache.view(-1, hd)
-        k_rows.index_copy_(0, batch.write_index, k.reshape(-1, hd))
-        v_rows.index_copy_(0, batch.write_index, v.reshape(-1, hd))
+        k_cache.view(-1, hd).index_copy_(0, batch.write_index, k.reshape(-1, hd))
+        v_cache.view(-1, hd).index_copy_(0, batch.write_index, v.reshape(-1, hd))
         if isinstance(batch, MixedBatch):  # each part over its own tokens
-            out = torch.cat([self.attend(*part_qkv, k_rows, v_rows, part)
+            out = torch.cat([self.attend(*part_qkv, k_cache, v_cache, part)
                              for *part_qkv, part in zip(q.split(batch.sizes), k.split(batch.sizes), v.split(batch.sizes), batch.parts)])
         else:
-            out = self.attend(q, k, v, k_rows, v_rows, batch)
+            out = self.attend(q, k, v, k_cache, v_cache, batch)
         if residual is None:
             return linear(out.reshape(n, c.q_size), self.wo)
         return linear_add(out.reshape(n, c.q_size), self.wo, residual)
 
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, k_rows: Tensor, v_rows: Tensor, batch: ForwardBatch) -> Tensor:
-        """q: [N, H, hd], this forward's k, v: [N, Hkv, hd] (in the cache already, whose layer k/v_rows
-        is viewed as [blocks * Hkv * block_size, hd]) → attention output [N, H, hd]."""
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, batch: ForwardBatch) -> Tensor:
+        """q: [N, H, hd], this forward's k, v: [N, Hkv, hd] (in the cache layer k/v_cache: [blocks, Hkv,
+        block_size, hd] already) → attention output [N, H, hd]."""
         n, h, hd = q.shape
         hkv = k.shape[1]
+        k_rows, v_rows = k_cache.view(-1, hd), v_cache.view(-1, hd)  # [blocks * Hkv * block_size, hd]
+        if batch.decode and self.paged_attention is not None:
+            # Through the block tables, no gathered copy of the keys: a step that prefills too (the decode kernel
+            # runs the others whole) attends its decode rows here. 24 rows at 230 keys beside two 216-token chunks,
+            # bench-small, 2026-12-06: the gather, matmuls and softmax were ~15% of the step.
+            return self.paged_attention(q.contiguous(), k_cache, v_cache, batch.block_table, batch.kv_len, batch.mask)
         if batch.decode:
             # One query per sequence. The heads sharing a KV head are stacked as that head's queries
             # ([N, Hkv, group, hd]), so grouped-query attention reads each key once, with no repeats.
@@ -432,7 +440,8 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(i, d, bias=False, device=device, dtype=dtype)
 
     def prepare(self, panels: bool = False) -> None:
-        """Fuse gate and up into one projection (one weight read, one call); panels: see `Attention.prepare`."""
+        """Fuse gate and up into one projection (one weight read, one call); panels: pack the weights for the CPU
+        decode kernels (`pack_panels`), else `prepare_weight`."""
         prepare = pack_panels if panels else prepare_weight
         self.w_gate_up = prepare(torch.cat([self.gate_proj.weight, self.up_proj.weight]))
         self.w_down = prepare(self.down_proj.weight)
@@ -474,7 +483,7 @@ class DecoderLayer(nn.Module):
         weight = self.input_layernorm.weight
         ops = cpu_decode_ops(weight.device, weight.dtype)
         self.fused_decode = None if ops is None else ops.decode_layer.default
-        self.self_attn.prepare(panels=ops is not None)
+        self.self_attn.prepare(ops)
         self.mlp.prepare(panels=ops is not None)
         for module in self.children():
             if isinstance(module, RMSNorm):

@@ -141,6 +141,34 @@ def test_decode_layer_reads_keys_through_block_tables(ops, isa, mode, name, bloc
     assert_layers_agree(config, fused, reference, positions, num_blocks, block_size, tables)
 
 
+# The decode rows of a step that also prefills: attention alone, through the block tables, against the
+# torch path's gathered keys. Rows at different positions (a mask), chunks of 128 keys merged, a window.
+@pytest.mark.parametrize("block_size", [16, 7])
+@pytest.mark.parametrize("name", ["llama", "wide_groups", "mistral_window", "odd_sizes"])
+def test_paged_attention_matches_the_torch_attention(ops, isa, mode, name, block_size):
+    config = WIDE_GROUPS if name == "wide_groups" else CONFIGS[name]
+    fused, reference = layer_pair(config, mode)
+    assert fused.self_attn.paged_attention is not None and reference.self_attn.paged_attention is None
+    positions = [300, 5, 170, 299]
+    num_blocks = sum(p // block_size + 1 for p in positions) + 3
+    order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(6)).tolist()
+    tables = []
+    for p in positions:
+        tables.append(order[:p // block_size + 1])
+        order = order[p // block_size + 1:]
+    g = torch.Generator().manual_seed(1)
+    cache = KVCache(config, num_blocks, block_size, torch.float32, "cpu")
+    cache.k.copy_(torch.randn(cache.k.shape, generator=g))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=g))
+    rope = rope_table(config.rope, config.head_dim, config.max_position_embeddings, "cpu")
+    batch = ForwardBatch.for_decode(rope, positions, cache, config.num_kv_heads, torch.float32,
+                                    sliding_window=config.sliding_window, tables=tables)
+    q = torch.randn(len(positions), config.num_heads, config.head_dim, generator=g)
+    k, v = (torch.empty(len(positions), config.num_kv_heads, config.head_dim) for _ in range(2))  # already in the cache
+    outs = [layer.self_attn.attend(q, k, v, cache.k[0], cache.v[0], batch) for layer in (fused, reference)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("rows,k,m", [(1, 576, 1000), (3, 37, 13), (8, 1536, 67), (5, 8, 3)])
 def test_linear_matches_torch(ops, isa, rows, k, m):
     g = torch.Generator().manual_seed(4)
@@ -268,6 +296,13 @@ def test_the_kernel_refuses_inputs_it_would_misread(ops):
         ops.panel_linear(torch.randn(2, 9), decode.pack_panels(w).data, 4)
     with pytest.raises(RuntimeError, match=r"residual must be \[2, 4\]"):
         decode.pack_panels(w).linear(x, residual=torch.randn(2, 5))
+    cache, table = torch.zeros(4, 2, 16, 8), torch.zeros(2, 1, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="q's head size 4 is not the cache's 8"):
+        ops.paged_attention(torch.randn(2, 4, 4), cache, cache, table, 16, None)
+    with pytest.raises(RuntimeError, match="block_table names block 4 of a cache of 4"):
+        ops.paged_attention(torch.randn(2, 4, 8), cache, cache, table + 4, 16, None)
+    with pytest.raises(RuntimeError, match=r"kv_len 17 outside the block tables' 1 … 16"):
+        ops.paged_attention(torch.randn(2, 4, 8), cache, cache, table, 17, None)
     with pytest.raises(RuntimeError, match='unknown activation "gelu"'):
         ops.activation_(x, None, "gelu")
     with pytest.raises(RuntimeError, match="up must be contiguous float32 of x's shape"):

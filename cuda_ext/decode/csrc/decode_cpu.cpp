@@ -175,6 +175,26 @@ void check_panels(const at::Tensor& w, const char* name, int64_t rows, int64_t c
               "] in panels, [", panels, ", ", cols, ", ", kPanel, "], got ", w.sizes());
 }
 
+// block_table: Long[N, width] naming blocks of a cache of num_blocks, covering kv_len positions; mask: None or
+// [N, 1, 1, kv_len] float.
+void check_table(const at::Tensor& block_table, int64_t rows, int64_t num_blocks, int64_t block_size, int64_t kv_len,
+                 const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(block_table.scalar_type() == at::kLong && block_table.is_contiguous() && block_table.dim() == 2 &&
+                  block_table.size(0) == rows,
+              "block_table must be Long[N, width], got ", block_table.scalar_type(), " ", block_table.sizes());
+  const int64_t width = block_table.size(1);
+  TORCH_CHECK(0 < kv_len && kv_len <= width * block_size, "kv_len ", kv_len, " outside the block tables' 1 … ",
+              width * block_size);
+  const int64_t* table = block_table.data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows * width; ++i) {
+    TORCH_CHECK(0 <= table[i] && table[i] < num_blocks, "block_table names block ", table[i], " of a cache of ", num_blocks);
+  }
+  if (mask.has_value()) {
+    check_float(*mask, "mask", 4);
+    TORCH_CHECK(mask->numel() == rows * kv_len, "mask must be [N, 1, 1, kv_len], got ", mask->sizes());
+  }
+}
+
 // x: [N, K], w: [M, K] → x wᵀ: [N, M].
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w) {
   check_float(x, "x", 2);
@@ -281,24 +301,13 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
     check_float(*bqkv, "bqkv", 1);
     TORCH_CHECK(bqkv->size(0) == qkv_size, "bqkv must be [", qkv_size, "], got ", bqkv->sizes());
   }
-  TORCH_CHECK(block_table.scalar_type() == at::kLong && block_table.is_contiguous() && block_table.dim() == 2 &&
-                  block_table.size(0) == rows,
-              "block_table must be Long[N, width], got ", block_table.scalar_type(), " ", block_table.sizes());
+  check_table(block_table, rows, num_blocks, block_size, kv_len, mask);
   const int64_t width = block_table.size(1);
-  TORCH_CHECK(0 < kv_len && kv_len <= width * block_size, "kv_len ", kv_len, " outside the block tables' 1 … ",
-              width * block_size);
   const int64_t* table = block_table.data_ptr<int64_t>();
-  for (int64_t i = 0; i < rows * width; ++i) {
-    TORCH_CHECK(0 <= table[i] && table[i] < num_blocks, "block_table names block ", table[i], " of a cache of ", num_blocks);
-  }
   TORCH_CHECK(rotations.scalar_type() == at::kComplexFloat && rotations.is_contiguous() && rotations.numel() == rows * hd / 2,
               "rotations must be contiguous complex64 [N, 1, hd/2], got ", rotations.scalar_type(), " ", rotations.sizes());
   TORCH_CHECK(write_index.scalar_type() == at::kLong && write_index.is_contiguous() && write_index.numel() == rows * hkv,
               "write_index must be Long[N · Hkv], got ", write_index.scalar_type(), " ", write_index.sizes());
-  if (mask.has_value()) {
-    check_float(*mask, "mask", 4);
-    TORCH_CHECK(mask->numel() == rows * kv_len, "mask must be [N, 1, 1, kv_len], got ", mask->sizes());
-  }
   const int64_t* where = write_index.data_ptr<int64_t>();
   for (int64_t i = 0; i < rows * hkv; ++i) {
     TORCH_CHECK(0 <= where[i] && where[i] < num_blocks * hkv * block_size, "write_index ", where[i], " outside the cache");
@@ -395,6 +404,33 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
   return out;
 }
 
+// Attention of N decode queries over their cached keys (what decode_layer attends, for the torch path's
+// decode rows in a step that also prefills): q: [N, H, hd] (RoPE applied, the softmax scale in it);
+// k/v_cache: [blocks, Hkv, bs, hd]; block_table, kv_len and mask as decode_layer's → [N, H, hd].
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& block_table, int64_t kv_len, const std::optional<at::Tensor>& mask) {
+  check_float(q, "q", 3);
+  check_float(k_cache, "k_cache", 4);
+  check_float(v_cache, "v_cache", 4);
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "k_cache and v_cache must have one shape, got ", k_cache.sizes(), " and ",
+              v_cache.sizes());
+  const int64_t rows = q.size(0), heads = q.size(1), hd = q.size(2);
+  const int64_t num_blocks = k_cache.size(0), hkv = k_cache.size(1), block_size = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == hd, "q's head size ", hd, " is not the cache's ", k_cache.size(3));
+  TORCH_CHECK(heads % hkv == 0 && heads > 0, heads, " query heads are not a multiple of ", hkv, " KV heads");
+  check_table(block_table, rows, num_blocks, block_size, kv_len, mask);
+  const int64_t group = heads / hkv;
+  thread_local std::vector<float> scratch;  // scores, then the chunks' partial outputs (see attend_cache)
+  const int64_t score_size = rows * heads * kv_len;
+  const int64_t total = score_size + rows * hkv * key_chunks(kv_len) * group * (hd + 2);
+  if (static_cast<int64_t>(scratch.size()) < total) scratch.resize(total);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  attend_cache(kernels(), q.data_ptr<float>(), heads * hd, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+               mask ? mask->data_ptr<float>() : nullptr, block_table.data_ptr<int64_t>(), block_table.size(1), rows, hkv,
+               group, block_size, hd, kv_len, scratch.data(), scratch.data() + score_size, out.data_ptr<float>());
+  return out;
+}
+
 std::string isa() { return g_kernels == nullptr ? "none" : g_kernels->isa; }
 
 // For tests: run the AVX2 kernels on an AVX-512 CPU ("avx2"), or the best this CPU has ("best").
@@ -433,6 +469,7 @@ TORCH_LIBRARY(vlmq_decode_cpu, m) {
       "Tensor w_down, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rotations, Tensor write_index, Tensor block_table, "
       "int kv_len, Tensor? mask, "
       "float eps, Tensor? qk_scale=None, Tensor? attn_out_norm=None, Tensor? mlp_out_norm=None, str act=\"silu\") -> Tensor");
+  m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, int kv_len, Tensor? mask) -> Tensor");
   m.def("activation_(Tensor(a!) x, Tensor? up, str act) -> Tensor(a!)");
   m.def("isa() -> str", &vlmq::isa);  // no tensor arguments: one kernel for every dispatch key
   m.def("use_isa(str name) -> str", &vlmq::use_isa);
@@ -443,5 +480,6 @@ TORCH_LIBRARY_IMPL(vlmq_decode_cpu, CPU, m) {
   m.impl("linear", &vlmq::linear);
   m.impl("panel_linear", &vlmq::panel_linear);
   m.impl("decode_layer", &vlmq::decode_layer);
+  m.impl("paged_attention", &vlmq::paged_attention);
   m.impl("activation_", &vlmq::activation_);
 }
