@@ -12,6 +12,9 @@ the matrix-vector products stream the weights, plus whatever the steps between t
 - `panel_linear`: x wᵀ (+ bias) (+ residual) for any number of rows of x, over a weight packed in
   panels (`PanelWeight`); the language models' prefill and mixed steps run their products on it too, and
   every step its LM head (a tied head then costs a copy of the embedding table, which lookups read row-major);
+- `paged_attention`: the attention of decode rows over their cached keys, through the block tables (what
+  `decode_layer` attends): a step that prefills too runs its layers on the torch path, and attends its decode
+  rows with it;
 - `linear`: x wᵀ for a few rows of x over a row-major weight (what `choose_prefetch` times, and
   bench/products.py's row-major contender);
 - `activation_`: silu or tanh GELU over a tensor in place, times a second one if given
