@@ -135,7 +135,8 @@ class GeneratePipeline:
         def emit(text: str) -> None:
             if text:
                 pieces.append(text)
-                handoff.put((text, tokens))
+                if on_text is not None:  # a handoff wakes this thread: only for a reader of the pieces
+                    handoff.put((text, tokens))
 
         def on_token(token_id: int) -> bool:
             nonlocal tokens
