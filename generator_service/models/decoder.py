@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -401,12 +401,12 @@ class Attention(nn.Module):
         block_size, hd] already) → attention output [N, H, hd]."""
         n, h, hd = q.shape
         hkv = k.shape[1]
-        k_rows, v_rows = k_cache.view(-1, hd), v_cache.view(-1, hd)  # [blocks * Hkv * block_size, hd]
         if batch.decode and self.paged_attention is not None:
             # Through the block tables, no gathered copy of the keys: a step that prefills too (the decode kernel
             # runs the others whole) attends its decode rows here. 24 rows at 230 keys beside two 216-token chunks,
             # bench-small, 2026-12-06: the gather, matmuls and softmax were ~15% of the step.
             return self.paged_attention(q.contiguous(), k_cache, v_cache, batch.block_table, batch.kv_len, batch.mask)
+        k_rows, v_rows = k_cache.view(-1, hd), v_cache.view(-1, hd)  # [blocks * Hkv * block_size, hd]
         if batch.decode:
             # One query per sequence. The heads sharing a KV head are stacked as that head's queries
             # ([N, Hkv, group, hd]), so grouped-query attention reads each key once, with no repeats.

@@ -119,6 +119,18 @@ def test_decode_layer_matches_the_torch_layer(ops, isa, mode, name, positions):
     assert_layers_agree(CONFIGS[name], fused, reference, positions, max(8, len(positions)), 320)  # unpaged: row b is block b
 
 
+def shuffled_tables(positions: list[int], block_size: int) -> tuple[int, list[list[int]]]:
+    """(blocks in the cache, each row's block table) for rows at `positions`: the blocks in shuffled order, three
+    never used."""
+    num_blocks = sum(p // block_size + 1 for p in positions) + 3
+    order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(6)).tolist()
+    tables = []
+    for p in positions:
+        tables.append(order[:p // block_size + 1])
+        order = order[p // block_size + 1:]
+    return num_blocks, tables
+
+
 # Five query heads per KV head (a pass of the kernel's four heads and one more on AVX-512, of two, two and one on
 # AVX2) and heads of 80 (a pass of four vectors and one of one on AVX-512).
 WIDE_GROUPS = dataclasses.replace(LLAMA, hidden_size=96, num_heads=10, num_kv_heads=2, head_dim=80)
@@ -132,12 +144,7 @@ def test_decode_layer_reads_keys_through_block_tables(ops, isa, mode, name, bloc
     config = WIDE_GROUPS if name == "wide_groups" else CONFIGS[name]
     fused, reference = layer_pair(config, mode)
     positions = [300, 5, 170, 300]
-    num_blocks = sum(p // block_size + 1 for p in positions) + 3  # three never used
-    order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(6)).tolist()
-    tables = []
-    for p in positions:
-        tables.append(order[:p // block_size + 1])
-        order = order[p // block_size + 1:]
+    num_blocks, tables = shuffled_tables(positions, block_size)
     assert_layers_agree(config, fused, reference, positions, num_blocks, block_size, tables)
 
 
@@ -150,12 +157,7 @@ def test_paged_attention_matches_the_torch_attention(ops, isa, mode, name, block
     fused, reference = layer_pair(config, mode)
     assert fused.self_attn.paged_attention is not None and reference.self_attn.paged_attention is None
     positions = [300, 5, 170, 299]
-    num_blocks = sum(p // block_size + 1 for p in positions) + 3
-    order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(6)).tolist()
-    tables = []
-    for p in positions:
-        tables.append(order[:p // block_size + 1])
-        order = order[p // block_size + 1:]
+    num_blocks, tables = shuffled_tables(positions, block_size)
     g = torch.Generator().manual_seed(1)
     cache = KVCache(config, num_blocks, block_size, torch.float32, "cpu")
     cache.k.copy_(torch.randn(cache.k.shape, generator=g))

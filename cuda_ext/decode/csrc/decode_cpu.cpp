@@ -175,6 +175,14 @@ void check_panels(const at::Tensor& w, const char* name, int64_t rows, int64_t c
               "] in panels, [", panels, ", ", cols, ", ", kPanel, "], got ", w.sizes());
 }
 
+// k/v_cache: float32 [blocks, Hkv, bs, hd], one shape.
+void check_caches(const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  check_float(k_cache, "k_cache", 4);
+  check_float(v_cache, "v_cache", 4);
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "k_cache and v_cache must have one shape, got ", k_cache.sizes(), " and ",
+              v_cache.sizes());
+}
+
 // block_table: Long[N, width] naming blocks of a cache of num_blocks, covering kv_len positions; mask: None or
 // [N, 1, 1, kv_len] float.
 void check_table(const at::Tensor& block_table, int64_t rows, int64_t num_blocks, int64_t block_size, int64_t kv_len,
@@ -273,12 +281,9 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
                         const std::optional<at::Tensor>& attn_out_norm, const std::optional<at::Tensor>& mlp_out_norm,
                         const std::string& act) {
   check_float(x, "x", 2);
-  check_float(k_cache, "k_cache", 4);
-  check_float(v_cache, "v_cache", 4);
+  check_caches(k_cache, v_cache);
   const int64_t rows = x.size(0), d = x.size(1);
   const int64_t num_blocks = k_cache.size(0), hkv = k_cache.size(1), block_size = k_cache.size(2), hd = k_cache.size(3);
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "k_cache and v_cache must have one shape, got ", k_cache.sizes(), " and ",
-              v_cache.sizes());
   TORCH_CHECK(wo.dim() == 3 && wo.size(1) % hd == 0, "wo must be [D, H hd] in panels, got ", wo.sizes());
   const int64_t heads = wo.size(1) / hd, q_size = heads * hd, kv_size = hkv * hd, qkv_size = q_size + 2 * kv_size;
   TORCH_CHECK(heads % hkv == 0 && heads > 0, heads, " query heads are not a multiple of ", hkv, " KV heads");
@@ -410,10 +415,7 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& block_table, int64_t kv_len, const std::optional<at::Tensor>& mask) {
   check_float(q, "q", 3);
-  check_float(k_cache, "k_cache", 4);
-  check_float(v_cache, "v_cache", 4);
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "k_cache and v_cache must have one shape, got ", k_cache.sizes(), " and ",
-              v_cache.sizes());
+  check_caches(k_cache, v_cache);
   const int64_t rows = q.size(0), heads = q.size(1), hd = q.size(2);
   const int64_t num_blocks = k_cache.size(0), hkv = k_cache.size(1), block_size = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == hd, "q's head size ", hd, " is not the cache's ", k_cache.size(3));
