@@ -25,6 +25,11 @@ line per metric (bench/common.py):
                                     vs one after the other; cores divided as a local stack
                                     divides them (vlmq.stack)                              target ≥ 0.8×; the same
                                     with both on every core, 2 threads each, for comparison
+  decode_tokens_per_s_b1_16_bit_checkpoint  the same checkpoint saved in bfloat16 (computed in
+                                    float32, the CPU default): batch-1 decode with its weights
+                                    kept in bfloat16 (VLMQ_DECODE_WEIGHTS=auto) vs widened to
+                                    float32 at load (float32); prefill_ms_16_bit_checkpoint the
+                                    same for the prompt's prefill; both make the same tokens
 
 The decode and prefill rows run the engine as before the paged cache's features: prefix cache
 off, whole-prompt prefill (so a repeated prompt is recomputed each time); the last two rows
@@ -96,8 +101,9 @@ from common import (
     patches,
     write_bench_small,
 )
+from safetensors.torch import load_file, save_file
 
-from cuda_ext.decode.ops import set_decode_kernel
+from cuda_ext.decode.ops import DECODE_WEIGHTS, set_decode_kernel
 from generator_service.engine import Engine, GenerationRequest
 from generator_service.models.gemma3 import Gemma3ForCausalLM
 from generator_service.models.llama import LlamaForCausalLM
@@ -303,6 +309,7 @@ def main() -> None:
         serving_rows(bench, ours, image, setup["before"], setup["after"], setup["spec"], args.repeats)
         if args.family == "llava":
             side_by_side_rows(bench, args.threads, args.seconds)
+            sixteen_bit_rows(bench, args.new_tokens, args.repeats)
 
 
 def side_by_side_rows(bench: str, threads: int, seconds: float) -> None:
@@ -318,6 +325,37 @@ def side_by_side_rows(bench: str, threads: int, seconds: float) -> None:
             cores="divided (vlmq.stack)", each=[round(r, 2) for r in divided])
     compare(bench, "side_by_side_decode_tokens_per_s", sum(shared), reference, "tokens/s",
             cores=f"shared, {threads} threads each", each=[round(r, 2) for r in shared])
+
+
+def sixteen_bit_rows(bench: str, new: int, repeats: int) -> None:
+    """bench-small LLaVA saved in bfloat16 (a real checkpoint's type), computed in float32: decode and prefill with its
+    weights kept in bfloat16 by the decode kernels (`pack_panels`) against the same weights widened to float32."""
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        spec = write_bench_small(Path(tmp), "llava", tower=False)
+        weights = Path(tmp) / "model.safetensors"
+        save_file({name: t.bfloat16() for name, t in load_file(weights).items()}, weights, metadata={"format": "pt"})
+        prompt = list(range(3, 3 + 221))  # bench-small's image prompt length, as text
+        engines, times = {}, {}
+        for kept in ("auto", "float32"):
+            previous = DECODE_WEIGHTS.set(kept)
+            model = LlamaForCausalLM.from_checkpoint(tmp)
+            DECODE_WEIGHTS.set(previous)
+            assert model.head.data.dtype == (torch.bfloat16 if kept == "auto" else torch.float32)
+            engines[kept] = Engine(model, max_batch=1, max_seq_len=1024, prefix_cache=False, prefill_chunk_tokens=0)
+
+        def run(kept: str, tokens: int) -> list[int]:
+            handle = engines[kept].submit(GenerationRequest(prompt, SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)))
+            engines[kept].run_until_idle()
+            return handle.result().token_ids
+
+        same = run("auto", new) == run("float32", new)
+        for kept in engines:
+            times |= {f"{kept}_1": partial(run, kept, 1), f"{kept}_n": partial(run, kept, new)}
+        t = best_of(times, repeats)
+    rate = {kept: (new - 1) / (t[f"{kept}_n"] - t[f"{kept}_1"]) for kept in engines}
+    compare(bench, "decode_tokens_per_s_b1_16_bit_checkpoint", rate["auto"], rate["float32"], "tokens/s",
+            weights="bfloat16 vs float32", same_tokens=same, vocab=spec.config["text_config"]["vocab_size"])
+    compare(bench, "prefill_ms_16_bit_checkpoint", t["auto_1"] * 1e3, t["float32_1"] * 1e3, "ms", prompt_tokens=len(prompt))
 
 
 def decode_processes(checkpoint: str, shares: list[list[int] | None], threads: int, seconds: float) -> list[float]:

@@ -33,6 +33,12 @@ Which path runs (`VLMQ_DECODE_KERNEL`, read through `Settings`, or `set_decode_k
 - `reference`: the torch path (oneDNN-blocked weights, eager ops); the vision towers'
   activations then run as torch's.
 
+Weights in 16 bits (`VLMQ_DECODE_WEIGHTS`): a checkpoint saved in bfloat16 or float16 is upcast to float32
+on loading, and `pack_panels` keeps each weight whose values all fit back in that type; the products widen
+each value to the same float32 before its FMAs (the same results, bit for bit), so a decode step, which
+streams every weight once, reads half the bytes. A product over many tokens (a prompt) widens each group of
+panels once into float32 scratch, where it is compute-bound. `float32` keeps every weight in float32.
+
 Whether the products prefetch weight lines ahead of the hardware prefetcher is timed once per
 process (`choose_prefetch`): it helps on some CPUs and costs on others.
 
@@ -64,6 +70,7 @@ KERNEL_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gel
 PANEL = 16
 
 DECODE = Switch("decode_kernel")
+DECODE_WEIGHTS = Switch("decode_weights")
 _warned_fallback = False
 
 
@@ -98,7 +105,8 @@ def cpu_decode_ops(device: torch.device | str, dtype: torch.dtype) -> Any | None
 
 class PanelWeight(NamedTuple):
     """A weight [M, K] packed for `panel_linear`: data [ceil(M / 16), K, 16], w[m, k] at data[m // 16, k, m % 16],
-    zero past M. `shared.modeling.layers.linear` calls `linear` on it like on a prepared tensor."""
+    zero past M; float32, or bfloat16 / float16 where those hold every value exactly (`pack_panels`).
+    `shared.modeling.layers.linear` calls `linear` on it like on a prepared tensor."""
 
     data: Tensor
     rows: int  # M
@@ -109,11 +117,25 @@ class PanelWeight(NamedTuple):
 
 
 def pack_panels(weight: Tensor) -> PanelWeight:
-    """weight: [M, K] float32 → the same weight in panels of 16 outputs (see `PanelWeight`)."""
+    """weight: [M, K] float32 → the same weight in panels of 16 outputs (see `PanelWeight`): in bfloat16 or float16
+    where every value is exactly one (a checkpoint saved in that type, upcast on loading) and VLMQ_DECODE_WEIGHTS is
+    auto. The kernels widen each value back to the same float32, so the products are the same; a decode step reads
+    half the bytes."""
     m, k = weight.shape
     panels = -(-m // PANEL)
     data = F.pad(weight.detach(), (0, 0, 0, panels * PANEL - m)).view(panels, PANEL, k).transpose(1, 2).contiguous()
-    return PanelWeight(data, m)
+    return PanelWeight(narrowest_exact(data) if DECODE_WEIGHTS() == "auto" else data, m)
+
+
+def narrowest_exact(data: Tensor) -> Tensor:
+    """data (float32) in the first of bfloat16, float16 that holds every value exactly, else data itself."""
+    for half in (torch.bfloat16, torch.float16):
+        first = data.view(-1)[:4096]
+        if torch.equal(first.to(half).float(), first):  # a float32 weight fails here, before all of it is converted
+            narrow = data.to(half)
+            if torch.equal(narrow.float(), data):
+                return narrow
+    return data
 
 
 @functools.cache

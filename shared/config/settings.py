@@ -105,6 +105,11 @@ class Settings(BaseSettings):
         "auto", description="CPU float32 decode steps and vision activations: auto (the C++ kernels, built on first use; "
         "torch's path where they cannot be), reference (torch's path)"
     )
+    decode_weights: Literal["auto", "float32"] = Field(
+        "auto", description="The CPU decode kernels' weights: auto (a weight whose every value is exactly a bfloat16 or "
+        "float16, as in a checkpoint saved in that type, stays in that type: half the bytes each step reads, the same "
+        "results), float32 (always float32)"
+    )
     embed_gather: Literal["auto", "kernel", "reference"] = Field(
         "auto", description="Multimodal embedding gather: auto (the CUDA kernel for CUDA tensors, else the torch reference), "
         "kernel (the compiled gather on either device), reference"
@@ -116,7 +121,7 @@ class Settings(BaseSettings):
 
     _split = field_validator("api_keys", "allowed_path_roots", mode="before")(_split_list)
 
-    @field_validator("packed_weights", "decode_kernel", "embed_gather", "prefix_cache", "container_dtype", mode="before")
+    @field_validator("packed_weights", "decode_kernel", "decode_weights", "embed_gather", "prefix_cache", "container_dtype", mode="before")
     @classmethod
     def _mode(cls, value: object, info: ValidationInfo) -> object:
         # A mode is a word, whatever its case or spacing (" OFF " is off); a bad one names its

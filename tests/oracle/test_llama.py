@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cuda_ext.decode import ops as decode
 from generator_service.models.decoder import DecoderConfig
 from generator_service.models.llama import LlamaForCausalLM, llama_config
 from shared.config.errors import CheckpointError
@@ -90,6 +91,26 @@ def text_logits_match(path) -> float:
 @pytest.mark.parametrize("rope", [LINEAR, LLAMA3], ids=["linear", "llama3"])
 def test_rope_scaling_matches(tmp_path, rope):
     assert text_logits_match(build_tiny_llava(tmp_path / "m", rope_parameters=rope)) <= TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_a_16_bit_checkpoint_decodes_as_transformers_does_in_float32(tmp_path, dtype):
+    """Saved in 16 bits, computed in float32 (the CPU default): the decode kernels keep the weights in the checkpoint's
+    type (`pack_panels`), and logits and greedy tokens are transformers' on the same weights in float32."""
+    path = build_tiny_llava(tmp_path / "m", tie_word_embeddings=True, dtype=dtype)
+    ref, ours = load_reference(path), LlamaForCausalLM.from_checkpoint(path)
+    if decode.cpu_decode_ops("cpu", torch.float32) is not None:  # the kernels run here: their weights stay 16-bit
+        assert ours.head.data.dtype == dtype and ours.model.layers[0].mlp.w_down.data.dtype == dtype
+    ids = torch.randint(5, 400, (40,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = ref.generate(input_ids=ids[None], max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0,
+                                output_logits=True, return_dict_in_generate=True)
+    cache = ours.new_cache(1, 64)
+    logits = [ours.prefill(ids, cache, 0).view(-1)]  # [V] per token
+    for length in range(len(ids), len(ids) + 11):
+        logits.append(ours.decode(logits[-1].argmax(-1).view(1), [length], cache)[0])
+    assert torch.stack(logits).argmax(-1).tolist() == expected.sequences[0, len(ids):].tolist()
+    assert (torch.stack(logits) - torch.cat(expected.logits)).abs().max() <= TOL
 
 
 def test_tied_embeddings_match(tmp_path):

@@ -32,9 +32,9 @@ def randomize_(model: torch.nn.Module) -> None:
 
 
 def build_tiny(path: str | Path, family: str, *, seed: int = 0, max_shard_size: str | None = None, text: dict | None = None,
-               **options) -> Path:
+               dtype: torch.dtype = torch.float32, **options) -> Path:
     """Write `family`'s tiny checkpoint with weights from transformers' model of its config.json, randomised
-    by `randomize_`. `text` and `options` as in `vlmq.demo_model.tiny_checkpoint`."""
+    by `randomize_`, saved in `dtype`. `text` and `options` as in `vlmq.demo_model.tiny_checkpoint`."""
     import transformers
 
     spec = tiny_checkpoint(family, text=text, **options)
@@ -42,17 +42,17 @@ def build_tiny(path: str | Path, family: str, *, seed: int = 0, max_shard_size: 
     torch.manual_seed(seed)
     model = getattr(transformers, config.architectures[0])(config).eval()
     randomize_(model)
-    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    model.to(dtype).save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     return spec.write_files(path, skip=("config.json",))  # config.json as transformers wrote it
 
 
 def build_tiny_llava(path: str | Path, *, vision_feature_layer: int | list[int] = -2, vision_feature_select_strategy: str = "default",
                      tie_word_embeddings: bool = False, rope_parameters: dict | None = None, max_shard_size: str | None = None,
-                     seed: int = 0) -> Path:
+                     seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
     """LLaVA-1.5: CLIP ViT (56 px, 16 image tokens) + MLP projector + Llama."""
     text = {"tie_word_embeddings": tie_word_embeddings} | ({"rope_parameters": rope_parameters} if rope_parameters else {})
     return build_tiny(path, "llava", seed=seed, max_shard_size=max_shard_size, text=text, vision_feature_layer=vision_feature_layer,
-                      vision_feature_select_strategy=vision_feature_select_strategy)
+                      vision_feature_select_strategy=vision_feature_select_strategy, dtype=dtype)
 
 
 def build_tiny_pixtral(path: str | Path, *, family: str = "pixtral", sliding_window: int | None = None,

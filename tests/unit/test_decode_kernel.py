@@ -66,12 +66,14 @@ def isa(request, ops):
     ops.use_prefetch(chosen)
 
 
-def layer_pair(config: DecoderConfig, mode, seed: int = 0) -> tuple[DecoderLayer, DecoderLayer]:
-    """(kernel layer, reference layer): one random layer's weights, prepared in both modes."""
+def layer_pair(config: DecoderConfig, mode, seed: int = 0, saved_in: torch.dtype = torch.float32) -> tuple[DecoderLayer, DecoderLayer]:
+    """(kernel layer, reference layer): one random layer's weights (values of `saved_in`, as a checkpoint saved in
+    that type gives them), prepared in both modes."""
     torch.manual_seed(seed)
     source = DecoderLayer(config)
     for p in source.parameters():
         torch.nn.init.normal_(p, std=0.3)
+        p.data.copy_(p.data.to(saved_in))
     state = source.state_dict()
     layers = []
     for name in ("auto", "reference"):
@@ -188,6 +190,29 @@ def test_pack_panels_puts_each_weight_where_the_kernels_read_it():
     assert not packed.data[2, :, 5:].any()  # outputs 37 … 47 do not exist: zeros
 
 
+@pytest.fixture
+def decode_weights():
+    """Sets VLMQ_DECODE_WEIGHTS's switch for the test, restored afterwards."""
+    previous = decode.DECODE_WEIGHTS()
+    yield decode.DECODE_WEIGHTS.set
+    decode.DECODE_WEIGHTS.set(previous)
+
+
+def test_pack_panels_keeps_16_bits_only_where_every_value_fits(decode_weights):
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(40, 300, generator=g)
+    fp16_only = (w / 64).half().float()  # 10-bit mantissas: exactly float16, not bfloat16
+    late_misfit = w.bfloat16().float()
+    late_misfit[-1, -1] = 1 + 2**-20  # past the first 4096 values checked alone
+    packed = {name: decode.pack_panels(weight) for name, weight in
+              {"float32": w, "bfloat16": w.bfloat16().float(), "float16": fp16_only, "late": late_misfit}.items()}
+    assert {name: p.data.dtype for name, p in packed.items()} == {
+        "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "late": torch.float32}
+    assert torch.equal(packed["bfloat16"].data.float(), decode.pack_panels(w.bfloat16().float()).data.float())
+    decode_weights("float32")
+    assert decode.pack_panels(w.bfloat16().float()).data.dtype == torch.float32
+
+
 # Outputs: one panel, a vector tail, 3 and 5 panels (an AVX-512 pass covers four, AVX2's one); tokens: none, one,
 # two passes of 6 and a remainder, and blocks of tokens (at K = 1536 at most 96 a block on an L2 of up to 2.25 MB).
 @pytest.mark.parametrize("rows,k,m", [(1, 576, 1000), (3, 37, 13), (13, 1536, 67), (5, 8, 3), (200, 1536, 48), (1, 20, 17),
@@ -200,6 +225,36 @@ def test_panel_linear_matches_torch(ops, isa, rows, k, m, extras):
     residual = torch.randn(rows, m, generator=g) if extras in ("residual", "both") else None
     expected = x @ w.t() + (0 if bias is None else bias) + (0 if residual is None else residual)
     torch.testing.assert_close(decode.pack_panels(w).linear(x, bias, residual), expected, rtol=1e-5, atol=1e-4)
+
+
+# Tokens: a decode step's few (the 16-bit weights read as they are) and a prompt's many (each group widened once).
+@pytest.mark.parametrize("rows,k,m", [(1, 576, 1000), (3, 37, 13), (8, 1536, 67), (25, 20, 17), (200, 1536, 48)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_16_bit_panels_give_the_float32_products_bit_for_bit(ops, isa, dtype, rows, k, m):
+    g = torch.Generator().manual_seed(7)
+    x, w = torch.randn(rows, k, generator=g), torch.randn(m, k, generator=g).to(dtype).float()
+    bias, residual = torch.randn(m, generator=g), torch.randn(rows, m, generator=g)
+    narrow, wide = decode.pack_panels(w), decode.PanelWeight(decode.pack_panels(w).data.float(), m)
+    assert narrow.data.dtype == dtype
+    assert torch.equal(narrow.linear(x, bias, residual), wide.linear(x, bias, residual))
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_a_layer_with_16_bit_weights_decodes_as_with_float32_ones(ops, isa, mode, decode_weights, name):
+    config, outs = CONFIGS[name], []
+    for kept in ("auto", "float32"):
+        decode_weights(kept)
+        fused, _ = layer_pair(config, mode, saved_in=torch.bfloat16)
+        panels = [fused.self_attn.wqkv, fused.self_attn.wo, fused.mlp.w_gate_up, fused.mlp.w_down]
+        assert {p.data.dtype for p in panels} == {torch.bfloat16 if kept == "auto" else torch.float32}
+        cache = KVCache(config, 8, 16, torch.float32, "cpu")
+        rope = rope_table(config.rope, config.head_dim, config.max_position_embeddings, "cpu")
+        batch = ForwardBatch.for_decode(rope, [3, 9], cache, config.num_kv_heads, torch.float32,
+                                        sliding_window=config.sliding_window)
+        with torch.inference_mode():
+            x = torch.randn(2, config.hidden_size, generator=torch.Generator().manual_seed(8))
+            outs.append(fused.forward(x, cache.k[0], cache.v[0], batch))
+    assert torch.equal(outs[0], outs[1])
 
 
 @pytest.mark.parametrize("count", [5, 2 * 4096 + 7], ids=["under-a-vector", "units-and-a-tail"])
@@ -296,6 +351,8 @@ def test_the_kernel_refuses_inputs_it_would_misread(ops):
         ops.linear(x, w.t().contiguous().t())
     with pytest.raises(RuntimeError, match=r"w must be \[4, 9\] in panels, \[1, 9, 16\], got \[1, 8, 16\]"):
         ops.panel_linear(torch.randn(2, 9), decode.pack_panels(w).data, 4)
+    with pytest.raises(RuntimeError, match="w must be contiguous float32, bfloat16 or float16 CPU panels"):
+        ops.panel_linear(x, decode.pack_panels(w).data.double(), 4)
     with pytest.raises(RuntimeError, match=r"residual must be \[2, 4\]"):
         decode.pack_panels(w).linear(x, residual=torch.randn(2, 5))
     cache, table = torch.zeros(4, 2, 16, 8), torch.zeros(2, 1, dtype=torch.long)

@@ -25,6 +25,13 @@
 #include "decode_kernels_api.h"
 
 namespace vlmq {
+
+float* widen_scratch(int64_t values) {
+  thread_local std::vector<float> scratch;
+  if (static_cast<int64_t>(scratch.size()) < values) scratch.resize(values);
+  return scratch.data();
+}
+
 namespace {
 
 // Rows of a product per unit of work split between threads: 16 floats of y, one cache line.
@@ -44,7 +51,8 @@ int64_t grain(int64_t unit_bytes) {
 
 const DecodeKernels* best_kernels(bool prefetch) {
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) return &decode_kernels_avx512(prefetch);
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &decode_kernels_avx2(prefetch);
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return &decode_kernels_avx2(prefetch);
   return nullptr;
 }
 
@@ -69,10 +77,12 @@ void matvec_parallel(const MatvecArgs& args, int64_t m) {
   parallel_rows(m, args.k * static_cast<int64_t>(sizeof(float)), [&](int64_t m0, int64_t m1) { k.matvec(args, m0, m1); });
 }
 
+int64_t value_bytes(WeightType type) { return type == WeightType::kFloat32 ? 4 : 2; }
+
 // y = x wᵀ (+ bias) (+ residual) for the M outputs of a panel-packed w, split between threads.
 void panel_product(const MatvecArgs& args, int64_t m) {
   const DecodeKernels& k = kernels();
-  parallel_rows(m, args.k * static_cast<int64_t>(sizeof(float)), [&](int64_t m0, int64_t m1) { k.panel_product(args, m0, m1); });
+  parallel_rows(m, args.k * value_bytes(args.w_type), [&](int64_t m0, int64_t m1) { k.panel_product(args, m0, m1); });
 }
 
 // y[n] = x[n] / rms(x[n]) · w, as F.rms_norm (the sum of squares in double: no order to match).
@@ -167,12 +177,18 @@ void check_weight(const at::Tensor& w, const char* name, int64_t rows, int64_t c
   TORCH_CHECK(w.size(0) == rows && w.size(1) == cols, name, " must be [", rows, ", ", cols, "], got ", w.sizes());
 }
 
-// w: a [rows, cols] weight panel-packed (decode_kernels_api.h), [ceil(rows / kPanel), cols, kPanel].
-void check_panels(const at::Tensor& w, const char* name, int64_t rows, int64_t cols) {
-  check_float(w, name, 3);
+// w: a [rows, cols] weight panel-packed (decode_kernels_api.h), [ceil(rows / kPanel), cols, kPanel], in float32,
+// bfloat16 or float16; returns its type.
+WeightType check_panels(const at::Tensor& w, const char* name, int64_t rows, int64_t cols) {
+  const auto type = w.scalar_type();
+  TORCH_CHECK(w.device().is_cpu() && (type == at::kFloat || type == at::kBFloat16 || type == at::kHalf) && w.is_contiguous() &&
+                  w.dim() == 3,
+              name, " must be contiguous float32, bfloat16 or float16 CPU panels of 3 dimensions, got ", type, " ", w.sizes(),
+              " on ", w.device());
   const int64_t panels = (rows + kPanel - 1) / kPanel;
   TORCH_CHECK(w.size(0) == panels && w.size(1) == cols && w.size(2) == kPanel, name, " must be [", rows, ", ", cols,
               "] in panels, [", panels, ", ", cols, ", ", kPanel, "], got ", w.sizes());
+  return type == at::kFloat ? WeightType::kFloat32 : type == at::kBFloat16 ? WeightType::kBFloat16 : WeightType::kFloat16;
 }
 
 // k/v_cache: float32 [blocks, Hkv, bs, hd], one shape.
@@ -218,7 +234,7 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& w, int64_t m, con
                         const std::optional<at::Tensor>& residual) {
   check_float(x, "x", 2);
   const int64_t rows = x.size(0), k = x.size(1);
-  check_panels(w, "w", m, k);
+  const WeightType w_type = check_panels(w, "w", m, k);
   if (bias) {
     check_float(*bias, "bias", 1);
     TORCH_CHECK(bias->size(0) == m, "bias must be [", m, "], got ", bias->sizes());
@@ -228,8 +244,8 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& w, int64_t m, con
     TORCH_CHECK(residual->size(0) == rows && residual->size(1) == m, "residual must be [", rows, ", ", m, "], got ", residual->sizes());
   }
   at::Tensor y = at::empty({rows, m}, x.options());
-  const MatvecArgs args{w.data_ptr<float>(), k, x.data_ptr<float>(), rows, bias ? bias->data_ptr<float>() : nullptr,
-                        residual ? residual->data_ptr<float>() : nullptr, y.data_ptr<float>(), m};
+  const MatvecArgs args{w.data_ptr(), k, x.data_ptr<float>(), rows, bias ? bias->data_ptr<float>() : nullptr,
+                        residual ? residual->data_ptr<float>() : nullptr, y.data_ptr<float>(), m, w_type};
   panel_product(args, m);
   return y;
 }
@@ -289,10 +305,9 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
   TORCH_CHECK(heads % hkv == 0 && heads > 0, heads, " query heads are not a multiple of ", hkv, " KV heads");
   TORCH_CHECK(w_down.dim() == 3, "w_down must be [D, I] in panels, got ", w_down.sizes());
   const int64_t inter = w_down.size(1);
-  check_panels(wqkv, "wqkv", qkv_size, d);
-  check_panels(wo, "wo", d, q_size);
-  check_panels(w_gate_up, "w_gate_up", 2 * inter, d);
-  check_panels(w_down, "w_down", d, inter);
+  const WeightType wqkv_type = check_panels(wqkv, "wqkv", qkv_size, d), wo_type = check_panels(wo, "wo", d, q_size);
+  const WeightType gate_up_type = check_panels(w_gate_up, "w_gate_up", 2 * inter, d);
+  const WeightType down_type = check_panels(w_down, "w_down", d, inter);
   check_float(input_norm, "input_norm", 1);
   check_float(post_norm, "post_norm", 1);
   TORCH_CHECK(input_norm.size(0) == d && post_norm.size(0) == d, "norm weights must be [", d, "]");
@@ -343,7 +358,7 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
   const ActMul act_mul = act_mul_kernel(k, act);  // an unknown act fails here, before the cache is written
 
   rms_norm(x.data_ptr<float>(), input_norm.data_ptr<float>(), rows, d, eps, h);
-  panel_product({wqkv.data_ptr<float>(), d, h, rows, bqkv ? bqkv->data_ptr<float>() : nullptr, nullptr, qkv, qkv_size},
+  panel_product({wqkv.data_ptr(), d, h, rows, bqkv ? bqkv->data_ptr<float>() : nullptr, nullptr, qkv, qkv_size, wqkv_type},
                 qkv_size);
 
   // QK-norm if any, RoPE on Q and K (adjacent pairs rotate as complex numbers), then K and V into the cache.
@@ -374,14 +389,14 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
                hd, kv_len, scores, chunk_out, attn);
   const float* x_data = x.data_ptr<float>();
   if (attn_out_norm) {  // mid = x + norm(o(attention)), through h (free until the MLP's input norm)
-    panel_product({wo.data_ptr<float>(), q_size, attn, rows, nullptr, nullptr, h, d}, d);
+    panel_product({wo.data_ptr(), q_size, attn, rows, nullptr, nullptr, h, d, wo_type}, d);
     add_norm(x_data, h, attn_out_norm->data_ptr<float>(), rows, d, eps, mid);
   } else {
-    panel_product({wo.data_ptr<float>(), q_size, attn, rows, nullptr, x_data, mid, d}, d);
+    panel_product({wo.data_ptr(), q_size, attn, rows, nullptr, x_data, mid, d, wo_type}, d);
   }
 
   rms_norm(mid, post_norm.data_ptr<float>(), rows, d, eps, h);
-  const MatvecArgs gate_up_args{w_gate_up.data_ptr<float>(), d, h, rows, nullptr, nullptr, gate_up, 2 * inter};
+  const MatvecArgs gate_up_args{w_gate_up.data_ptr(), d, h, rows, nullptr, nullptr, gate_up, 2 * inter, gate_up_type};
   const auto gated = [&](int64_t m0, int64_t m1) {
     for (int64_t n = 0; n < rows; ++n) {
       const float* gn = gate_up + n * 2 * inter;
@@ -391,7 +406,7 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
   if (inter % kPanel == 0) {
     // Each thread computes its gate rows and the matching up rows (panel-aligned when I is a multiple of a
     // panel), then their product: no pass in between.
-    parallel_rows(inter, 2 * d * static_cast<int64_t>(sizeof(float)), [&](int64_t m0, int64_t m1) {  // a gate row and an up row
+    parallel_rows(inter, 2 * d * value_bytes(gate_up_type), [&](int64_t m0, int64_t m1) {  // a gate row and an up row
       k.panel_product(gate_up_args, m0, m1);
       k.panel_product(gate_up_args, inter + m0, inter + m1);
       gated(m0, m1);
@@ -401,10 +416,10 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
     gated(0, inter);
   }
   if (mlp_out_norm) {  // out = mid + norm(down(…)), through h
-    panel_product({w_down.data_ptr<float>(), inter, hidden, rows, nullptr, nullptr, h, d}, d);
+    panel_product({w_down.data_ptr(), inter, hidden, rows, nullptr, nullptr, h, d, down_type}, d);
     add_norm(mid, h, mlp_out_norm->data_ptr<float>(), rows, d, eps, out.data_ptr<float>());
   } else {
-    panel_product({w_down.data_ptr<float>(), inter, hidden, rows, nullptr, mid, out.data_ptr<float>(), d}, d);
+    panel_product({w_down.data_ptr(), inter, hidden, rows, nullptr, mid, out.data_ptr<float>(), d, down_type}, d);
   }
   return out;
 }
@@ -442,7 +457,8 @@ std::string use_isa(const std::string& name) {
   if (name == "best") {
     g_kernels = best_kernels(prefetch);
   } else if (name == "avx2") {
-    TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"), "this CPU has no AVX2 + FMA");
+    TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"),
+                "this CPU has no AVX2 + FMA + F16C");
     g_kernels = &decode_kernels_avx2(prefetch);
   } else {
     TORCH_CHECK(false, "use_isa takes \"best\" or \"avx2\", got \"", name, "\"");

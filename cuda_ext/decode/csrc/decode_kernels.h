@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "decode_kernels_api.h"
 
@@ -26,11 +27,11 @@ struct Kernels {
   // accumulators): a second pass over a block reads it from L1, and while it computes no weight
   // streams from memory.
   static constexpr int kWideTokens = L == 16 ? 8 : kTokens;
-  static constexpr int64_t kAhead = 1024;  // floats: prefetch distance, 4 KiB ahead in each row
+  static constexpr int64_t kAheadBytes = 4096;  // prefetch distance in each row
 
-  // prefetch: whether the products ask for each row's line kAhead floats ahead (cuda_ext.decode times both).
+  // prefetch: whether the products ask for each row's line kAheadBytes ahead (cuda_ext.decode times both).
   static DecodeKernels table(const char* isa, bool prefetch) {
-    return {isa, prefetch, prefetch ? &matvec<true> : &matvec<false>, prefetch ? &panel_product<true> : &panel_product<false>,
+    return {isa, prefetch, prefetch ? &matvec<true> : &matvec<false>, prefetch ? &panel_product_typed<true> : &panel_product_typed<false>,
             &act_mul<&Kernels::silu_mul>, &act_mul<&Kernels::gelu_tanh_mul>, &attend};
   }
 
@@ -43,19 +44,23 @@ struct Kernels {
   static constexpr int kGroup = kGroupVecs * L;
   static constexpr int kPanelTokens = 6;  // accumulators: 24 of 32 registers (AVX-512), 12 of 16 (AVX2)
   static constexpr int64_t kTokenBlock = 96;
+  // Tokens past which a product over 16-bit panels widens each group to float32 once (panel_groups); a decode
+  // step's few tokens read the 16-bit weights directly, at half the bytes.
+  static constexpr int64_t kWidenTokens = 4 * kPanelTokens;
 
-  // acc[v][n] = Σ_i w(group vector v)[i] · x[n, i] for NB tokens; w: the group's first panel.
-  template <bool Prefetch, int VW, int NB, int T>
-  static void panel_block(const float* w, int64_t k, const float* x, V (&acc)[VW][T]) {
+  // acc[v][n] = Σ_i w(group vector v)[i] · x[n, i] for NB tokens; w: the group's first panel, of float32 or a
+  // 16-bit type (decode_kernels_api.h), widened as it loads.
+  template <bool Prefetch, class W, int VW, int NB, int T>
+  static void panel_block(const W* w, int64_t k, const float* x, V (&acc)[VW][T]) {
     for (int v = 0; v < VW; ++v)
       for (int n = 0; n < NB; ++n) acc[v][n] = V::zero();
     const int64_t panel = k * kPanel;
     for (int64_t i = 0; i < k; ++i) {
       V wv[VW];
       for (int v = 0; v < VW; ++v) {
-        const float* at = w + (v * L / kPanel) * panel + i * kPanel + (v * L) % kPanel;
+        const W* at = w + (v * L / kPanel) * panel + i * kPanel + (v * L) % kPanel;
         if constexpr (Prefetch) {
-          if ((v * L) % kPanel == 0) _mm_prefetch(reinterpret_cast<const char*>(at + kAhead), _MM_HINT_T0);
+          if ((v * L) % kPanel == 0) _mm_prefetch(reinterpret_cast<const char*>(at) + kAheadBytes, _MM_HINT_T0);
         }
         wv[v] = V::load(at);
       }
@@ -66,22 +71,21 @@ struct Kernels {
     }
   }
 
-  template <bool Prefetch, int VW, int NB, int T>
-  static void panel_tokens(int64_t nb, const float* w, int64_t k, const float* x, V (&acc)[VW][T]) {
+  template <bool Prefetch, class W, int VW, int NB, int T>
+  static void panel_tokens(int64_t nb, const W* w, int64_t k, const float* x, V (&acc)[VW][T]) {
     if constexpr (NB > 1) {
-      if (nb < NB) return panel_tokens<Prefetch, VW, NB - 1, T>(nb, w, k, x, acc);
+      if (nb < NB) return panel_tokens<Prefetch, W, VW, NB - 1, T>(nb, w, k, x, acc);
     }
-    panel_block<Prefetch, VW, NB, T>(w, k, x, acc);
+    panel_block<Prefetch, W, VW, NB, T>(w, k, x, acc);
   }
 
-  // Outputs m … min(m + VW·L, end) - 1 for tokens n_lo … n_hi - 1, T tokens a pass.
-  template <bool Prefetch, int VW, int T>
-  static void panel_group(const MatvecArgs& a, int64_t m, int64_t end, int64_t n_lo, int64_t n_hi) {
-    const float* w = a.w + (m / kPanel) * a.k * kPanel;
+  // Outputs m … min(m + VW·L, end) - 1 for tokens n_lo … n_hi - 1, T tokens a pass; w: their first panel.
+  template <bool Prefetch, class W, int VW, int T>
+  static void panel_group(const MatvecArgs& a, const W* w, int64_t m, int64_t end, int64_t n_lo, int64_t n_hi) {
     for (int64_t n0 = n_lo; n0 < n_hi; n0 += T) {
       const int64_t nb = n_hi - n0 < T ? n_hi - n0 : T;
       V acc[VW][T];
-      panel_tokens<Prefetch, VW, T, T>(nb, w, a.k, a.x + n0 * a.k, acc);
+      panel_tokens<Prefetch, W, VW, T, T>(nb, w, a.k, a.x + n0 * a.k, acc);
       for (int64_t n = 0; n < nb; ++n) {
         for (int v = 0; v < VW; ++v) {
           const int64_t first = m + v * L, width = end - first < L ? end - first : L;
@@ -103,14 +107,26 @@ struct Kernels {
   }
 
   // Outputs m0 … m1-1 for tokens n_lo … n_hi - 1, VW vectors of outputs (fewer at the end) by T tokens a pass.
-  template <bool Prefetch, int VW, int T>
+  template <bool Prefetch, class W, int VW, int T>
   static void panel_groups(const MatvecArgs& a, int64_t m0, int64_t m1, int64_t n_lo, int64_t n_hi) {
     for (int64_t m = m0; m < m1; m += VW * L) {
       const int64_t end = m1 - m < VW * L ? m1 : m + VW * L, vecs = (end - m + L - 1) / L;
       if constexpr (VW > 1) {
-        if (vecs < VW) return panel_groups<Prefetch, VW - 1, T>(a, m, m1, n_lo, n_hi);
+        if (vecs < VW) return panel_groups<Prefetch, W, VW - 1, T>(a, m, m1, n_lo, n_hi);
       }
-      panel_group<Prefetch, VW, T>(a, m, end, n_lo, n_hi);
+      const W* w = static_cast<const W*>(a.w) + (m / kPanel) * a.k * kPanel;
+      if constexpr (!std::is_same_v<W, float>) {
+        // Many passes over the group (a prompt's tokens) widen it once, into float32 panels that each pass reads
+        // as they are: widened every pass instead, a 221-token prefill ran 7% slower than on float32 weights.
+        if (n_hi - n_lo > kWidenTokens) {
+          const int64_t values = (VW * L + kPanel - 1) / kPanel * a.k * kPanel;
+          float* wide = widen_scratch(values);
+          for (int64_t i = 0; i < values; i += L) V::load(w + i).store(wide + i);
+          panel_group<Prefetch, float, VW, T>(a, wide, m, end, n_lo, n_hi);
+          continue;
+        }
+      }
+      panel_group<Prefetch, W, VW, T>(a, w, m, end, n_lo, n_hi);
     }
   }
 
@@ -129,7 +145,7 @@ struct Kernels {
   // of four alternated runs; 221 tokens 0.94 → 0.88). On AVX-512, 7 or 8
   // tokens (batched decode) go in one pass of three vectors by 8 tokens: a second pass of four vectors
   // by 6 for the last one or two rereads every weight from L2 for little work (bench/products.py).
-  template <bool Prefetch>
+  template <bool Prefetch, class W>
   static void panel_product(const MatvecArgs& a, int64_t m0, int64_t m1) {
     if (a.rows == 0) return;  // no token: no block size to divide by
     static const int64_t x_bytes = token_block_bytes();
@@ -139,11 +155,21 @@ struct Kernels {
       const int64_t n_hi = a.rows - n_lo < block ? a.rows : n_lo + block;
       if constexpr (kGroupVecs == 4) {
         if (n_hi - n_lo > kPanelTokens && n_hi - n_lo <= 8) {
-          panel_groups<Prefetch, 3, 8>(a, m0, m1, n_lo, n_hi);
+          panel_groups<Prefetch, W, 3, 8>(a, m0, m1, n_lo, n_hi);
           continue;
         }
       }
-      panel_groups<Prefetch, kGroupVecs, kPanelTokens>(a, m0, m1, n_lo, n_hi);
+      panel_groups<Prefetch, W, kGroupVecs, kPanelTokens>(a, m0, m1, n_lo, n_hi);
+    }
+  }
+
+  // panel_product over panels of args.w_type.
+  template <bool Prefetch>
+  static void panel_product_typed(const MatvecArgs& a, int64_t m0, int64_t m1) {
+    switch (a.w_type) {
+      case WeightType::kFloat32: return panel_product<Prefetch, float>(a, m0, m1);
+      case WeightType::kBFloat16: return panel_product<Prefetch, BFloat16>(a, m0, m1);
+      case WeightType::kFloat16: return panel_product<Prefetch, Float16>(a, m0, m1);
     }
   }
 
@@ -161,7 +187,7 @@ struct Kernels {
         // On the Intel Xeon measured, the hardware prefetcher alone left this single-stream-per-row
         // loop short of the bandwidth a core can draw, and asking for the line 4 KiB ahead kept more
         // misses in flight; on the AMD EPYC measured, the same requests cost 7–15% of the stream.
-        if constexpr (Prefetch) _mm_prefetch(reinterpret_cast<const char*>(w + r * k + i + kAhead), _MM_HINT_T0);
+        if constexpr (Prefetch) _mm_prefetch(reinterpret_cast<const char*>(w + r * k + i) + kAheadBytes, _MM_HINT_T0);
         const V wv = V::load(w + r * k + i);
         for (int n = 0; n < NB; ++n) acc[r][n] = V::fma(wv, xs[n], acc[r][n]);
       }
@@ -190,7 +216,7 @@ struct Kernels {
   // Rows m … m+R-1 of y for every token, T at a time.
   template <bool Prefetch, int R, int T>
   static void row_block(const MatvecArgs& a, int64_t m) {
-    const float* w = a.w + m * a.k;
+    const float* w = static_cast<const float*>(a.w) + m * a.k;
     for (int64_t n0 = 0; n0 < a.rows; n0 += T) {
       float out[kRows][kWideTokens];
       const int64_t nb = a.rows - n0 < T ? a.rows - n0 : T;

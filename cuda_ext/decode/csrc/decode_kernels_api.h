@@ -9,9 +9,20 @@
 
 namespace vlmq {
 
+// The 16-bit weight types a panel-packed weight may hold (the bits of one value each): a checkpoint
+// saved in bfloat16 or float16 holds values that float32 represents exactly, so its weights keep their
+// type and a product reads half the bytes, each value widened to float32 exactly before its FMAs.
+struct BFloat16 {
+  uint16_t bits;
+};
+struct Float16 {
+  uint16_t bits;
+};
+enum class WeightType : int32_t { kFloat32, kBFloat16, kFloat16 };
+
 // y[n, m] = Σ_k w[m, k] · x[n, k] (+ bias[m]) (+ residual[n, m]) for n < rows, m0 ≤ m < m1.
 struct MatvecArgs {
-  const float* w;         // [M, K] row-major (the checkpoint's [out, in] layout)
+  const void* w;          // [M, K] row-major float32 (the checkpoint's [out, in] layout), or panel-packed w_type
   int64_t k;              // K
   const float* x;         // [rows, K] contiguous
   int64_t rows;           // tokens: 1 for batch-1 decode, one per sequence in batched decode
@@ -19,6 +30,7 @@ struct MatvecArgs {
   const float* residual;  // [rows, ld] or null; may be y itself
   float* y;               // [rows, ld]
   int64_t ld;             // row stride of y and residual
+  WeightType w_type = WeightType::kFloat32;  // panel products only: the row-major matvec reads float32
 };
 
 // One KV head of one sequence over T of its keys: softmax(q kᵀ + mask) v for the `group` query
@@ -54,7 +66,7 @@ struct DecodeKernels {
   const char* isa;
   bool prefetch;  // whether the products ask for weight lines ahead of the hardware prefetcher
   void (*matvec)(const MatvecArgs& args, int64_t m0, int64_t m1);
-  // As matvec, args.w panel-packed; m0 a multiple of kPanel, m1 ≤ M.
+  // As matvec, args.w panel-packed in args.w_type; m0 a multiple of kPanel, m1 ≤ M.
   void (*panel_product)(const MatvecArgs& args, int64_t m0, int64_t m1);
   // out[i] = act(gate[i]) · up[i] for i < count (act(gate[i]) where up is null): SwiGLU's silu,
   // GeGLU's tanh-approximated GELU. out may be gate.
@@ -62,6 +74,11 @@ struct DecodeKernels {
   void (*gelu_tanh_mul)(const float* gate, const float* up, float* out, int64_t count);
   void (*attend)(const AttendArgs& args);
 };
+
+// The calling thread's buffer of at least `values` floats, for a product over 16-bit panels to widen a group of
+// them into (decode_kernels.h). Defined in decode_cpu.cpp: the kernel files define no function that the
+// standard library's inline code would be compiled into for their instruction sets.
+float* widen_scratch(int64_t values);
 
 // Defined in decode_kernels_{avx512,avx2}.cpp; call only where the CPU has the instructions.
 const DecodeKernels& decode_kernels_avx512(bool prefetch);

@@ -1,10 +1,10 @@
-// The decode kernels for CPUs with AVX2 and FMA but no AVX-512. The system headers come
+// The decode kernels for CPUs with AVX2, FMA and F16C but no AVX-512. The system headers come
 // first, outside the target pragma: only vlmq's own kernel code is compiled for it.
 #include <immintrin.h>
 
 #include <cstdint>
 
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 
 #include "decode_vec256.h"
 #include "decode_kernels.h"

@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "decode_kernels_api.h"
+
 namespace vlmq::avx2 {
 
 struct Vec {
@@ -16,6 +18,12 @@ struct Vec {
   static Vec zero() { return {_mm256_setzero_ps()}; }
   static Vec set1(float x) { return {_mm256_set1_ps(x)}; }
   static Vec load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  // 8 weights of a 16-bit type, widened to float32 exactly (decode_vec512.h).
+  static Vec load(const BFloat16* p) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(wide, 16))};
+  }
+  static Vec load(const Float16* p) { return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))}; }
   // The first n < kLanes floats at p, the other lanes 0 (masked: never reads past p + n).
   static Vec load_first(const float* p, int64_t n) { return {_mm256_maskload_ps(p, first_lanes(n))}; }
   void store(float* p) const { _mm256_storeu_ps(p, v); }

@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "decode_kernels_api.h"
+
 namespace vlmq::avx512 {
 
 struct Vec {
@@ -16,6 +18,12 @@ struct Vec {
   static Vec zero() { return {_mm512_setzero_ps()}; }
   static Vec set1(float x) { return {_mm512_set1_ps(x)}; }
   static Vec load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  // 16 weights of a 16-bit type, widened to float32 exactly: bfloat16 is float32's top half; F16C's conversion.
+  static Vec load(const BFloat16* p) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(wide, 16))};
+  }
+  static Vec load(const Float16* p) { return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))}; }
   // The first n < kLanes floats at p, the other lanes 0 (never reads past p + n).
   static Vec load_first(const float* p, int64_t n) { return {_mm512_maskz_loadu_ps(first_lanes(n), p)}; }
   void store(float* p) const { _mm512_storeu_ps(p, v); }
