@@ -154,11 +154,20 @@ class LlamaForCausalLM(nn.Module):
     def from_checkpoint(
         cls, checkpoint: Checkpoint | str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
     ) -> LlamaForCausalLM:
-        """Build on the meta device, load the language-model tensors only, prepare for inference."""
+        """Build on the meta device, load the language-model tensors only, prepare for inference.
+
+        Each decoder layer is prepared as soon as it is loaded, which drops its weights as loaded: a checkpoint
+        saved in 16 bits, whose layers the CPU decode kernels keep in 16 bits (`pack_panels`), is then never all in
+        `dtype` at once (by arithmetic, LLaVA-1.5-7B's layers in float16 take 13 GB, in float32 26)."""
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
         with torch.device("meta"):
             model = cls(cls.read_config(ckpt.config), dtype=dtype)
-        ckpt.load_into(model.model, "language_model.model.", dtype, device)
+        prefix = "language_model.model."
+        ckpt.check_names(model.model, prefix)  # every name before any tensor is read
+        for name in ("embed_tokens", "norm"):
+            ckpt.load_into(getattr(model.model, name), f"{prefix}{name}.", dtype, device)
+        for i, layer in enumerate(model.model.layers):
+            ckpt.load_into(layer, f"{prefix}layers.{i}.", dtype, device).requires_grad_(False).prepare()
         if model.lm_head is not None:
             ckpt.load_into(model.lm_head, "language_model.lm_head.", dtype, device)
         elif ckpt.tensor_names("language_model.lm_head."):
@@ -168,7 +177,7 @@ class LlamaForCausalLM(nn.Module):
             if not torch.equal(head, model.model.embed_tokens.weight):
                 model.lm_head = nn.Linear(head.shape[1], head.shape[0], bias=False, device="meta")
                 model.lm_head.load_state_dict({"weight": head}, assign=True)
-        return model.prepare()
+        return model.prepare(layers=False)
 
     @property
     def device(self) -> torch.device:
@@ -178,11 +187,12 @@ class LlamaForCausalLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
 
-    def prepare(self) -> LlamaForCausalLM:
-        """Fuse and reorder the weights for inference (see `shared.modeling.layers`), compute the RoPE tables."""
+    def prepare(self, layers: bool = True) -> LlamaForCausalLM:
+        """Fuse and reorder the weights for inference (see `shared.modeling.layers`), compute the RoPE tables.
+        layers=False: the decoder layers are prepared already (`from_checkpoint` prepares each as it loads it)."""
         c = self.config
         self.eval().requires_grad_(False)
-        for layer in self.model.layers:
+        for layer in self.model.layers if layers else ():
             layer.prepare()
         self.model.norm.prepare()
         head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -145,20 +145,24 @@ class Checkpoint:
         checkpoint of the wrong shape never loads half-way. Non-persistent buffers
         (rotary tables and the like) are left to the module to compute.
         """
-        tensors = self.load_tensors(prefix, dtype, device)
+        self.check_names(module, prefix)
+        try:
+            module.load_state_dict(self.load_tensors(prefix, dtype, device), strict=True, assign=True)
+        except RuntimeError as exc:  # shapes that disagree with config.json
+            raise CheckpointError(f"{self.path}: tensors under {prefix!r} do not fit config.json: {exc}") from None
+        return module
+
+    def check_names(self, module: torch.nn.Module, prefix: str) -> None:
+        """Raise CheckpointError unless the tensors under `prefix` are exactly `module`'s, listing the missing and
+        unexpected ones (nothing is read but the names)."""
         expected = set(module.state_dict().keys())
-        missing = sorted(expected - tensors.keys())
-        unexpected = sorted(tensors.keys() - expected)
+        stored = {name[len(prefix) :] for name in self.tensor_names(prefix)}
+        missing, unexpected = sorted(expected - stored), sorted(stored - expected)
         if missing or unexpected:
             raise CheckpointError(
                 f"{self.path}: tensors under {prefix!r} do not match {type(module).__name__}: "
                 f"missing {[prefix + n for n in missing]}, unexpected {[prefix + n for n in unexpected]}"
             )
-        try:
-            module.load_state_dict(tensors, strict=True, assign=True)
-        except RuntimeError as exc:  # shapes that disagree with config.json
-            raise CheckpointError(f"{self.path}: tensors under {prefix!r} do not fit config.json: {exc}") from None
-        return module
 
     @cached_property
     def fingerprint(self) -> str:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cuda_ext.decode import ops as decode
-from generator_service.models.decoder import DecoderConfig
+from generator_service.models.decoder import DecoderConfig, DecoderLayer
 from generator_service.models.llama import LlamaForCausalLM, llama_config
 from shared.config.errors import CheckpointError
 from shared.modeling.layers import RopeConfig, rope_inverse_frequencies
@@ -111,6 +111,29 @@ def test_a_16_bit_checkpoint_decodes_as_transformers_does_in_float32(tmp_path, d
         logits.append(ours.decode(logits[-1].argmax(-1).view(1), [length], cache)[0])
     assert torch.stack(logits).argmax(-1).tolist() == expected.sequences[0, len(ids):].tolist()
     assert (torch.stack(logits) - torch.cat(expected.logits)).abs().max() <= TOL
+
+
+def test_each_layer_is_prepared_before_the_next_is_loaded(tmp_path, monkeypatch):
+    """So that a 16-bit checkpoint never has every layer in float32 at once (`from_checkpoint`)."""
+    path = build_tiny_llava(tmp_path / "m", dtype=torch.bfloat16)
+    loaded_when_prepared = []
+    prepare = DecoderLayer.prepare
+
+    def recording_prepare(layer):
+        loaded_when_prepared.append(sum(not m.input_layernorm.weight.is_meta for m in model_layers))
+        prepare(layer)
+
+    model_layers = []
+    original_init = LlamaForCausalLM.__init__
+
+    def keep_layers(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        model_layers.extend(self.model.layers)
+
+    monkeypatch.setattr(DecoderLayer, "prepare", recording_prepare)
+    monkeypatch.setattr(LlamaForCausalLM, "__init__", keep_layers)
+    LlamaForCausalLM.from_checkpoint(path)
+    assert loaded_when_prepared == list(range(1, len(model_layers) + 1)) and len(model_layers) > 1
 
 
 def test_tied_embeddings_match(tmp_path):
