@@ -129,8 +129,8 @@ def pack_panels(weight: Tensor) -> PanelWeight:
 
 def narrowest_exact(data: Tensor) -> Tensor:
     """data (float32) in the first of bfloat16, float16 that holds every value exactly, else data itself."""
+    first = data.view(-1)[:4096]
     for half in (torch.bfloat16, torch.float16):
-        first = data.view(-1)[:4096]
         if torch.equal(first.to(half).float(), first):  # a float32 weight fails here, before all of it is converted
             narrow = data.to(half)
             if torch.equal(narrow.float(), data):
