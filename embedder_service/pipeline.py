@@ -15,6 +15,7 @@ from typing import Any
 
 import redis
 import torch
+from PIL import Image
 
 from embedder_service.batcher import Batcher
 from shared.config.errors import NotFound, StoreUnavailable, VlmqError
@@ -23,6 +24,9 @@ from shared.media.images import decode_image, image_info
 from shared.store.container import EmbeddingContainer, stored_as
 from shared.store.containers import ContainerStore, container_id
 from shared.store.token_ids import allocate_token_ids
+
+# The warm-up's image: a CLIP tower's input size (towers of dynamic resolution take it as it is).
+WARM_UP_IMAGE_SIZE = (224, 224)
 
 
 class EmbedPipeline:
@@ -41,6 +45,14 @@ class EmbedPipeline:
         self.batcher: Batcher[Any, torch.Tensor] = Batcher(
             self._forward, settings.embed_max_batch, settings.embed_max_wait_ms / 1000, name="vlmq-embed-batcher"
         )
+
+    def warm_up(self) -> None:
+        """One full batch of a plain gray image through the vision tower, nothing stored: a new worker's first
+        batch otherwise pays one-off costs (each op's first run, the heap growing to a batch's working set) in its
+        first jobs' time. Run by the batcher's thread, whose heap arena and OpenMP team serve the batches after."""
+        pixels = self.preprocessor(Image.new("RGB", WARM_UP_IMAGE_SIZE, (128, 128, 128)))
+        for future in [self.batcher.submit(pixels) for _ in range(self.batcher.max_batch)]:
+            future.result()
 
     @torch.inference_mode()
     def _forward(self, pixels: list[Any]) -> list[torch.Tensor]:

@@ -31,6 +31,7 @@ def build_pipeline(settings: Settings, model_path: str, device: str,
     model = load_vision_model(model_path, device, settings.dtype)
     store = ContainerStore(client, settings.key_prefix, settings.container_ttl_s, settings.max_container_bytes)
     pipeline = EmbedPipeline(model, store, client, settings, turns)
+    pipeline.warm_up()
     stats = WorkerStats(client, settings.key_prefix, "embed")
     pipeline.batcher.on_batch = lambda size, seconds: stats.observe("batch_size", size)
     return pipeline

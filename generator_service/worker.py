@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 
 from generator_service.engine import Engine
@@ -31,13 +32,31 @@ def build_pipeline(settings: Settings, model_path: str, device: str,
                     kv_cache_tokens=settings.kv_cache_tokens, block_tokens=settings.kv_block_tokens,
                     prefix_cache=settings.prefix_cache == "on", prefill_chunk_tokens=settings.prefill_chunk_tokens,
                     max_decode_slowdown=settings.max_decode_slowdown)
-    threading.Thread(target=engine.run_forever, args=(threading.Event(),), kwargs={"turns": turns}, name="vlmq-engine",
-                     daemon=True).start()
+    start_engine(engine, turns)
     client = connect(settings.effective_store_url)
     publish_engine_stats(engine, WorkerStats(client, settings.key_prefix, "generate"), threading.Event())
     store = ContainerStore(client, settings.key_prefix, settings.container_ttl_s, settings.max_container_bytes)
     image_placeholder = family.image_prompt(checkpoint).placeholder(tokenizer)
     return GeneratePipeline(model, tokenizer, engine, store, settings, checkpoint.fingerprint, image_placeholder)
+
+
+def start_engine(engine: Engine, turns: AbstractContextManager) -> None:
+    """The engine thread: it warms up (`Engine.warm_up`), then serves; returns once warm, raising what warming
+    raised, so that a worker whose model cannot run fails at start, not on its first request."""
+    warm: Future[None] = Future()
+
+    def serve() -> None:
+        try:
+            with turns:
+                engine.warm_up()
+        except BaseException as exc:
+            warm.set_exception(exc)
+            return
+        warm.set_result(None)
+        engine.run_forever(threading.Event(), turns=turns)
+
+    threading.Thread(target=serve, name="vlmq-engine", daemon=True).start()
+    warm.result()
 
 
 def run(settings: Settings, model_path: str, device: str, concurrency: int | None = None) -> None:

@@ -114,3 +114,11 @@ def test_bad_requests_get_4xx_with_reason(stack):
     assert by_path.status_code == 403
     huge = httpx.post(f"{stack}/v1/embeddings", content=b"x" * 1_000_000, headers={"content-type": "application/json"})
     assert huge.status_code == 413
+
+
+def test_a_new_worker_warms_its_tower_with_one_full_batch_and_stores_nothing(checkpoint, settings, redis_client, key_prefix):
+    from embedder_service.worker import build_pipeline
+
+    pipeline = build_pipeline(settings, str(checkpoint), "cpu")
+    assert pipeline.batcher.batch_sizes == [settings.embed_max_batch]
+    assert list(redis_client.scan_iter(match=f"{key_prefix}*")) == []  # no container, no token IDs taken

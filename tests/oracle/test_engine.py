@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import nullcontext
 
 import pytest
 import torch
 
 from generator_service.engine import Engine, GenerationRequest
+from generator_service.worker import start_engine
 from generator_service.models.llama import LlamaForCausalLM
 from generator_service.sampling import (
     SamplingParams,
@@ -281,6 +283,36 @@ def test_stopping_the_loop_cancels_what_is_left(setup):
     stop.set()
     engine.run_forever(stop)
     assert [h.result(timeout=1).finish_reason for h in handles] == ["cancelled", "cancelled"]
+
+
+def test_warm_up_runs_the_model_and_leaves_nothing_a_request_sees(setup, monkeypatch):
+    _, model, tok, _, _ = setup
+    steps = []
+    monkeypatch.setattr(model, "step", lambda *args: steps.append(1) or LlamaForCausalLM.step(model, *args))
+    engine = Engine(model, max_batch=4, max_seq_len=128, eos_token_ids=tok.eos_token_ids, block_tokens=16,
+                    prefix_cache=True, prefill_chunk_tokens=32)
+    engine.warm_up()
+    assert steps  # a chunk-sized prompt went through the model
+    assert engine.pool.used == 0 and engine.pool.available == engine.pool.num_blocks
+    assert (engine.stats.prefix_lookup_tokens, engine.stats.ttft.counts[-1], engine.stats.itl.counts[-1]) == (0, 0, 0)
+    # The warm-up's prompt was 32 × token 0: the same tokens under any tenant's salt find none of its blocks.
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    handle = engine.submit(GenerationRequest([0] * 40, params))
+    engine.run_until_idle()
+    assert handle.result().usage.cached_tokens == 0
+    assert handle.result().token_ids == generate_alone(model, tok, [0] * 40, params)
+    assert engine.stats.ttft.counts[-1] == 1
+
+
+def test_a_model_that_cannot_run_fails_its_warm_up(setup, monkeypatch):
+    _, model, tok, _, _ = setup
+
+    def broken(*args):
+        raise RuntimeError("the weights are on a device that is gone")
+
+    monkeypatch.setattr(model, "step", broken)
+    with pytest.raises(RuntimeError, match="device that is gone"):
+        start_engine(engine_for(model, tok), nullcontext())
 
 
 def test_cancel(setup):
