@@ -152,6 +152,30 @@ class _Sequence:
     length: int = 0  # positions in the cache once the prompt is done (prompt + generated tokens fed back)
     cached_tokens: int = 0  # the prompt prefix found in the prefix cache
     last_token_at: float = 0.0
+    in_layers: _ImageInLayers | None = None  # a prefill chunk part way through the layers
+
+
+@dataclass(frozen=True)
+class _ImageInLayers:
+    """A bidirectional image (Gemma 3) longer than a step's prefill budget, going through the layers over several
+    steps, all of its tokens at each: prompt positions [computed, end), through layers 0 … layer-1 so far, `hidden`
+    [S, D] the input of layer `layer`. Its attention sees the whole image at every layer, as the reference's does."""
+
+    end: int
+    layer: int
+    hidden: Tensor
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """A prefill chunk of this step: prompt positions [start, end) of `seq` through `layers` (None: all); `cost`, in
+    prompt tokens through every layer, what it takes of the step's budget."""
+
+    seq: _Sequence
+    start: int
+    end: int
+    cost: int
+    layers: tuple[int, int] | None = None
 
 
 @dataclass
@@ -306,7 +330,7 @@ class Engine:
         # prompts arriving cost the streams their chunks' compute per step, not whole prefills.
         made = self._forward(decoding, chunks)
         if decoding:
-            self._learn_step_cost(time.perf_counter() - started, sum(end - start for _, start, end in chunks))
+            self._learn_step_cost(time.perf_counter() - started, sum(chunk.cost for chunk in chunks))
         elif chunks:  # what this step prefilled decodes at once, as it would alone
             made += self._forward([seq for seq in self._running if seq.output], [])
         return made
@@ -411,8 +435,8 @@ class Engine:
         seq.computed += same
         seq.cached_tokens += same
 
-    def _plan_chunks(self, budget: int) -> list[tuple[_Sequence, int, int]]:
-        """This step's prefill chunks (sequence, first position, end): the admitted prompts in order, up to the budget.
+    def _plan_chunks(self, budget: int) -> list[_Planned]:
+        """This step's prefill chunks: the admitted prompts in order, up to the budget.
 
         A prompt whose next block an earlier prompt is computing right now (two questions about one image,
         arriving together) waits for it, then takes it from the prefix cache, instead of computing it twice.
@@ -424,12 +448,26 @@ class Engine:
                 continue
             if budget <= 0:
                 break
-            end = self._chunk_end(seq, budget)
-            if chunks and end - seq.computed > budget:
-                break  # an image that goes whole (bidirectional) and overruns the budget: a step of its own
-            budget -= end - seq.computed
-            chunks.append((seq, seq.computed, end))
+            chunk = self._next_chunk(seq, budget)
+            if chunks and chunk.cost > budget:
+                break  # an image that goes whole (bidirectional) and overruns the budget in one layer: a step of its own
+            budget -= chunk.cost
+            chunks.append(chunk)
         return chunks
+
+    def _next_chunk(self, seq: _Sequence, budget: int) -> _Planned:
+        """`seq`'s next prefill chunk within `budget`. A bidirectional image longer than the budget goes whole
+        through as many layers as the budget pays for (at least one), then on from there in the steps after."""
+        num_layers, start = self.model.config.num_layers, seq.computed
+        if seq.in_layers is None:
+            end, first = self._chunk_end(seq, budget), 0
+            if end - start <= budget:
+                return _Planned(seq, start, end, end - start)
+        else:
+            end, first = seq.in_layers.end, seq.in_layers.layer
+        last = min(num_layers, first + max(1, budget * num_layers // (end - start)))
+        layers = None if (first, last) == (0, num_layers) else (first, last)
+        return _Planned(seq, start, end, -(-(end - start) * (last - first) // num_layers), layers)
 
     def _waits_for_shared_prefix(self, seq: _Sequence, computing: set[bytes]) -> bool:
         """Take the blocks of `seq`'s prompt that other sequences cached since it was admitted; True when its
@@ -459,10 +497,15 @@ class Engine:
     def _positions(self, seq: _Sequence, start: int, end: int) -> Tensor | None:
         return None if seq.positions is None else seq.positions[..., start:end]
 
-    def _prefilled(self, seq: _Sequence, end: int, finals: Iterator[Tensor]) -> int:
-        """The prompt is in the cache up to `end`: cache the blocks now final; at the prompt's end pick the first token
-        from the next of `finals` (the logits of the step's chunks that end their prompt, in order)."""
-        bs = self.block_tokens
+    def _prefilled(self, chunk: _Planned, finals: Iterator[Tensor], hidden: Iterator[Tensor]) -> int:
+        """`chunk` ran: keep the next of `hidden` where it stopped before the last layer (the step's chunks that did,
+        in order); else the prompt is in the cache up to its end: cache the blocks now final, and at the prompt's end
+        pick the first token from the next of `finals` (the logits of the step's chunks that end their prompt)."""
+        seq, end, bs = chunk.seq, chunk.end, self.block_tokens
+        if chunk.layers is not None and chunk.layers[1] < self.model.config.num_layers:
+            seq.in_layers = _ImageInLayers(end, chunk.layers[1], next(hidden))
+            return 0
+        seq.in_layers = None
         for i in range(seq.computed // bs, min(end // bs, len(seq.hashes))):  # prompt blocks: their hashes cover the prompt
             self._register(seq, i, seq.prompt_ids[i * bs : (i + 1) * bs])
         seq.computed = end
@@ -495,9 +538,9 @@ class Engine:
             seq.blocks.append(self.pool.allocate())
             seq.promised -= 1
 
-    def _forward(self, running: list[_Sequence], chunks: list[tuple[_Sequence, int, int]]) -> int:
-        """One forward: a token for each of `running` and the prefill `chunks` (sequence, start, end); returns the
-        tokens made. Decoding alone runs the model's decode (the fused kernel where there is one)."""
+    def _forward(self, running: list[_Sequence], chunks: list[_Planned]) -> int:
+        """One forward: a token for each of `running` and the prefill `chunks`; returns the tokens made. Decoding
+        alone runs the model's decode (the fused kernel where there is one)."""
         if not running and not chunks:
             return 0
         ids, positions, rope_positions = [], [], []
@@ -511,16 +554,17 @@ class Engine:
         ids, tables = torch.tensor(ids, dtype=torch.long, device=self.model.device), [seq.blocks for seq in running]
         try:
             if chunks:
-                for seq, _, end in chunks:
-                    self._grow(seq, end)
-                logits, chunk_logits = self.model.step(ids, positions, self.cache, rope_positions, tables, [
-                    Chunk(seq.prompt[start:end], seq.blocks, start, seq.ranges, seq.rows, self._positions(seq, start, end),
-                          final=end == len(seq.prompt_ids))
-                    for seq, start, end in chunks])  # [N, V], [chunks that end their prompt, V]
+                for chunk in chunks:
+                    self._grow(chunk.seq, chunk.end)
+                logits, chunk_logits, hidden = self.model.step(ids, positions, self.cache, rope_positions, tables, [
+                    Chunk(c.seq.prompt[c.start:c.end], c.seq.blocks, c.start, c.seq.ranges, c.seq.rows,
+                          self._positions(c.seq, c.start, c.end), final=c.end == len(c.seq.prompt_ids), layers=c.layers,
+                          hidden=None if c.seq.in_layers is None else c.seq.in_layers.hidden)
+                    for c in chunks])  # [N, V], [chunks that end their prompt, V], [chunks that stop before the last layer][S, D]
             else:
-                logits = self.model.decode(ids, positions, self.cache, rope_positions, tables=tables)  # [N, V]
+                logits, chunk_logits, hidden = self.model.decode(ids, positions, self.cache, rope_positions, tables=tables), (), ()
         except Exception as exc:  # noqa: BLE001 - one bad step must not stop the engine
-            for seq in [*running, *(seq for seq, _, _ in chunks)]:
+            for seq in [*running, *(chunk.seq for chunk in chunks)]:
                 self._fail(seq, exc)
             return 0
         argmax = logits.argmax(-1).tolist()  # one host sync for every plain-greedy row
@@ -530,8 +574,8 @@ class Engine:
                 self._register_filled(seq)
             plain_greedy = seq.request.params.greedy and not seq.request.params.needs_penalty
             self._accept(seq, argmax[i] if plain_greedy else self._pick(seq, logits[i]))
-        finals = iter(chunk_logits if chunks else ())
-        return len(running) + sum(self._prefilled(seq, end, finals) for seq, _, end in chunks)
+        finals, hidden = iter(chunk_logits), iter(hidden)
+        return len(running) + sum(self._prefilled(chunk, finals, hidden) for chunk in chunks)
 
     def _register_filled(self, seq: _Sequence) -> None:
         """Cache the block decoding just filled (generated tokens are text: no image runs on past it)."""

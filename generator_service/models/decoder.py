@@ -280,7 +280,9 @@ class MixedBatch:
 class Chunk:
     """Prompt tokens of one sequence for a forward: ids Long[S] at positions start … start+S-1 of its block
     table; ranges/rows: its bound containers; positions: RoPE positions where they are not the cache's (M-RoPE);
-    final: the chunk ends its prompt, and its last token's logits are wanted."""
+    final: the chunk ends its prompt, and its last token's logits are wanted. layers: the decoder layers
+    [first, last) it runs through (None: all), from `hidden` [S, D], its tokens' input to layer `first` (what the
+    forward that ran the layers before returned; None from layer 0)."""
 
     ids: Tensor
     table: Sequence[int]
@@ -289,6 +291,8 @@ class Chunk:
     rows: Tensor | None = None
     positions: Tensor | None = None
     final: bool = True
+    layers: tuple[int, int] | None = None
+    hidden: Tensor | None = None
 
 
 def image_blocks(ids: Tensor, base: int) -> Tensor | None:

@@ -240,9 +240,13 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, x: Tensor, cache: KVCache, batches: list[ForwardBatch | MixedBatch]) -> Tensor:
         """x: [N, D] embeddings, batches: one per attention kind (`self.kinds`) → [N, D] final hidden states;
         writes the N tokens' keys and values."""
-        for i, layer in enumerate(self.model.layers):
-            x = layer.forward(x, cache.k[i], cache.v[i], batches[self.layer_kind[i]])
-        return self.model.norm.forward(x)
+        return self.model.norm.forward(self.run_layers(x, cache, batches, 0, len(self.model.layers)))
+
+    def run_layers(self, x: Tensor, cache: KVCache, batches: list[ForwardBatch | MixedBatch], first: int, last: int) -> Tensor:
+        """x: [N, D], the input of layer `first` → [N, D], the output of layer `last` - 1 (not normed)."""
+        for i in range(first, last):
+            x = self.model.layers[i].forward(x, cache.k[i], cache.v[i], batches[self.layer_kind[i]])
+        return x
 
     def logits(self, hidden: Tensor) -> Tensor:
         """hidden: [N, D] → [N, V] float32."""
@@ -323,21 +327,38 @@ class LlamaForCausalLM(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """`decode(ids, positions, cache, rope_positions, tables)` (no rows: ids empty) and a `prefill` of each chunk in
         one forward, every weight read once for all → (logits [N, V], the last token's [F, V] of each of the F chunks
-        that are `final`)."""
-        x = torch.cat([self.embed(ids)] + [self.embed(c.ids, c.ranges, c.rows) for c in chunks])  # [N + ΣS, D]
-        if self._rows_of_one_decode(chunks):
-            batches = self.chunk_rows_batches(positions, cache, rope_positions, tables, chunks)
-        else:
-            parts = [self.prefill_batches(c.ids, cache, c.table, c.start, c.positions) for c in chunks]  # [C][kinds]
-            if ids.numel():
-                parts.insert(0, self.decode_batches(positions, cache, rope_positions, tables))
-            batches = [MixedBatch(list(kind)) if len(parts) > 1 else kind[0] for kind in zip(*parts)]
-        hidden = self.forward(x, cache, batches)  # [N + ΣS, D]
+        that are `final` and run to the last layer, the hidden states [S, D] out of each chunk that stops before it).
+
+        A chunk with `layers` joins the other rows for those layers only: the forward runs in spans of layers
+        between the chunks' first and last layers, each span with the rows that run through it."""
+        num_layers = len(self.model.layers)
+        spans = [c.layers or (0, num_layers) for c in chunks]
+        # [N, D] of the decode rows, then [S, D] of each chunk: the input of the layer each starts at
+        states = [self.embed(ids)] + [self.embed(c.ids, c.ranges, c.rows) if c.hidden is None else c.hidden for c in chunks]
+        bounds = sorted({0, num_layers, *(layer for span in spans for layer in span)})
+        for first, last in zip(bounds, bounds[1:]):
+            active = [j for j, (a, b) in enumerate(spans) if a <= first and last <= b]
+            if not ids.numel() and not active:
+                continue
+            batches = self._step_batches(ids, positions, cache, rope_positions, tables, [chunks[j] for j in active])
+            x = torch.cat([states[0]] + [states[j + 1] for j in active])  # [N + Σ active S, D]
+            parts = self.run_layers(x, cache, batches, first, last).split([states[0].shape[0]] + [states[j + 1].shape[0] for j in active])
+            for j, part in zip([-1, *active], parts):
+                states[j + 1] = part
+        finals = [states[j + 1][-1:] for j, c in enumerate(chunks) if c.final and spans[j][1] == num_layers]
+        logits = self.logits(self.model.norm.forward(torch.cat([states[0], *finals])))  # [N + F, V]
         n = ids.shape[0]
-        ends = torch.tensor([c.ids.shape[0] for c in chunks], device=hidden.device).cumsum(0) + n - 1  # each chunk's last token
-        final = ends[torch.tensor([c.final for c in chunks], dtype=torch.bool, device=hidden.device)]
-        logits = self.logits(torch.cat([hidden[:n], hidden[final]]))  # [N + F, V]
-        return logits[:n], logits[n:]
+        return logits[:n], logits[n:], [states[j + 1] for j in range(len(chunks)) if spans[j][1] < num_layers]
+
+    def _step_batches(self, ids: Tensor, positions: list[int], cache: KVCache, rope_positions: list[int] | None,
+                      tables: list[list[int]], chunks: Sequence[Chunk]) -> list[ForwardBatch | MixedBatch]:
+        """One batch per attention kind for the decode rows and then `chunks`' tokens, in that order."""
+        if self._rows_of_one_decode(chunks):
+            return self.chunk_rows_batches(positions, cache, rope_positions, tables, chunks)
+        parts = [self.prefill_batches(c.ids, cache, c.table, c.start, c.positions) for c in chunks]  # [C][kinds]
+        if ids.numel():
+            parts.insert(0, self.decode_batches(positions, cache, rope_positions, tables))
+        return [MixedBatch(list(kind)) if len(parts) > 1 else kind[0] for kind in zip(*parts)]
 
     def _rows_of_one_decode(self, chunks: Sequence[Chunk]) -> bool:
         """Whether this step's chunks run as decode rows through the fused decode kernel (`chunk_rows_batches`):

@@ -21,6 +21,7 @@ from PIL import Image
 
 from embedder_service.models import load_vision_model
 from generator_service.engine import Engine, GenerationRequest
+from generator_service.models.decoder import Chunk
 from generator_service.sampling import SamplingParams
 from generator_service.tokenizer import Tokenizer
 from shared.modeling.checkpoint import Checkpoint
@@ -257,6 +258,38 @@ def test_prefill_after_a_cached_prefix_ending_inside_the_image_matches_transform
     assert (got - expected).abs().max() <= 1e-4
 
 
+def test_an_image_run_through_the_layers_in_spans_gives_transformers_logits(s):
+    """The model half of an image too long for a step's budget: its tokens through layer 0, then through the rest
+    in a step beside another prompt's whole chunk (which runs layer 0 alone), from the hidden states the first span
+    returned; both prompts' last logits are transformers'."""
+    c = s.container
+    prompt = chat_ids(s, [user("Describe the picture.")])
+    other = chat_ids(s, [user("Name a colour.", image=False)])
+    image_at = prompt.index(c.first_token_id)
+    image_end, num_layers, block = image_at + c.num_tokens, s.lm.config.num_layers, 4
+    ranges, rows = torch.tensor([[c.first_token_id, c.num_tokens]]), c.embeddings
+    cache = s.lm.new_cache(64, block)
+    table, other_table = list(range(-(-len(prompt) // block))), list(range(32, 32 + -(-len(other) // block)))
+    positions, _ = s.lm.prompt_positions(prompt, [c])
+    other_positions, _ = s.lm.prompt_positions(other, [])
+
+    def chunk(start: int, end: int, **kwargs) -> Chunk:
+        return Chunk(torch.tensor(prompt[start:end]), table, start, ranges, rows, None if positions is None else positions[..., start:end],
+                     final=end == len(prompt), **kwargs)
+
+    none = torch.tensor([], dtype=torch.long)
+    s.lm.step(none, [], cache, None, [], [chunk(0, image_at)])
+    _, _, (hidden,) = s.lm.step(none, [], cache, None, [], [chunk(image_at, image_end, layers=(0, 1))])
+    _, other_logits, _ = s.lm.step(none, [], cache, None, [], [chunk(image_at, image_end, layers=(1, num_layers), hidden=hidden),
+                                                               Chunk(torch.tensor(other), other_table, positions=other_positions)])
+    _, logits, _ = s.lm.step(none, [], cache, None, [], [chunk(image_end, len(prompt))])
+    with torch.inference_mode():
+        expected = s.ref(**reference_inputs(s, prompt)).logits[0, -1]
+        other_expected = s.ref(input_ids=torch.tensor([other])).logits[0, -1]
+    assert (logits[0] - expected).abs().max() <= 1e-4
+    assert (other_logits[0] - other_expected).abs().max() <= 1e-4
+
+
 def test_prefill_chunks_never_end_inside_an_image(s, monkeypatch):
     """Chunks of 5 tokens over prompts with a cached prefix ending inside the image: with bidirectional images
     (Gemma 3) every chunk ends at an image's edge or the prompt's end; elsewhere chunks are the budget."""
@@ -283,17 +316,56 @@ def test_prefill_chunks_never_end_inside_an_image(s, monkeypatch):
         assert inside and all(b - a == 5 for a, b in spans[:-1] if b != len(first))
 
 
-def test_an_image_that_overruns_the_chunk_budget_gets_a_step_of_its_own(s, monkeypatch):
-    """Two prompts arriving together, chunks of 5: a step's chunks stay within the budget, but for a whole image
-    (Gemma 3's go whole), which runs alone rather than on top of another prompt's chunk. The first prompt's last
-    chunk leaves budget over, and the second starts with its image."""
+def test_an_image_longer_than_the_budget_goes_through_the_layers_over_steps_beside_a_stream(s, monkeypatch):
+    """Gemma 3's images attend both ways, so a chunk holds a whole one: a question arriving while another streams,
+    chunks of 5, runs its image through a few layers a step, whole at each, every layer once and in order, within
+    the budget beside the stream's token; both answers are transformers'. Other families chunk images like text."""
+    first = chat_ids(s, [user("Describe the picture.")])
+    second = chat_ids(s, [user("What colour dominates it?")])
+    num_layers, steps, step = s.lm.config.num_layers, [], s.lm.step
+
+    def recording(*args):
+        steps.append([(c.start, c.start + c.ids.shape[0], c.layers) for c in args[-1]])
+        return step(*args)
+
+    monkeypatch.setattr(s.lm, "step", recording)
+    plain = engine(s, prefix_cache=False, chunk=5)
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    streamed: list[int] = []
+    handles = [plain.submit(GenerationRequest(first, params, [s.container], on_token=streamed.append))]
+    while not streamed:
+        plain.step()
+    steps.clear()  # the second question's steps from here
+    handles.append(plain.submit(GenerationRequest(second, params, [s.container])))
+    plain.run_until_idle()
+    assert [h.result().token_ids for h in handles] == [transformers_greedy(s, first), transformers_greedy(s, second)]
+
+    image_at = second.index(s.container.first_token_id)
+    layered = [(chunk, len(chunks)) for chunks in steps for chunk in chunks if chunk[2] is not None]
+    if not s.lm.config.bidirectional_images:
+        assert layered == []
+        return
+    assert {(a, b) for (a, b, _), _ in layered} == {(image_at, image_at + s.container.num_tokens)}
+    ranges = [layers for (_, _, layers), _ in layered]
+    assert ranges[0][0] == 0 and ranges[-1][1] == num_layers and len(ranges) > 1
+    assert all(earlier[1] == later[0] for earlier, later in zip(ranges, ranges[1:]))
+    costs = [sum(-(-(b - a) * (layers[1] - layers[0]) // num_layers) if layers else b - a for a, b, layers in chunks) for chunks in steps]
+    assert all(cost <= 5 for cost, chunks in zip(costs, steps) if any(layers for _, _, layers in chunks))
+
+
+def test_prompts_arriving_together_keep_every_step_within_the_budget(s, monkeypatch):
+    """Two prompts arriving together, chunks of 5, the second starting with its image: every step's chunks cost at
+    most the budget — an image going through some of the layers (Gemma 3's go whole) costs its share of them — but
+    a step of one chunk, an image whose single layer overruns it."""
     first = chat_ids(s, [user("Describe the picture.")])
     first = first[:-1] if len(first) % 5 == 0 else first
     second = list(range(s.container.first_token_id, s.container.first_token_id + s.container.num_tokens)) + first[-3:]
-    steps, step = [], s.lm.step
+    num_layers, steps, layered, step = s.lm.config.num_layers, [], [], s.lm.step
 
     def recording(*args):
-        steps.append([chunk.ids.shape[0] for chunk in args[-1]])
+        steps.append([-(-c.ids.shape[0] * (c.layers[1] - c.layers[0]) // num_layers) if c.layers else c.ids.shape[0]
+                      for c in args[-1]])
+        layered.extend(c.layers for c in args[-1] if c.layers)
         return step(*args)
 
     monkeypatch.setattr(s.lm, "step", recording)
@@ -302,5 +374,5 @@ def test_an_image_that_overruns_the_chunk_budget_gets_a_step_of_its_own(s, monke
                for ids in (first, second)]
     plain.run_until_idle()
     assert all(len(h.result().token_ids) == 2 for h in handles)
-    assert all(len(sizes) == 1 for sizes in steps if sum(sizes) > 5)
-    assert any(sum(sizes) > 5 for sizes in steps) == s.lm.config.bidirectional_images  # only an image goes whole
+    assert all(sum(costs) <= 5 or len(costs) == 1 for costs in steps)
+    assert bool(layered) == s.lm.config.bidirectional_images  # only an image that goes whole goes a few layers a step

@@ -86,7 +86,7 @@ def test_decode_rows_and_chunks_in_one_forward_equal_each_alone(demo_model, mode
         if together:
             chunks = [Chunk(prompts[3][12:], tables[3], 12), Chunk(prompts[4], tables[4])]
             assert model._rows_of_one_decode(chunks) is chunk_rows
-            logits, chunk_logits = model.step(ids, positions, cache, None, tables[:len(positions)], chunks)
+            logits, chunk_logits, _ = model.step(ids, positions, cache, None, tables[:len(positions)], chunks)
             results.append((*([logits] if decoding else []), chunk_logits[:1], chunk_logits[1:]))
         else:
             alone = [model.decode(ids, positions, cache, tables=tables[:3])] if decoding else []
@@ -104,7 +104,7 @@ def test_only_chunks_that_end_their_prompt_get_logits(demo_model):
     first, second = torch.randint(3, 200, (20,), generator=g), torch.randint(3, 200, (9,), generator=g)
     cache = model.new_cache(4, BLOCK)
     none = torch.tensor([], dtype=torch.long)
-    _, chunk_logits = model.step(none, [], cache, None, [], [Chunk(first[:12], [0, 1], final=False), Chunk(second, [2])])
+    _, chunk_logits, _ = model.step(none, [], cache, None, [], [Chunk(first[:12], [0, 1], final=False), Chunk(second, [2])])
     assert chunk_logits.shape[0] == 1  # the second chunk's: the first prompt goes on in a later step
     torch.testing.assert_close(chunk_logits, model.prefill(second, model.new_cache(1, BLOCK), [0]), rtol=1e-4, atol=1e-4)
 
