@@ -16,7 +16,8 @@ line per metric (bench/common.py):
   second_question_ttft              time to first token of a new question about an image
                                     the engine saw (prefix cache) vs the first question    target ≤ 0.2×
   stream_itl_p99_while_prompts_arrive  4 streams' p99 inter-token latency while 8 prompts
-                                    arrive vs idle: 512-token chunks (the default), the
+                                    arrive vs their idle ones just before, in the same
+                                    engine: 512-token chunks (the default), the
                                     same cut to 4× and to 2× a decode step while streams
                                     decode (VLMQ_MAX_DECODE_SLOWDOWN)                      target ≤ 3× with 2×;
                                     whole prompts, for comparison (each row's
@@ -426,12 +427,13 @@ def serving_rows(bench: str, ours, image: EmbeddingContainer, before: list[int],
     emit(bench, "concurrent_short_chats_in_8x2048_kv", most, "sequences", target=">= 32", met=most >= 32,
          chats=32, prompt_tokens="201-232", new_tokens=20, kv_cache_tokens=8 * 2048)
 
-    idle = None
     # The default (512-token chunks), the same cut to 4× and to 2× a decode step while streams decode (the setting
     # the target is for: a 4× cut cannot keep gaps within 3×), whole prompts.
     for chunk, slowdown, target in ((512, 0.0, None), (512, 4.0, None), (512, 2.0, "<= 3"), (0, 0.0, None)):
         gaps, idle_gaps, prompts_s = streams_under_arrivals(ours, image, before, after, chunk, slowdown)
-        idle = idle if idle is not None else statistics.median(idle_gaps)
+        # Each run against its own idle steps, seconds before: one run's idle for all four moved with the host's
+        # load between runs (gemma3, 2026-12-07: 11.7 ms in the first run, 14-15 in later ones).
+        idle = statistics.median(idle_gaps)
         p99 = sorted(gaps)[int(0.99 * (len(gaps) - 1))]
         compare(bench, "stream_itl_p99_while_prompts_arrive", p99 * 1e3, idle * 1e3, "ms", target,
                 prefill_chunk_tokens=chunk, max_decode_slowdown=slowdown, streams=4, arriving_prompts=8,

@@ -15,7 +15,8 @@ Each step (docs/DESIGN.md §11):
    block they may need (prompt + max_tokens), taking the blocks of their longest cached
    prefix (`kv_blocks`); the first that does not fit waits, and the ones behind it too;
 2. plans up to `prefill_chunk_tokens` prompt tokens in chunks of the admitted prompts, in
-   order (a long prompt advances a chunk per step);
+   order (a long prompt advances a chunk per step; a Gemma 3 image longer than that, which must
+   go whole, advances a few layers per step);
 3. decodes one token for every sequence whose prompt is done, in one batch, with every chunk in
    the same forward (one read of the weights for all).
 """
