@@ -40,8 +40,9 @@ VISIBILITY_TIMEOUT_S = 6
 DEADLINE_S = 50
 # Captions long enough that generate jobs queue up behind the generators (3 tokens, the caption
 # default, decode in a few ms with the CPU decode kernels: the generators keep up with the embedders
-# and a kill would find no generate job reserved).
-PAYLOAD = {**CAPTION_PAYLOAD, "sampling": {"max_tokens": 32, "temperature": 0.0}}
+# and a kill would find no generate job reserved; 32 did too once the workers warmed up before their
+# first job: a CI run of 2026-12-07 never saw more than 4 in flight in 50 s).
+PAYLOAD = {**CAPTION_PAYLOAD, "sampling": {"max_tokens": 96, "temperature": 0.0}}
 
 
 def test_sigkilled_workers_jobs_are_redelivered_and_finish_exactly_once(demo_model, settings):
