@@ -324,7 +324,7 @@ class LlamaForCausalLM(nn.Module):
     def step(
         self, ids: Tensor, positions: list[int], cache: KVCache, rope_positions: list[int] | None, tables: list[list[int]],
         chunks: Sequence[Chunk],
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, list[Tensor]]:
         """`decode(ids, positions, cache, rope_positions, tables)` (no rows: ids empty) and a `prefill` of each chunk in
         one forward, every weight read once for all → (logits [N, V], the last token's [F, V] of each of the F chunks
         that are `final` and run to the last layer, the hidden states [S, D] out of each chunk that stops before it).
