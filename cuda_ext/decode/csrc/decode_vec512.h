@@ -42,6 +42,14 @@ struct Vec {
   // a · 2^n for integral n.
   static Vec scale_pow2(Vec a, Vec n) { return {_mm512_scalef_ps(a.v, n.v)}; }
   float sum() const { return _mm512_reduce_add_ps(v); }
+  // out[0 … 3] = a.sum(), b.sum(), c.sum(), d.sum(): each 128-bit lane's [a, b, c, d] partial sums, then the lanes added.
+  static void sum4(Vec a, Vec b, Vec c, Vec d, float* out) {
+    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a.v, b.v), _mm512_unpackhi_ps(a.v, b.v));  // [a, b, a, b] per lane
+    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c.v, d.v), _mm512_unpackhi_ps(c.v, d.v));
+    const __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));
+    const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1)));
+  }
   float max_lane() const { return _mm512_reduce_max_ps(v); }
 
  private:
