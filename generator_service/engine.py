@@ -49,8 +49,9 @@ from shared.store.token_ids import EMBEDDING_INDEX_BASE
 log = logging.getLogger(__name__)
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED, FINISH_ERROR = "stop", "length", "cancelled", "error"
-# The smallest prefill chunk while sequences decode, whatever the step costs say: a long prompt still advances.
-MIN_CHUNK_TOKENS = 8
+# The prefill chunk of the first steps beside decoding sequences, which measure what a prompt token costs: one
+# token's cost would drown in the step's noise.
+PROBE_CHUNK_TOKENS = 8
 # Weight of the newest step in the engine's moving averages of step costs.
 STEP_COST_WEIGHT = 0.2
 # The warm-up's prompt when prompts are prefilled whole (no chunk size to match), and its new tokens.
@@ -345,9 +346,12 @@ class Engine:
         if not decoding or not self.max_decode_slowdown:
             return budget
         if self._decode_step_s is None or self._chunk_token_s is None:
-            return min(budget, MIN_CHUNK_TOKENS)  # the first mixed steps measure what a prompt token costs
+            return min(budget, PROBE_CHUNK_TOKENS)
         affordable = (self.max_decode_slowdown - 1) * self._decode_step_s / self._chunk_token_s
-        return min(budget, max(MIN_CHUNK_TOKENS, int(affordable)))
+        # At least a token, so that a long prompt advances. A floor of more breaks the bound where streams deep into
+        # their context make every token dear: with 8, bench-small Pixtral's steps under arrivals at a slowdown of 2
+        # ran at 2.6-2.9× the streams' idle step (2026-12-07).
+        return min(budget, max(1, int(affordable)))
 
     def _learn_step_cost(self, seconds: float, prompt_tokens: int) -> None:
         """Fold a step that decoded (with `prompt_tokens` of prefill, or none) into the moving averages."""

@@ -234,3 +234,12 @@ def test_the_chunk_budget_follows_the_measured_step_costs(model):
     assert engine._prefill_budget(decoding=True) == 20  # (2 - 1) × 40 ms ÷ 2 ms
     engine.max_decode_slowdown = 0.0
     assert engine._prefill_budget(decoding=True) == 512
+
+
+def test_where_a_token_costs_more_than_the_limit_allows_a_prompt_advances_a_token_a_step(model):
+    engine = Engine(model, max_batch=4, max_seq_len=256, prefill_chunk_tokens=512, max_decode_slowdown=2.0)
+    engine._learn_step_cost(0.010, 0)  # a decode-only step: 10 ms
+    engine._learn_step_cost(0.050, 8)  # the probe: 8 prompt tokens at 5 ms each, half the allowance each
+    assert engine._prefill_budget(decoding=True) == 2
+    engine._learn_step_cost(0.110, 1)  # streams deep into their context: a token costing 100 ms (average now 24)
+    assert engine._prefill_budget(decoding=True) == 1  # less than a token affordable: one
