@@ -19,7 +19,8 @@ line per metric (bench/common.py):
                                     arrive vs their idle ones just before, in the same
                                     engine: 512-token chunks (the default), the
                                     same cut to 4× and to 2× a decode step while streams
-                                    decode (VLMQ_MAX_DECODE_SLOWDOWN)                      target ≤ 3× with 2×;
+                                    decode (VLMQ_MAX_DECODE_SLOWDOWN)                      target ≤ 3× with 2×
+                                    (the median of three runs);
                                     whole prompts, for comparison (each row's
                                     all_first_tokens_ms is the price the prompts pay)
   side_by_side_decode_tokens_per_s  two processes' batch-1 decode loops at once, combined,
@@ -430,14 +431,23 @@ def serving_rows(bench: str, ours, image: EmbeddingContainer, before: list[int],
     # The default (512-token chunks), the same cut to 4× and to 2× a decode step while streams decode (the setting
     # the target is for: a 4× cut cannot keep gaps within 3×), whole prompts.
     for chunk, slowdown, target in ((512, 0.0, None), (512, 4.0, None), (512, 2.0, "<= 3"), (0, 0.0, None)):
-        gaps, idle_gaps, prompts_s = streams_under_arrivals(ours, image, before, after, chunk, slowdown)
-        # Each run against its own idle steps, seconds before: one run's idle for all four moved with the host's
-        # load between runs (gemma3, 2026-12-07: 11.7 ms in the first run, 14-15 in later ones).
-        idle = statistics.median(idle_gaps)
-        p99 = sorted(gaps)[int(0.99 * (len(gaps) - 1))]
+        # The target's row is the median of three runs (every run's ratio printed): its p99 is the 5th-worst of
+        # ~400-2000 gaps, 4 to a step, and this host's vCPUs lose 6-20 ms to the hypervisor in ~0.7% of decode
+        # steps (steal time, 2026-12-07), so one run's p99 lands on such a step or not by chance.
+        runs = [itl_run(ours, image, before, after, chunk, slowdown) for _ in range(3 if target else 1)]
+        p99, idle, prompts_s = sorted(runs, key=lambda run: run[0] / run[1])[len(runs) // 2]
+        extra = {"run_ratios": [round(run[0] / run[1], 2) for run in runs]} if target else {}
         compare(bench, "stream_itl_p99_while_prompts_arrive", p99 * 1e3, idle * 1e3, "ms", target,
                 prefill_chunk_tokens=chunk, max_decode_slowdown=slowdown, streams=4, arriving_prompts=8,
-                prompt_tokens=prompt_tokens, all_first_tokens_ms=round(prompts_s * 1e3, 1))
+                prompt_tokens=prompt_tokens, all_first_tokens_ms=round(prompts_s * 1e3, 1), **extra)
+
+
+def itl_run(ours, image, before, after, chunk: int, slowdown: float) -> tuple[float, float, float]:
+    """One run of `streams_under_arrivals` → (the streams' p99 gap under arrivals, their median idle gap, seconds to
+    the last prompt's first token). Each run against its own idle steps, seconds before: one run's idle for all four
+    rows moved with the host's load between runs (gemma3, 2026-12-07: 11.7 ms in the first run, 14-15 in later ones)."""
+    gaps, idle_gaps, prompts_s = streams_under_arrivals(ours, image, before, after, chunk, slowdown)
+    return sorted(gaps)[int(0.99 * (len(gaps) - 1))], statistics.median(idle_gaps), prompts_s
 
 
 def streams_under_arrivals(ours, image, before, after, chunk: int, slowdown: float) -> tuple[list[float], list[float], float]:
