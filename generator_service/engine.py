@@ -27,6 +27,7 @@ import itertools
 import logging
 import queue
 import secrets
+import statistics
 import threading
 import time
 from collections import deque
@@ -52,8 +53,12 @@ FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED, FINISH_ERROR = "stop", "length", "
 # The prefill chunk of the first steps beside decoding sequences, which measure what a prompt token costs: one
 # token's cost would drown in the step's noise.
 PROBE_CHUNK_TOKENS = 8
-# Weight of the newest step in the engine's moving averages of step costs.
+# Weight of the newest step in the engine's moving average of what a prompt token costs.
 STEP_COST_WEIGHT = 0.2
+# The latest decode-only steps, whose median is a decode step's cost. A moving average took in the host's stalls
+# (this machine's vCPUs lose 6-20 ms in ~0.7% of steps, 2026-12-07), and one stall in the steps before prompts
+# arrive set every budget while they prefilled, there being no decode-only step among them.
+DECODE_STEPS_KEPT = 16
 # The warm-up's prompt when prompts are prefilled whole (no chunk size to match), and its new tokens.
 WARM_UP_PROMPT_TOKENS, WARM_UP_NEW_TOKENS = 512, 4
 
@@ -226,7 +231,8 @@ class Engine:
         self.eos_token_ids = tuple(eos_token_ids)
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.max_decode_slowdown = max_decode_slowdown
-        self._decode_step_s: float | None = None  # moving average: a step that only decodes
+        self._decode_steps: deque[float] = deque(maxlen=DECODE_STEPS_KEPT)  # seconds of the latest decode-only steps
+        self._decode_step_s: float | None = None  # their median
         self._chunk_token_s: float | None = None  # moving average: what a prompt token adds to a step that decodes
         self.cache = model.new_cache(num_blocks, block_tokens)
         self.pool = BlockPool(num_blocks, prefix_cache)
@@ -354,9 +360,10 @@ class Engine:
         return min(budget, max(1, int(affordable)))
 
     def _learn_step_cost(self, seconds: float, prompt_tokens: int) -> None:
-        """Fold a step that decoded (with `prompt_tokens` of prefill, or none) into the moving averages."""
+        """Fold a step that decoded (with `prompt_tokens` of prefill, or none) into the step costs."""
         if not prompt_tokens:
-            self._decode_step_s = _moving_average(self._decode_step_s, seconds)
+            self._decode_steps.append(seconds)
+            self._decode_step_s = statistics.median(self._decode_steps)
         elif self._decode_step_s is not None:
             self._chunk_token_s = _moving_average(self._chunk_token_s, max(seconds - self._decode_step_s, 0.0) / prompt_tokens)
 
@@ -378,6 +385,7 @@ class Engine:
         handle.result()  # raises what failed it: a model that cannot run a plain prompt says so before serving
         self.stats = EngineStats()
         self._decode_step_s = self._chunk_token_s = None
+        self._decode_steps.clear()
 
     def run_forever(self, stop: threading.Event, idle_wait_s: float = 0.1,
                     turns: AbstractContextManager = nullcontext()) -> None:

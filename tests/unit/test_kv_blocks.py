@@ -243,3 +243,11 @@ def test_where_a_token_costs_more_than_the_limit_allows_a_prompt_advances_a_toke
     assert engine._prefill_budget(decoding=True) == 2
     engine._learn_step_cost(0.110, 1)  # streams deep into their context: a token costing 100 ms (average now 24)
     assert engine._prefill_budget(decoding=True) == 1  # less than a token affordable: one
+
+
+def test_a_stalled_decode_step_does_not_move_the_chunk_budget(model):
+    engine = Engine(model, max_batch=4, max_seq_len=256, prefill_chunk_tokens=512, max_decode_slowdown=2.0)
+    for seconds in (0.010, 0.010, 0.010, 0.010, 0.030):  # decode-only steps of 10 ms, the last stalled by the host
+        engine._learn_step_cost(seconds, 0)
+    engine._learn_step_cost(0.050, 8)  # 8 prompt tokens at 5 ms each
+    assert engine._prefill_budget(decoding=True) == 2  # (2 - 1) × 10 ms ÷ 5 ms: the median step, not the stall
