@@ -429,15 +429,21 @@ class Engine:
         """Past its cached blocks, give `seq` the keys and values of the cached block whose first positions are its
         next ones: a second question about an image that ends inside a block shares the image's last positions
         of that block, and a block-by-block lookup cannot hit them. Copied into a block of its own, since the rest
-        of the block differs. Not with bidirectional images (Gemma 3): those positions' keys would depend on
-        which tokens followed them when they were computed."""
+        of the block differs. With bidirectional images (Gemma 3) the copy stops before an image it would end in or
+        at: that image's keys depend on its tokens past the copy, which may differ; every position before it saw
+        only the shared tokens."""
         bs, pool = self.block_tokens, self.pool
-        if not pool.prefix_cache or self.model.config.bidirectional_images:
+        if not pool.prefix_cache:
             return
         start = len(seq.blocks) * bs
         ids = seq.prompt_ids[start : min(start + bs, len(seq.prompt_ids) - 1)]  # the prompt's last token is computed
         before = seq.hashes[len(seq.blocks) - 1] if seq.blocks else chain_root(seq.request.cache_salt)
         found = pool.longest_partial(before, ids) if ids else None
+        if found is not None and self.model.config.bidirectional_images:
+            same = found[1]
+            while same and ids[same - 1] >= EMBEDDING_INDEX_BASE:
+                same -= 1
+            found = (found[0], same) if same else None
         # The source is pinned while the new block is taken, so that taking it cannot evict the source.
         if found is None or not pool.admit([found[0]], 0):
             return

@@ -7,7 +7,8 @@ the image — and a second chat turn reuses the first turn's blocks; either way 
 tokens equal those of `transformers`' `generate` on the same prompt and those of an engine
 with the prefix cache off and whole-prompt prefill. The expected hit lengths are block
 arithmetic on the prompts (`expected_hit`): the longest common prefix rounded down to whole
-blocks, then, but for Gemma 3, the rest of it, copied from the cached block that holds it.
+blocks, then the rest of it, copied from the cached block that holds it (with Gemma 3, up to
+an image it would end in or at).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from generator_service.engine import Engine, GenerationRequest
 from generator_service.models.decoder import Chunk
 from generator_service.sampling import SamplingParams
 from generator_service.tokenizer import Tokenizer
+from shared.config.errors import InvalidInput
 from shared.modeling.checkpoint import Checkpoint
 from shared.modeling.registry import family_for
 from shared.store.container import EmbeddingContainer
@@ -126,12 +128,15 @@ def block_ending_inside_the_image(s, first: list[int], second: list[int]) -> tup
 def expected_hit(s, written: list[int], second: list[int], block: int) -> int:
     """Positions of `second` the cache holds after a request wrote `written` (its prompt and the tokens it fed back):
     whole blocks of the common prefix (short of `second`'s last token), then the rest of it from the block after
-    those when `written` filled that block — except with Gemma 3's bidirectional images, where a partial block's keys
-    depend on what followed them."""
+    those when `written` filled that block — with Gemma 3's bidirectional images, up to an image that rest would end
+    in or at (its keys depend on its tokens past the shared ones)."""
     shared = min(common_prefix(written, second), len(second) - 1)
     whole = shared // block * block
-    if s.family == "gemma3" or len(written) < whole + block:
+    if len(written) < whole + block:
         return whole
+    if s.family == "gemma3":
+        while shared > whole and second[shared - 1] >= BASE:
+            shared -= 1
     return shared
 
 
@@ -149,9 +154,11 @@ def test_a_hit_ending_inside_the_image_gives_transformers_tokens(s, chunk):
     block, hit = block_ending_inside_the_image(s, first, second)
 
     cached = engine(s, prefix_cache=True, chunk=chunk, block_tokens=block)
-    run(s, cached, first, max_tokens=1)
+    answer = run(s, cached, first, max_tokens=block)  # its tokens fill the block the hit ends in: a copy's source
     result = run(s, cached, second)
-    assert result.usage.cached_tokens == expected_hit(s, first, second, block) >= hit
+    # Past the whole blocks, the positions up to where the questions differ come from that block (Gemma 3's too:
+    # the shared part ends in the text after the image).
+    assert result.usage.cached_tokens == expected_hit(s, first + answer.token_ids[:-1], second, block) > hit
     plain = run(s, engine(s, prefix_cache=False, chunk=0, block_tokens=block), second)
     assert plain.usage.cached_tokens == 0
     expected = transformers_greedy(s, second)
@@ -292,11 +299,13 @@ def test_an_image_run_through_the_layers_in_spans_gives_transformers_logits(s):
 
 def test_prefill_chunks_never_end_inside_an_image(s, monkeypatch):
     """Chunks of 5 tokens over prompts with a cached prefix ending inside the image: with bidirectional images
-    (Gemma 3) every chunk ends at an image's edge or the prompt's end; elsewhere chunks are the budget."""
-    first = chat_ids(s, [user("Describe the picture.")])
+    (Gemma 3) every chunk ends at an image's edge or the prompt's end; elsewhere chunks are the budget. The first
+    prompt stops a token after the image, so the block the hit ends in is not cached whole and no copy of its first
+    positions takes the second past the image."""
     second = chat_ids(s, [user("What colour dominates it?")])
     image_at = second.index(s.container.first_token_id)
     image_end = image_at + s.container.num_tokens
+    first = second[: image_end + 1]
     spans, step = [], s.lm.step
 
     def recording(*args):
@@ -376,3 +385,25 @@ def test_prompts_arriving_together_keep_every_step_within_the_budget(s, monkeypa
     assert all(len(h.result().token_ids) == 2 for h in handles)
     assert all(sum(costs) <= 5 or len(costs) == 1 for costs in steps)
     assert bool(layered) == s.lm.config.bidirectional_images  # only an image that goes whole goes a few layers a step
+
+
+def test_a_copy_stops_before_an_image_it_would_end_in_where_image_tokens_attend_both_ways(s):
+    """A prompt of IDs may hold part of a container's rows. One that shares a cached prompt's start up to inside
+    the image: where the image's tokens attend both ways (Gemma 3) the cached keys of that image's rows saw the rest
+    of it, so neither a block ending inside it hits (its hash covers the rest of the image) nor does the copy after
+    the whole blocks take its rows: the hit stops where the image starts. Elsewhere it runs to where the prompts
+    differ. Either way the tokens are those of an engine without the prefix cache."""
+    first = chat_ids(s, [user("Describe the picture.")])
+    image_at = first.index(s.container.first_token_id)
+    image_end = image_at + s.container.num_tokens
+    cut = image_at + s.container.num_tokens // 2
+    second = first[:cut] + first[image_end:]  # the image's first half, then the same text
+    cached = engine(s, prefix_cache=True, chunk=0, block_tokens=4)
+    run(s, cached, first, max_tokens=2)
+    if s.family == "qwen2_vl":  # M-RoPE places an image's rows on its grid: part of one is refused
+        with pytest.raises(InvalidInput, match="must appear whole"):
+            run(s, cached, second)
+        return
+    result = run(s, cached, second)
+    assert result.usage.cached_tokens == (image_at if s.lm.config.bidirectional_images else cut)
+    assert result.token_ids == run(s, engine(s, prefix_cache=False, chunk=0, block_tokens=4), second).token_ids
