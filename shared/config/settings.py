@@ -90,8 +90,9 @@ class Settings(BaseSettings):
     prefill_chunk_tokens: int = Field(
         512, ge=0, description="Prompt tokens prefilled per engine step, mixed with the running decodes; 0: whole prompts"
     )
-    # Off by default: on bench-small (bench/generate.py) a limit of 2 made 8 arriving Pixtral prompts wait ten
-    # times as long for their first tokens, since a mixed step costs ~1.7× a decode step before any prompt token.
+    # Off by default: it trades the prompts' wait for the streams' gaps. On bench-small (bench/generate.py,
+    # 2026-12-07) a limit of 2 kept 4 streams' p99 gap within ~3× idle while 8 prompts arrived, and those prompts
+    # waited 3.5× as long for their first tokens with Pixtral's 817 (18.8 s vs 5.3), 1.9× with LLaVA's 221.
     max_decode_slowdown: float = Field(
         0.0, ge=0, description="While sequences decode, prefill chunks are cut so that a step takes at most this many "
         "times a step that only decodes (the engine measures both); 0: no limit, VLMQ_PREFILL_CHUNK_TOKENS alone"
