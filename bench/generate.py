@@ -457,7 +457,7 @@ def streams_under_arrivals(ours, image, before, after, chunk: int, slowdown: flo
     engine = Engine(ours, max_batch=12, max_seq_len=2048, kv_cache_tokens=16384, prefix_cache=False, prefill_chunk_tokens=chunk,
                     max_decode_slowdown=slowdown)
     stamps: list[list[float]] = [[] for _ in range(4)]
-    long = SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True)
+    long = SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True)  # more than the window takes (Pixtral: ~20 s)
     streams = [engine.submit(GenerationRequest(before + [5], long, on_token=lambda _, s=s: s.append(time.perf_counter())))
                for s in stamps]
     while min(len(s) for s in stamps) < 17:
@@ -472,6 +472,8 @@ def streams_under_arrivals(ours, image, before, after, chunk: int, slowdown: flo
         engine.step()
     done = time.perf_counter()
     while min(s[-1] for s in stamps) < done:  # the gap the last prefill step opened closes at each stream's next token
+        if any(stream.done() for stream in streams):
+            raise RuntimeError("a stream ran out of tokens before the prompts' first tokens: its gaps miss the end")
         engine.step()
     for stream in streams:
         stream.cancel()
