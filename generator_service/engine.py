@@ -232,7 +232,6 @@ class Engine:
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.max_decode_slowdown = max_decode_slowdown
         self._decode_steps: deque[float] = deque(maxlen=DECODE_STEPS_KEPT)  # seconds of the latest decode-only steps
-        self._decode_step_s: float | None = None  # their median
         self._chunk_token_s: float | None = None  # moving average: what a prompt token adds to a step that decodes
         self.cache = model.new_cache(num_blocks, block_tokens)
         self.pool = BlockPool(num_blocks, prefix_cache)
@@ -343,6 +342,11 @@ class Engine:
             made += self._forward([seq for seq in self._running if seq.output], [])
         return made
 
+    @property
+    def _decode_step_s(self) -> float | None:
+        """A decode-only step's cost: the median of the latest (None before the first)."""
+        return statistics.median(self._decode_steps) if self._decode_steps else None
+
     def _prefill_budget(self, decoding: bool) -> int:
         """Prompt tokens this step may prefill: the chunk size, cut while sequences decode so that the step stays
         within `max_decode_slowdown` of a decode-only step (their inter-token latency) by the costs measured so far."""
@@ -351,9 +355,10 @@ class Engine:
         budget = self.prefill_chunk_tokens
         if not decoding or not self.max_decode_slowdown:
             return budget
-        if self._decode_step_s is None or self._chunk_token_s is None:
+        decode_s = self._decode_step_s
+        if decode_s is None or self._chunk_token_s is None:
             return min(budget, PROBE_CHUNK_TOKENS)
-        affordable = (self.max_decode_slowdown - 1) * self._decode_step_s / self._chunk_token_s
+        affordable = (self.max_decode_slowdown - 1) * decode_s / self._chunk_token_s
         # At least a token, so that a long prompt advances. A floor of more breaks the bound where streams deep into
         # their context make every token dear: with 8, bench-small Pixtral's steps under arrivals at a slowdown of 2
         # ran at 2.6-2.9× the streams' idle step (2026-12-07).
@@ -363,9 +368,8 @@ class Engine:
         """Fold a step that decoded (with `prompt_tokens` of prefill, or none) into the step costs."""
         if not prompt_tokens:
             self._decode_steps.append(seconds)
-            self._decode_step_s = statistics.median(self._decode_steps)
-        elif self._decode_step_s is not None:
-            self._chunk_token_s = _moving_average(self._chunk_token_s, max(seconds - self._decode_step_s, 0.0) / prompt_tokens)
+        elif (decode_s := self._decode_step_s) is not None:
+            self._chunk_token_s = _moving_average(self._chunk_token_s, max(seconds - decode_s, 0.0) / prompt_tokens)
 
     def run_until_idle(self) -> None:
         while self.has_work():
@@ -384,7 +388,7 @@ class Engine:
         self.run_until_idle()
         handle.result()  # raises what failed it: a model that cannot run a plain prompt says so before serving
         self.stats = EngineStats()
-        self._decode_step_s = self._chunk_token_s = None
+        self._chunk_token_s = None
         self._decode_steps.clear()
 
     def run_forever(self, stop: threading.Event, idle_wait_s: float = 0.1,
